@@ -1,4 +1,4 @@
-"""The converted checkpoint format: the one place that knows DeepSeek tensor names and config fields.
+"""The converted checkpoint format: the one place that knows DeepSeek names and fields.
 
 The converter writes it, the vLLM plugin and the transformers remote code read it. It is the
 DeepSeek-V2/V3 dense layout (``model_type: deepseek_v3`` so vLLM switches MLA on) with three

@@ -37,23 +37,36 @@ class TransMLARMSNorm(nn.Module):
 
 
 class TransMLARotary(nn.Module):
-    """r-dim rope with the source model's theta and scaling law (transformers' own init)."""
+    """r-dim rope with the source model's theta and scaling law (transformers' own init).
+
+    Frequencies are computed on first use, not in __init__: transformers builds models on the
+    meta device and leaves non-persistent buffers uninitialised.
+    """
 
     def __init__(self, config: DeepseekV3Config) -> None:
         super().__init__()
         rope_type = config.rope_parameters.get("rope_type", "default")
         if rope_type not in _SUPPORTED_ROPE:
-            raise ValueError(f"rope_type {rope_type!r} is not supported (use one of {_SUPPORTED_ROPE})")
-        if rope_type == "default":
-            dim = config.qk_rope_head_dim
-            base = config.rope_parameters["rope_theta"]
-            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-        else:
-            inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config)
-        self.register_buffer("inv_freq", inv_freq.to(torch.float32), persistent=False)
+            raise ValueError(f"rope_type {rope_type!r} is not supported "
+                             f"(use one of {_SUPPORTED_ROPE})")
+        self.config = config
+        self._inv_freq: torch.Tensor | None = None
+
+    def inv_freq(self) -> torch.Tensor:
+        if self._inv_freq is None:
+            cfg = self.config
+            rope_type = cfg.rope_parameters.get("rope_type", "default")
+            if rope_type == "default":
+                dim, base = cfg.qk_rope_head_dim, cfg.rope_parameters["rope_theta"]
+                inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+            else:
+                inv, _ = ROPE_INIT_FUNCTIONS[rope_type](cfg, device=torch.device("cpu"))
+            self._inv_freq = inv.to(torch.float32)
+        return self._inv_freq
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].to(torch.float32) * self.inv_freq.to(position_ids.device)
+        inv = self.inv_freq().to(position_ids.device)
+        freqs = position_ids[..., None].to(torch.float32) * inv
         return freqs.cos(), freqs.sin()
 
 

@@ -1,0 +1,1 @@
+"""Checkpoint I/O: reading sources (local or hub), writing sharded MLA checkpoints atomically."""

@@ -1,0 +1,22 @@
+"""Qwen2 / Qwen2.5: q, k and v always carry a bias (o_proj does not); no sliding window."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from converter.sources.base import FamilyAdapter
+
+
+class Qwen2Adapter(FamilyAdapter):
+    family = "qwen2"
+    architectures = ("Qwen2ForCausalLM",)
+    model_types = ("qwen2",)
+
+    def refuse_reasons(self, cfg: dict[str, Any]) -> list[str]:
+        reasons = super().refuse_reasons(cfg)
+        if cfg.get("use_sliding_window"):
+            reasons.append("it enables sliding-window attention (use_sliding_window=true)")
+        return reasons
+
+    def biases(self, cfg: dict[str, Any]) -> tuple[bool, bool, bool]:
+        return True, True, True

