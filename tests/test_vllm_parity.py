@@ -13,8 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from converter.pipeline import ConvertOptions, convert
-from tiny import make_model, play_text
+from tiny import play_text
 
 RUNNER = Path(__file__).with_name("vllm_runner.py")
 MAX_TOKENS = 32
@@ -62,26 +61,6 @@ def assert_parity(got: list[dict], want: list[dict]) -> None:
         assert g["tokens"] == w["tokens"]
         diff = max(abs(a - b) for a, b in zip(g["logprobs"], w["logprobs"], strict=True))
         assert diff <= 1e-3, diff
-
-
-LLAMA = dict(family="llama", heads=4, kv_heads=2, head_dim=64, hidden=128, tied=True,
-             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
-QWEN2 = dict(family="qwen2", heads=4, kv_heads=2, head_dim=64, hidden=128, tied=False)
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory, calib_file):
-    """Compact checkpoints (latent 96 + rope 64 = 160, padded to 576 at load on CPU)."""
-    root = tmp_path_factory.mktemp("parity")
-    out = {}
-    for name, kw in (("llama", LLAMA), ("qwen2", QWEN2)):
-        src = make_model(root / f"{name}-src", seed=11, **kw)
-        out[name] = convert(ConvertOptions(src=str(src), dst=str(root / f"{name}-mla"),
-                                           rope_dim=64, kv_lora_rank=96,
-                                           calib_text=str(calib_file), calib_samples=8,
-                                           calib_seqlen=64))
-    return out
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
