@@ -42,7 +42,7 @@ def server(converted, tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
          "--served-model-name", "mla", "--host", "127.0.0.1", "--port", str(port),
-         "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+         "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--trust-remote-code",
          "--compilation-config", '{"custom_ops": ["none"]}',
          "--kv-cache-memory-bytes", str(256 * 2**20)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ))

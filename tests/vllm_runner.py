@@ -24,7 +24,7 @@ def main() -> None:
 
     llm = LLM(model=args.model, dtype="float32", enforce_eager=True,
               compilation_config={"custom_ops": ["none"]}, kv_cache_memory_bytes=256 * 2**20,
-              max_model_len=512, tensor_parallel_size=args.tp, seed=0,
+              max_model_len=512, tensor_parallel_size=args.tp, seed=0, trust_remote_code=True,
               distributed_executor_backend="mp" if args.tp > 1 else None)
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in json.load(open(args.prompts))]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=1,
