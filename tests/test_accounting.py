@@ -56,7 +56,8 @@ def test_logged_energy_fractions_match_direct_computation(tmp_path, calib_file, 
 
 
 def test_logit_error_falls_as_rank_grows(tmp_path, calib_file):
-    src = make_model(tmp_path / "src", "llama", heads=4, kv_heads=2, head_dim=16, seed=5)
+    src = make_model(tmp_path / "src", "llama", heads=4, kv_heads=2, head_dim=16, seed=5,
+                     init=(0.1, 0.6, 0.6, 0.6))  # gentle weights: errors stay in the linear regime
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     ids = torch.randint(3, 512, (2, 96), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

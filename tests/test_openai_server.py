@@ -80,9 +80,15 @@ def test_completions_match_transformers(server):
     tok = AutoTokenizer.from_pretrained(model)
     prompt = "ROMEO. But soft, what light through yonder window breaks?"
     reply = _post(base + "/v1/completions", {"model": "mla", "prompt": prompt, "temperature": 0,
-                                             "max_tokens": MAX_TOKENS, "ignore_eos": True})
-    want = tok.decode(_greedy(model, tok(prompt)["input_ids"]))
-    assert reply["choices"][0]["text"] == want
+                                             "max_tokens": MAX_TOKENS, "ignore_eos": True,
+                                             "return_token_ids": True})
+    prompt_ids = tok(prompt)["input_ids"]
+    want = _greedy(model, prompt_ids)
+    choice = reply["choices"][0]
+    assert reply["choices"][0]["prompt_token_ids"] == prompt_ids
+    assert choice["token_ids"] == want and len(set(want)) >= 6
+    # vLLM holds back a trailing incomplete UTF-8 sequence; the rest of the text must agree
+    assert tok.decode(want).startswith(choice["text"].rstrip("\ufffd"))
     assert reply["usage"]["completion_tokens"] == MAX_TOKENS
 
 
@@ -92,10 +98,12 @@ def test_chat_uses_the_carried_template(server):
     messages = [{"role": "user", "content": "Speak, what say you of the king?"}]
     reply = _post(base + "/v1/chat/completions", {"model": "mla", "messages": messages,
                                                   "temperature": 0, "max_tokens": MAX_TOKENS,
-                                                  "ignore_eos": True})
+                                                  "ignore_eos": True,
+                                                  "return_token_ids": True})
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                   return_dict=True)["input_ids"]
     assert "<s>assistant:" in tok.apply_chat_template(messages, add_generation_prompt=True,
                                                       tokenize=False)
-    assert reply["usage"]["prompt_tokens"] == len(ids)
-    assert reply["choices"][0]["message"]["content"] == tok.decode(_greedy(model, ids))
+    assert reply["prompt_token_ids"] == ids
+    want = _greedy(model, ids)
+    assert reply["choices"][0]["token_ids"] == want and len(set(want)) >= 6

@@ -38,7 +38,8 @@ def make_tokenizer(folder: Path, vocab_size: int = 512):
 def make_model(folder: Path, family: str = "llama", *, hidden: int = 64, heads: int = 4,
                kv_heads: int = 2, head_dim: int = 16, layers: int = 2, tied: bool = True,
                rope_scaling: dict | None = None, shared_keys: bool = False, seed: int = 0,
-               vocab_size: int = 512, dtype: torch.dtype = torch.float32) -> Path:
+               vocab_size: int = 512, dtype: torch.dtype = torch.float32,
+               init: tuple[float, float, float, float] = (1.0, 2.0, 2.0, 2.0)) -> Path:
     """Save a random model (and tokenizer) in HF format. ``shared_keys`` makes every KV head's
     key projection a scalar multiple of head 0's, so no key energy falls outside rope dims."""
     from transformers import (
@@ -67,14 +68,19 @@ def make_model(folder: Path, family: str = "llama", *, hidden: int = 64, heads: 
     config = cls[0](**common, rope_parameters=rope, **extra)
     torch.manual_seed(seed)
     model = cls[1](config)
+    emb_std, proj_gain, out_gain, head_gain = init
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.5 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) * (0.6 / p.shape[-1] ** 0.5 if p.dim() > 1 else 1))
+            elif "embed_tokens" in name:
+                p.copy_(emb_std * torch.randn_like(p))
+            else:  # std gain / sqrt(fan_in); residual writers larger so layers matter
+                gain = out_gain if ("o_proj" in name or "down_proj" in name) else proj_gain
+                gain = head_gain if "lm_head" in name else gain
+                p.copy_(torch.randn_like(p) * gain / p.shape[-1] ** 0.5)
         if shared_keys:
             for layer in model.model.layers:
                 k = layer.self_attn.k_proj

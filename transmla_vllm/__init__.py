@@ -1,0 +1,33 @@
+"""vLLM plugin serving TransMLA checkpoints (GQA models converted to MLA).
+
+vLLM calls ``register`` (entry point group ``vllm.general_plugins``) in every
+process it starts, so it must stay cheap and idempotent: the model class is
+registered by name and imported lazily by vLLM when it is needed.
+"""
+
+__version__ = "0.1.0"
+
+MODEL_CLASS_PATH = "transmla_vllm.model:TransMLAForCausalLM"
+
+
+def register() -> None:
+    """Register the TransMLA architecture and its config hook with vLLM."""
+    from vllm import ModelRegistry
+
+    from transmla_vllm.format import ARCHITECTURE
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS_PATH)
+
+    # Per-architecture config hook: validates the config and applies the
+    # load-time padding plan while the VllmConfig is built, before any engine
+    # or worker process exists (see shape_adapter).
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    if ARCHITECTURE not in MODELS_CONFIG_MAP:
+        from transmla_vllm.shape_adapter import TransMLAConfigHook
+
+        MODELS_CONFIG_MAP[ARCHITECTURE] = TransMLAConfigHook  # type: ignore[assignment]
+
+
+__all__ = ["__version__", "register"]
