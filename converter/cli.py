@@ -18,6 +18,12 @@ The KV cache shrinks from 2 * kv_heads * head_dim to kv_lora_rank + rope_dim ele
 and layer. Calibration text steers the rotations and the latent basis."""
 
 EPILOG = """\
+other commands (python -m converter COMMAND --help):
+  upload    publish a converted folder to the Hugging Face Hub
+  inspect   KV cache sizes and capacity of a source or converted folder
+  eval      perplexity of a model folder on a text file
+  verify    compare a converted folder with its source
+
 examples:
   python -m converter --src ./SmolLM2-135M-Instruct --dst ./smollm2-mla --calib-text book.txt
   python -m converter --src meta-llama/Llama-3.1-8B-Instruct --dst ./llama-mla \\
@@ -55,7 +61,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_subcommand(name: str, argv: list[str]) -> int:
+    import importlib
+
+    module = importlib.import_module(f"converter.commands.{name}")
+    try:
+        return module.main(argv)
+    except ConversionError as exc:
+        if "--debug" in argv:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    from converter.commands import COMMANDS
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        return run_subcommand(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
