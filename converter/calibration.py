@@ -1,8 +1,4 @@
-"""Calibration: text -> token chunks -> per-layer second moments of the [k; v] projections.
-
-Only (2L, 2L) fp64 second moments are kept per layer (captured after bias, before RoPE), which is
-all the rotation and the joint PCA need; no activations are stored.
-"""
+"""Calibration text: files or folders of UTF-8 text -> fixed-length token chunks."""
 
 from __future__ import annotations
 
@@ -10,7 +6,6 @@ import logging
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from converter.errors import ConversionError
 
@@ -61,32 +56,3 @@ def token_chunks(tokenizer, text: str, samples: int, seqlen: int) -> torch.Tenso
         chunk = ids[start:start + body]
         rows.append(([bos] if bos is not None else []) + chunk)
     return torch.tensor(rows, dtype=torch.long)
-
-
-@torch.no_grad()
-def kv_second_moments(model, chunks: torch.Tensor, batch_size: int = 8,
-                      device: str = "cpu") -> list[torch.Tensor]:
-    """Run the source model on the chunks and return, per layer, E-less sum of [k; v][k; v]^T."""
-    layers = model.model.layers
-    grams: list[torch.Tensor | None] = [None] * len(layers)
-    captured: dict[tuple[int, str], torch.Tensor] = {}
-    hooks = []
-    for i, layer in enumerate(layers):
-        for name in ("k_proj", "v_proj"):
-            def hook(_mod, _inp, out, key=(i, name)):
-                captured[key] = out.detach()
-            hooks.append(getattr(layer.self_attn, name).register_forward_hook(hook))
-    try:
-        for start in tqdm(range(0, len(chunks), batch_size), desc="calibration", unit="batch"):
-            batch = chunks[start:start + batch_size].to(device)
-            model(input_ids=batch, use_cache=False)
-            for i in range(len(layers)):
-                kv = torch.cat([captured[(i, "k_proj")], captured[(i, "v_proj")]], -1)
-                kv = kv.reshape(-1, kv.shape[-1]).to(torch.float64)
-                g = kv.T @ kv
-                grams[i] = g if grams[i] is None else grams[i] + g
-            captured.clear()
-    finally:
-        for h in hooks:
-            h.remove()
-    return [g.cpu() for g in grams]

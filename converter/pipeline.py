@@ -1,9 +1,16 @@
-"""The conversion, start to end: source -> calibration -> per-layer math -> checkpoint."""
+"""The conversion, start to end, streaming one decoder layer at a time:
+
+source safetensors (memory-mapped) -> calibration hidden states carried layer to layer ->
+per-layer math (rotation, latent, assembly, optional o_proj refit) -> output shards written
+tensor by tensor into a staging folder that is renamed into place when complete.
+Peak memory: embeddings + one layer + the calibration hidden states, whatever the depth.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,28 +19,30 @@ import torch
 from tqdm.auto import tqdm
 
 from converter import __version__
-from converter.calibration import kv_second_moments, read_calibration_text, token_chunks
-from converter.checkpoint.source import (
-    load_source_model,
-    load_tokenizer,
-    read_config,
-    resolve_source,
-)
+from converter.calibration import read_calibration_text, token_chunks
+from converter.checkpoint.source import load_tokenizer, read_config, resolve_source
+from converter.checkpoint.source_reader import SourceReader
+from converter.checkpoint.stream_writer import StreamingShardWriter, TensorSlot
 from converter.checkpoint.writer import (
-    ShardedWriter,
     copy_remote_code,
     copy_verbatim,
     parse_size,
     staging_folder,
 )
 from converter.errors import ConversionError
-from converter.math.assemble import GQAAttention, assemble_mla
-from converter.math.kv_pca import balanced_kv_basis
-from converter.math.rorope import key_rotation
+from converter.layer_convert import LayerResult, convert_layer
+from converter.methods import DEFAULT_METHOD, METHODS
 from converter.model_card import write_model_card
-from converter.settings import DTYPES, resolve_settings
+from converter.sequential import SourceLayers, batched
+from converter.settings import DTYPES, ResolvedSettings, resolve_settings
 from converter.sources.base import SourceSpec, inspect_source
-from transmla_vllm.format import MLAShape, build_config
+from transmla_vllm.format import (
+    DENSE_TENSORS,
+    KV_A_BIAS,
+    Q_BIAS,
+    MLAShape,
+    build_config,
+)
 
 log = logging.getLogger(__name__)
 REPORT_FILE = "transmla_report.json"
@@ -54,6 +63,8 @@ class ConvertOptions:
     max_shard_size: str = "5GB"
     overwrite: bool = False
     revision: str | None = None
+    method: str = DEFAULT_METHOD
+    batch_size: int = 8
 
 
 def pick_device(device: str) -> str:
@@ -64,14 +75,47 @@ def pick_device(device: str) -> str:
     return device
 
 
-def _layer_attention(state: dict[str, torch.Tensor], spec: SourceSpec, i: int) -> GQAAttention:
-    def get(proj: str, kind: str = "weight") -> torch.Tensor | None:
-        t = state.get(spec.attn_name(i, proj, kind))
-        return None if t is None else t.detach().to("cpu", torch.float64)
+def tensor_plan(spec: SourceSpec, shape: MLAShape, out: torch.dtype) -> list[TensorSlot]:
+    """Every output tensor with its shape, in writing order (known before any math runs)."""
+    D, H = spec.hidden_size, spec.num_heads
+    q_rows = H * shape.q_head_dim
+    kv_a_rows = shape.kv_elements_per_token
+    attn = [("self_attn.q_proj.weight", (q_rows, D))]
+    if spec.q_bias:
+        attn.append((Q_BIAS, (q_rows,)))
+    attn.append(("self_attn.kv_a_proj_with_mqa.weight", (kv_a_rows, D)))
+    if spec.k_bias or spec.v_bias:
+        attn.append((KV_A_BIAS, (kv_a_rows,)))
+    attn += [("self_attn.kv_b_proj.weight",
+              (H * (shape.qk_nope_head_dim + shape.v_head_dim), shape.kv_lora_rank)),
+             ("self_attn.o_proj.weight", (D, H * shape.v_head_dim))]
+    dense = dict(zip(DENSE_TENSORS, [(D,), (D,), (spec.intermediate_size, D),
+                                     (spec.intermediate_size, D),
+                                     (D, spec.intermediate_size)], strict=True))
+    plan = [TensorSlot("model.embed_tokens.weight", (spec.vocab_size, D), out)]
+    for i in range(spec.num_layers):
+        plan += [TensorSlot(f"model.layers.{i}.{n}", s, out) for n, s in attn]
+        plan += [TensorSlot(f"model.layers.{i}.{n}", s, out) for n, s in dense.items()]
+    plan.append(TensorSlot("model.norm.weight", (D,), out))
+    if not spec.tie_word_embeddings:
+        plan.append(TensorSlot("lm_head.weight", (spec.vocab_size, D), out))
+    return plan
 
-    return GQAAttention(get("q_proj"), get("k_proj"), get("v_proj"), get("o_proj"),
-                        spec.num_heads, spec.num_kv_heads, spec.head_dim,
-                        get("q_proj", "bias"), get("k_proj", "bias"), get("v_proj", "bias"))
+
+def _mla_config(spec: SourceSpec, settings: ResolvedSettings, provenance: dict) -> dict:
+    shape = MLAShape(spec.hidden_size, spec.num_heads, settings.kv_lora_rank,
+                     settings.rope_dim, spec.head_dim, spec.head_dim)
+    return build_config(
+        shape=shape, vocab_size=spec.vocab_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers, rms_norm_eps=spec.rms_norm_eps,
+        max_position_embeddings=spec.max_position_embeddings,
+        rope_parameters=spec.rope_parameters, tie_word_embeddings=spec.tie_word_embeddings,
+        q_bias=spec.q_bias, kv_a_bias=spec.k_bias or spec.v_bias, dtype=settings.out_dtype,
+        token_ids=spec.token_ids, provenance=provenance)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def convert(opts: ConvertOptions) -> Path:
@@ -81,6 +125,9 @@ def convert(opts: ConvertOptions) -> Path:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not opts.overwrite:
         raise ConversionError(f"--dst {dst} exists and is not empty; pass --overwrite to "
                               "replace it or choose another folder")
+    if opts.method not in METHODS:
+        raise ConversionError(f"--method {opts.method} is not one of {sorted(METHODS)}")
+    method = METHODS[opts.method]
     src = resolve_source(opts.src, opts.revision)
     spec = inspect_source(read_config(src))
     settings = resolve_settings(spec, opts.rope_dim, opts.kv_lora_rank, opts.freqfold,
@@ -88,92 +135,82 @@ def convert(opts: ConvertOptions) -> Path:
     if opts.calib_text is None:
         raise ConversionError("no calibration text: pass --calib-text FILE_OR_FOLDER "
                               "(UTF-8 prose or code similar to what the model will serve)")
+    reader = SourceReader(src)
     device = pick_device(opts.device)
-    log.info("source: %s (%s, %d layers, %d heads, %d KV heads, head_dim %d)", src,
+    log.info("source: %s (%s, %d layers, %d heads, %d KV heads, head_dim %d, %.2f GB)", src,
              spec.architecture, spec.num_layers, spec.num_heads, spec.num_kv_heads,
-             spec.head_dim)
-    log.info("settings: rope dim %d, kv_lora_rank %d, freqfold %d, output dtype %s, device %s",
-             settings.rope_dim, settings.kv_lora_rank, settings.freqfold, settings.out_dtype,
-             device)
+             spec.head_dim, reader.total_bytes() / 1e9)
+    log.info("settings: method %s, rope dim %d, kv_lora_rank %d, freqfold %d, output dtype %s, "
+             "device %s", method.name, settings.rope_dim, settings.kv_lora_rank,
+             settings.freqfold, settings.out_dtype, device)
 
     text, calib_files = read_calibration_text(opts.calib_text)
     tokenizer = load_tokenizer(src)
     chunks = token_chunks(tokenizer, text, opts.calib_samples, opts.calib_seqlen)
     log.info("calibration: %d chunks x %d tokens = %d tokens from %d file(s)", chunks.shape[0],
              chunks.shape[1], chunks.numel(), len(calib_files))
-    model = load_source_model(src, device)
-    grams = kv_second_moments(model, chunks, device=device)
-    state = model.state_dict()
+
+    provenance = {
+        "converter_version": __version__, "method": method.name, "source": opts.src,
+        "source_architecture": spec.architecture, "source_kv_heads": spec.num_kv_heads,
+        "source_head_dim": spec.head_dim, "rope_dim": settings.rope_dim,
+        "kv_lora_rank": settings.kv_lora_rank, "freqfold": settings.freqfold,
+        "calibration": {"files": [Path(f).name for f in calib_files][:20],
+                        "samples": int(chunks.shape[0]), "seqlen": int(chunks.shape[1]),
+                        "tokens": int(chunks.numel())},
+    }
+    config = _mla_config(spec, settings, provenance)
     out_dtype = DTYPES[settings.out_dtype]
-    width = spec.kv_width
-    shape = MLAShape(spec.hidden_size, spec.num_heads, settings.kv_lora_rank,
-                     settings.rope_dim, spec.head_dim, spec.head_dim)
-    layers_report = []
+    plan = tensor_plan(spec, MLAShape(spec.hidden_size, spec.num_heads, settings.kv_lora_rank,
+                                      settings.rope_dim, spec.head_dim, spec.head_dim), out_dtype)
+    layers = SourceLayers(src, spec, reader, device, chunks.shape[1])
+    report: list[dict] = []
 
-    with staging_folder(dst, opts.overwrite) as tmp:
-        writer = ShardedWriter(tmp, parse_size(opts.max_shard_size))
-        writer.add("model.embed_tokens.weight", state["model.embed_tokens.weight"].to(out_dtype))
-        for i in tqdm(range(spec.num_layers), desc="converting layers", unit="layer"):
-            rotation = key_rotation(grams[i][:width, :width], spec.num_kv_heads, spec.head_dim,
-                                    settings.rope_dim, settings.freqfold)
-            latent = balanced_kv_basis(grams[i], rotation.nope, settings.kv_lora_rank)
-            mla = assemble_mla(_layer_attention(state, spec, i), rotation, latent)
-            for name, tensor in mla.items():
-                if not torch.isfinite(tensor).all():
-                    raise ConversionError(f"layer {i}: {name} came out non-finite; the source "
-                                          "weights or calibration statistics are corrupt")
-                writer.add(f"model.layers.{i}.{name}", tensor.to(out_dtype))
-            for name in ("input_layernorm.weight", "post_attention_layernorm.weight",
-                         "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"):
-                writer.add(f"model.layers.{i}.{name}", state[f"model.layers.{i}.{name}"]
-                           .to(out_dtype))
-            layers_report.append({"layer": i,
-                                  "rope_key_energy": rotation.rope_energy_fraction,
-                                  "latent_energy": latent.latent_energy_fraction,
-                                  "key_scale": latent.key_scale})
+    with staging_folder(dst, opts.overwrite) as tmp, torch.no_grad():
+        writer = StreamingShardWriter(tmp, plan, parse_size(opts.max_shard_size))
+        writer.write("model.embed_tokens.weight",
+                     reader.get("model.embed_tokens.weight", dtype=out_dtype))
+        h_src = layers.embed(chunks)
+        h_conv = h_src if method.inputs == "converted" or method.refit_o else None
+        bar = tqdm(range(spec.num_layers), desc="converting layers", unit="layer")
+        for i in bar:
+            result: LayerResult = convert_layer(i, layers, spec, settings, method, config,
+                                                h_src, h_conv, opts.batch_size)
+            for name, tensor in result.tensors.items():
+                writer.write(f"model.layers.{i}.{name}", tensor.to(out_dtype))
+            h_src, h_conv = result.h_src, result.h_conv
+            report.append(result.report)
             log.info("layer %d: rope keeps %.2f%% of key energy; latent keeps %.2f%% of "
-                     "balanced [K_nope; V] energy (s = %.3g)", i,
-                     100 * rotation.rope_energy_fraction, 100 * latent.latent_energy_fraction,
-                     latent.key_scale)
-        writer.add("model.norm.weight", state["model.norm.weight"].to(out_dtype))
+                     "balanced [K_nope; V] energy (s = %.3g)%s", i,
+                     100 * result.report["rope_key_energy"],
+                     100 * result.report["latent_energy"], result.report["key_scale"],
+                     result.report.get("refit_note", ""))
+        del h_src, h_conv
+        writer.write("model.norm.weight", reader.get("model.norm.weight", dtype=out_dtype))
         if not spec.tie_word_embeddings:
-            writer.add("lm_head.weight", state["lm_head.weight"].to(out_dtype))
+            writer.write("lm_head.weight", reader.get("lm_head.weight", dtype=out_dtype))
         shards = writer.close()
-        del model, state
 
-        provenance = {
-            "converter_version": __version__,
-            "method": "transmla",
-            "source": opts.src,
-            "source_architecture": spec.architecture,
-            "source_kv_heads": spec.num_kv_heads,
-            "source_head_dim": spec.head_dim,
-            "rope_dim": settings.rope_dim,
-            "kv_lora_rank": settings.kv_lora_rank,
-            "freqfold": settings.freqfold,
-            "calibration": {"files": [Path(f).name for f in calib_files][:20],
-                            "samples": int(chunks.shape[0]), "seqlen": int(chunks.shape[1]),
-                            "tokens": int(chunks.numel())},
-        }
-        config = build_config(
-            shape=shape, vocab_size=spec.vocab_size, intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.num_layers, rms_norm_eps=spec.rms_norm_eps,
-            max_position_embeddings=spec.max_position_embeddings,
-            rope_parameters=spec.rope_parameters, tie_word_embeddings=spec.tie_word_embeddings,
-            q_bias=spec.q_bias, kv_a_bias=spec.k_bias or spec.v_bias,
-            dtype=settings.out_dtype, token_ids=spec.token_ids, provenance=provenance)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copied = copy_verbatim(src, tmp)
         copy_remote_code(tmp)
-        before, after = spec.kv_elements_per_token, shape.kv_elements_per_token
+        before = spec.kv_elements_per_token
+        after = settings.kv_lora_rank + settings.rope_dim
+        seconds = time.time() - started
         summary = {"kv_elements_per_token_per_layer": {"source": before, "converted": after},
-                   "kv_reduction": 1 - after / before, "layers": layers_report,
-                   "shards": shards, "seconds": round(time.time() - started, 1)}
+                   "kv_reduction": 1 - after / before, "layers": report, "shards": shards,
+                   "method": method.name, "seconds": round(seconds, 1),
+                   "peak_rss_bytes": peak_rss_bytes()}
         (tmp / REPORT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         write_model_card(tmp, spec, config, summary, opts.src, src)
         log.info("copied %s", ", ".join(copied) if copied else "no tokenizer files (none found)")
+    seconds = time.time() - started
     log.info("KV cache per token per layer: %d -> %d elements (%.1f%% %s); %d layers -> %s",
              before, after, 100 * abs(1 - after / before),
              "smaller" if after < before else "LARGER", spec.num_layers, dst)
-    log.info("done in %.1f s", time.time() - started)
+    log.info("done in %.1f s, peak RSS %.2f GB, %.3f GB/s of source weights", seconds,
+             peak_rss_bytes() / 1e9, reader.total_bytes() / 1e9 / max(seconds, 1e-9))
     return dst
+
+
+__all__ = ["ConvertOptions", "convert", "pick_device", "tensor_plan", "batched"]

@@ -21,6 +21,7 @@ def test_logged_energy_fractions_match_direct_computation(tmp_path, calib_file, 
     caplog.set_level(logging.INFO, logger="converter.pipeline")
     dst = convert(ConvertOptions(src=str(src), dst=str(tmp_path / "dst"), rope_dim=8,
                                  freqfold=2, kv_lora_rank=24, calib_text=str(calib_file),
+                                 method="transmla",  # statistics of the source stream
                                  calib_samples=8, calib_seqlen=64))
     report = json.loads((dst / "transmla_report.json").read_text())["layers"]
     weights = load_file(str(dst / "model.safetensors"))

@@ -43,18 +43,6 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise ConversionError(f"{path} is not valid JSON: {exc}") from exc
 
 
-def load_source_model(folder: Path, device: str):
-    """The source model in fp32 (the math needs it; weights are cast once at the end)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ConversionError(f"could not load the source weights from {folder}: {exc}") from exc
-    return model.to(device).eval()
-
-
 def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 

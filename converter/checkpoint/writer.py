@@ -1,10 +1,8 @@
-"""Write a converted checkpoint: sharded safetensors + index, into a staging folder that is
-renamed into place only when complete, so an interrupted run never leaves a folder that looks
-like a finished checkpoint."""
+"""The output folder: a staging folder renamed into place only when complete (so an interrupted
+run never leaves a folder that looks like a finished checkpoint), plus the files copied into it."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -12,9 +10,6 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
 
 from converter.errors import ConversionError
 
@@ -64,54 +59,6 @@ def staging_folder(dst: Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-class ShardedWriter:
-    """Accumulate tensors and flush them to numbered shards of at most ``max_bytes``."""
-
-    def __init__(self, folder: Path, max_bytes: int) -> None:
-        self.folder, self.max_bytes = folder, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[dict[str, torch.Tensor] | list[str]] = []
-        self.weight_map: dict[str, str] = {}
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
-        self.total_bytes += size
-
-    def _flush(self) -> None:
-        index = len(self.shards)
-        name = f"shard-{index:05d}.safetensors"
-        try:
-            save_file(self.pending, str(self.folder / name), metadata={"format": "pt"})
-        except OSError as exc:
-            raise ConversionError(f"writing {name} failed: {exc.strerror or exc}") from exc
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self) -> list[str]:
-        """Flush the last shard, give shards their final names, write the index if sharded."""
-        if self.pending or not self.shards:
-            self._flush()
-        count = len(self.shards)
-        files = []
-        for i, names in enumerate(self.shards):
-            final = ("model.safetensors" if count == 1
-                     else f"model-{i + 1:05d}-of-{count:05d}.safetensors")
-            (self.folder / f"shard-{i:05d}.safetensors").rename(self.folder / final)
-            files.append(final)
-            self.weight_map.update({n: final for n in names})
-        if count > 1:
-            index = {"metadata": {"total_size": self.total_bytes},
-                     "weight_map": dict(sorted(self.weight_map.items()))}
-            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        return files
 
 
 def copy_verbatim(src: Path, dst: Path) -> list[str]:

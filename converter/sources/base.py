@@ -50,6 +50,10 @@ class FamilyAdapter:
     family = ""
     architectures: tuple[str, ...] = ()
     model_types: tuple[str, ...] = ()
+    # transformers classes that run one decoder layer of this family during calibration
+    modeling_module = ""
+    layer_class = ""
+    rotary_class = ""
 
     def refuse_reasons(self, cfg: dict[str, Any]) -> list[str]:
         """Features of this config that cannot be converted, as user-facing sentences."""
@@ -86,6 +90,10 @@ def rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
     params.setdefault("rope_type", "default")
     params.setdefault("rope_theta", float(cfg.get("rope_theta", 10000.0)))
     return params
+
+
+def adapter_for(family: str) -> FamilyAdapter:
+    return next(a for a in _adapters() if a.family == family)
 
 
 def _adapters() -> list[FamilyAdapter]:

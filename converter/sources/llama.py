@@ -11,6 +11,9 @@ class LlamaAdapter(FamilyAdapter):
     family = "llama"
     architectures = ("LlamaForCausalLM",)
     model_types = ("llama",)
+    modeling_module = "transformers.models.llama.modeling_llama"
+    layer_class = "LlamaDecoderLayer"
+    rotary_class = "LlamaRotaryEmbedding"
 
     def refuse_reasons(self, cfg: dict[str, Any]) -> list[str]:
         reasons = super().refuse_reasons(cfg)

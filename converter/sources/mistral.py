@@ -11,6 +11,9 @@ class MistralAdapter(FamilyAdapter):
     family = "mistral"
     architectures = ("MistralForCausalLM",)
     model_types = ("mistral",)
+    modeling_module = "transformers.models.mistral.modeling_mistral"
+    layer_class = "MistralDecoderLayer"
+    rotary_class = "MistralRotaryEmbedding"
 
     def refuse_reasons(self, cfg: dict[str, Any]) -> list[str]:
         reasons = super().refuse_reasons(cfg)

@@ -11,6 +11,9 @@ class Qwen2Adapter(FamilyAdapter):
     family = "qwen2"
     architectures = ("Qwen2ForCausalLM",)
     model_types = ("qwen2",)
+    modeling_module = "transformers.models.qwen2.modeling_qwen2"
+    layer_class = "Qwen2DecoderLayer"
+    rotary_class = "Qwen2RotaryEmbedding"
 
     def refuse_reasons(self, cfg: dict[str, Any]) -> list[str]:
         reasons = super().refuse_reasons(cfg)

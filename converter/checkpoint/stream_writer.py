@@ -1,0 +1,101 @@
+"""Write safetensors shards tensor by tensor, so memory holds one tensor, not one shard.
+
+The safetensors library only writes whole dicts; for 70B-class outputs that would mean holding
+gigabytes. Because every output shape is known before conversion starts, the shard layout and
+headers are computed up front and tensor bytes are appended as layers finish. The files follow
+the safetensors format exactly (8-byte little-endian header size, JSON header padded to 8 bytes,
+then the raw little-endian data) and are read back with the safetensors library in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from converter.errors import ConversionError
+
+DTYPE_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+class StreamingShardWriter:
+    """Writes ``plan`` (in order) into shards of at most ``max_bytes`` (one tensor may exceed)."""
+
+    def __init__(self, folder: Path, plan: list[TensorSlot], max_bytes: int) -> None:
+        self.folder, self.plan = folder, plan
+        groups: list[list[TensorSlot]] = [[]]
+        size = 0
+        for slot in plan:
+            if groups[-1] and size + slot.nbytes > max_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(slot)
+            size += slot.nbytes
+        count = len(groups)
+        self.shard_names = ["model.safetensors" if count == 1
+                            else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+                            for i in range(count)]
+        self.shard_of = {s.name: i for i, g in enumerate(groups) for s in g}
+        self.groups = groups
+        self.next = 0
+        self.handle: BinaryIO | None = None
+        self.open_shard = -1
+
+    def _start_shard(self, index: int) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for slot in self.groups[index]:
+            header[slot.name] = {"dtype": DTYPE_CODES[slot.dtype], "shape": list(slot.shape),
+                                 "data_offsets": [offset, offset + slot.nbytes]}
+            offset += slot.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.handle = open(self.folder / self.shard_names[index], "wb")  # noqa: SIM115
+        self.handle.write(struct.pack("<Q", len(raw)) + raw)
+        self.open_shard = index
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        slot = self.plan[self.next]
+        if name != slot.name or tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
+            raise RuntimeError(f"writer expected {slot} but got {name} {tuple(tensor.shape)} "
+                               f"{tensor.dtype}")
+        if self.shard_of[name] != self.open_shard:
+            self._start_shard(self.shard_of[name])
+        data = tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy()
+        try:
+            self.handle.write(memoryview(data))
+        except OSError as exc:
+            raise ConversionError(f"writing {name} failed: {exc.strerror or exc}") from exc
+        self.next += 1
+
+    def close(self) -> list[str]:
+        if self.next != len(self.plan):
+            raise RuntimeError(f"only {self.next} of {len(self.plan)} tensors were written")
+        if self.handle is not None:
+            self.handle.close()
+        if len(self.shard_names) > 1:
+            index = {"metadata": {"total_size": sum(s.nbytes for s in self.plan)},
+                     "weight_map": {s.name: self.shard_names[self.shard_of[s.name]]
+                                    for s in sorted(self.plan, key=lambda s: s.name)}}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return list(self.shard_names)

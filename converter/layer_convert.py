@@ -1,0 +1,187 @@
+"""Convert one decoder layer: statistics, rotation, latent, assembly, optional o_proj refit,
+and the hidden states the next layer is calibrated on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from converter.errors import ConversionError
+from converter.math.assemble import GQAAttention, assemble_mla
+from converter.math.kv_pca import balanced_kv_basis
+from converter.math.refit import ridge_refit
+from converter.math.rorope import key_rotation
+from converter.methods import Method
+from converter.sequential import SourceLayers, batched, gram
+from converter.settings import ResolvedSettings
+from converter.sources.base import SourceSpec
+from transmla_vllm.format import DENSE_TENSORS, KV_A_BIAS, Q_BIAS
+
+ATTN_ORDER = ("self_attn.q_proj.weight", Q_BIAS, "self_attn.kv_a_proj_with_mqa.weight",
+              KV_A_BIAS, "self_attn.kv_b_proj.weight", "self_attn.o_proj.weight")
+
+
+@dataclass
+class LayerResult:
+    tensors: dict[str, torch.Tensor]  # fp32, in the order the writer expects
+    h_src: torch.Tensor
+    h_conv: torch.Tensor | None
+    report: dict = field(default_factory=dict)
+
+
+def _source_attention(layer: nn.Module) -> GQAAttention:
+    attn = layer.self_attn
+
+    def f64(lin: nn.Linear, kind: str = "weight") -> torch.Tensor | None:
+        t = getattr(lin, kind, None)
+        return None if t is None else t.detach().to("cpu", torch.float64)
+
+    cfg = attn.config
+    heads = cfg.num_attention_heads
+    return GQAAttention(f64(attn.q_proj), f64(attn.k_proj), f64(attn.v_proj), f64(attn.o_proj),
+                        heads, cfg.num_key_value_heads, attn.head_dim,
+                        f64(attn.q_proj, "bias"), f64(attn.k_proj, "bias"),
+                        f64(attn.v_proj, "bias"))
+
+
+def _converted_layer(layer: nn.Module, mla: dict[str, torch.Tensor], config: dict, index: int,
+                     device: str) -> nn.Module:
+    """The converted decoder layer (our transformers remote code) with this layer's weights."""
+    from transformers import DeepseekV3Config
+
+    from converter.remote_code.modeling_transmla import TransMLADecoderLayer
+
+    cfg = DeepseekV3Config(**{k: v for k, v in config.items() if k != "auto_map"})
+    with torch.device("meta"):
+        conv = TransMLADecoderLayer(cfg, index)
+    state = {name: t.to(torch.float32) for name, t in mla.items()}
+    for name in DENSE_TENSORS:
+        state[name] = layer.state_dict()[name].detach()
+    conv.load_state_dict(state, strict=True, assign=True)
+    conv._mla_config = cfg
+    return conv.to(device).eval()
+
+
+class _ConvertedRunner:
+    """Runs the converted layer on [B, T, D] batches with its rope and causal mask."""
+
+    def __init__(self, conv: nn.Module, seqlen: int, device: str) -> None:
+        from converter.remote_code.modeling_transmla import TransMLARotary
+
+        self.conv = conv
+        positions = torch.arange(seqlen, device=device)[None]
+        self.rope = TransMLARotary(conv._mla_config)(positions)
+        allowed = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).tril()
+        self.mask = torch.zeros(seqlen, seqlen, device=device).masked_fill(
+            ~allowed, torch.finfo(torch.float32).min)[None, None]
+
+    def layer(self, h: torch.Tensor) -> torch.Tensor:
+        return self.conv(h, self.rope, self.mask, None)
+
+    def attention_input_to_o(self, h: torch.Tensor) -> torch.Tensor:
+        """What the converted attention feeds o_proj (per-head outputs, concatenated)."""
+        captured = {}
+        hook = self.conv.self_attn.o_proj.register_forward_pre_hook(
+            lambda _m, args: captured.__setitem__("a", args[0]))
+        try:
+            self.conv.self_attn(self.conv.input_layernorm(h), self.rope, self.mask, None)
+        finally:
+            hook.remove()
+        return captured["a"]
+
+
+def convert_layer(i: int, layers: SourceLayers, spec: SourceSpec, settings: ResolvedSettings,
+                  method: Method, config: dict, h_src: torch.Tensor, h_conv: torch.Tensor | None,
+                  batch: int) -> LayerResult:
+    device = layers.device
+    layer = layers.layer(i)
+    attn = layer.self_attn
+    rope = layers.rope
+    h_in = h_conv if method.inputs == "converted" else h_src
+
+    # 1. second moment of [k; v] (after bias, before RoPE) on the chosen stream
+    kv_gram = torch.zeros(2 * spec.kv_width, 2 * spec.kv_width, dtype=torch.float64,
+                          device=device)
+
+    def stats(h: torch.Tensor, _sl: slice) -> None:
+        nonlocal kv_gram
+        x = layer.input_layernorm(h)
+        kv_gram += gram(torch.cat([attn.k_proj(x), attn.v_proj(x)], -1))
+
+    batched(h_in, batch, device, stats)
+    kv_gram = kv_gram.cpu()
+
+    # 2. rotation, latent, assembly (fp64)
+    width = spec.kv_width
+    rotation = key_rotation(kv_gram[:width, :width], spec.num_kv_heads, spec.head_dim,
+                            settings.rope_dim, settings.freqfold)
+    latent = balanced_kv_basis(kv_gram, rotation.nope, settings.kv_lora_rank)
+    mla = assemble_mla(_source_attention(layer), rotation, latent)
+    for name, tensor in mla.items():
+        if not torch.isfinite(tensor).all():
+            raise ConversionError(f"layer {i}: {name} came out non-finite; the source weights "
+                                  "or calibration statistics are corrupt")
+    report = {"layer": i, "rope_key_energy": rotation.rope_energy_fraction,
+              "latent_energy": latent.latent_energy_fraction, "key_scale": latent.key_scale}
+
+    # 3. optional o_proj refit, and the converted stream for the next layer
+    next_conv = None
+    if method.refit_o or method.inputs == "converted":
+        conv = _converted_layer(layer, mla, config, i, device)
+        runner = _ConvertedRunner(conv, h_src.shape[1], device)
+        if method.refit_o:
+            mla["self_attn.o_proj.weight"] = _refit_o(layer, runner, method, h_src, h_conv,
+                                                      batch, device, rope, report)
+            conv.self_attn.o_proj.weight.copy_(mla["self_attn.o_proj.weight"].float())
+        if h_conv is not None:
+            next_conv = batched(h_conv, batch, device, lambda h, _sl: runner.layer(h))
+    next_src = batched(h_src, batch, device,
+                       lambda h, _sl: layer(h, attention_mask=None, position_embeddings=rope))
+    dense = {name: t.detach().to("cpu", torch.float32)
+             for name, t in layer.state_dict().items() if name in DENSE_TENSORS}
+    tensors = {name: mla[name].to(torch.float32) for name in ATTN_ORDER if name in mla}
+    tensors.update({name: dense[name] for name in DENSE_TENSORS})
+    return LayerResult(tensors, next_src, next_conv, report)
+
+
+def _refit_o(layer: nn.Module, runner: _ConvertedRunner, method: Method, h_src: torch.Tensor,
+             h_conv: torch.Tensor | None, batch: int, device: str, rope, report: dict
+             ) -> torch.Tensor:
+    """Least-squares o_proj so the converted attention output matches the chosen target."""
+    attn = layer.self_attn
+    width_in = attn.o_proj.weight.shape[1]
+    g_in = torch.zeros(width_in, width_in, dtype=torch.float64, device=device)
+    cross = torch.zeros(attn.o_proj.weight.shape[0], width_in, dtype=torch.float64,
+                        device=device)
+    base = h_conv if (method.inputs == "converted" and h_conv is not None) else h_src
+    err_before = err_after_num = target_energy = 0.0
+
+    def src_attn(h: torch.Tensor) -> torch.Tensor:
+        return attn(hidden_states=layer.input_layernorm(h), attention_mask=None,
+                    position_embeddings=rope)[0]
+
+    for start in range(0, base.shape[0], batch):
+        sl = slice(start, start + batch)
+        h = base[sl].to(device)
+        a = runner.attention_input_to_o(h)
+        if method.refit_o == "local" or base is h_src:
+            y = src_attn(h)
+        else:  # "global": the source stream's attention output plus the converted drift
+            hs = h_src[sl].to(device)
+            y = src_attn(hs) + (hs - h)
+        a2, y2 = a.reshape(-1, a.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
+        g_in += a2.T @ a2
+        cross += y2.T @ a2
+        err_before += float((a2 @ attn.o_proj.weight.double().T - y2).pow(2).sum())
+        target_energy += float(y2.pow(2).sum())
+    w0 = attn.o_proj.weight.detach().double()
+    w = ridge_refit(g_in, cross, w0, method.ridge)
+    # residual of the fit from the Grams: ||WA - Y||^2 = tr(W G W^T) - 2 tr(W C^T) + ||Y||^2
+    err_after_num = float((w @ g_in * w).sum() - 2 * (w * cross).sum()) + target_energy
+    report["o_refit_rel_error"] = [err_before / max(target_energy, 1e-30),
+                                   max(err_after_num, 0.0) / max(target_energy, 1e-30)]
+    report["refit_note"] = (f"; o_proj refit: relative error {report['o_refit_rel_error'][0]:.4f}"
+                            f" -> {report['o_refit_rel_error'][1]:.4f}")
+    return w.cpu()

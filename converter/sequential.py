@@ -1,0 +1,75 @@
+"""Layer-by-layer calibration: the source model is never loaded whole.
+
+Hidden states of the calibration chunks are carried from layer to layer; each decoder layer is
+built from the source's own transformers class with weights read from safetensors, used, and
+freed. Two streams can be carried: the source model's (faithful to the published method) and
+the converted model's (so later layers are calibrated on what they will really see, and o_proj
+can be refit to pull the converted stream back toward the source).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from converter.checkpoint.source_reader import SourceReader
+from converter.sources.base import SourceSpec, adapter_for
+
+LAYER_PARTS = ("input_layernorm.weight", "post_attention_layernorm.weight",
+               "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+               "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+               "self_attn.o_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.bias",
+               "self_attn.v_proj.bias")
+
+
+class SourceLayers:
+    """Builds one source decoder layer at a time (transformers' own class for the family)."""
+
+    def __init__(self, folder: Path, spec: SourceSpec, reader: SourceReader, device: str,
+                 seqlen: int) -> None:
+        from transformers import AutoConfig
+
+        self.spec, self.reader, self.device = spec, reader, device
+        self.config = AutoConfig.from_pretrained(folder)
+        self.config._attn_implementation = "sdpa"
+        adapter = adapter_for(spec.family)
+        module = importlib.import_module(adapter.modeling_module)
+        self.layer_cls = getattr(module, adapter.layer_class)
+        rotary = getattr(module, adapter.rotary_class)(self.config).to(device)
+        positions = torch.arange(seqlen, device=device)[None]
+        probe = torch.zeros(1, device=device, dtype=torch.float32)
+        self.rope = rotary(probe, positions)
+
+    def embed(self, chunks: torch.Tensor) -> torch.Tensor:
+        table = self.reader.get("model.embed_tokens.weight", dtype=torch.float32)
+        return table[chunks]
+
+    def layer(self, i: int) -> nn.Module:
+        prefix = f"model.layers.{i}."
+        state = {part: self.reader.get(prefix + part) for part in LAYER_PARTS
+                 if self.reader.has(prefix + part)}
+        with torch.device("meta"):
+            layer = self.layer_cls(self.config, i)
+        layer.load_state_dict(state, strict=True, assign=True)
+        return layer.to(self.device).eval()
+
+
+def batched(hidden: torch.Tensor, batch: int, device: str,
+            fn: Callable[[torch.Tensor, slice], torch.Tensor | None]) -> torch.Tensor | None:
+    """Apply ``fn`` to device batches of ``hidden`` [N, T, D]; collect outputs on the CPU."""
+    outs = []
+    for start in range(0, hidden.shape[0], batch):
+        sl = slice(start, start + batch)
+        out = fn(hidden[sl].to(device), sl)
+        if out is not None:
+            outs.append(out.to("cpu"))
+    return torch.cat(outs) if outs else None
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1]).to(torch.float64)
+    return flat.T @ flat
