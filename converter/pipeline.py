@@ -19,7 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from converter import __version__
-from converter.calibration import read_calibration_text, token_chunks
+from converter.calib_sources import CalibrationInput, load_documents
+from converter.calibration import token_chunks
 from converter.checkpoint.source import load_tokenizer, read_config, resolve_source
 from converter.checkpoint.source_reader import SourceReader
 from converter.checkpoint.stream_writer import StreamingShardWriter, TensorSlot
@@ -53,9 +54,16 @@ class ConvertOptions:
     src: str
     dst: str
     rope_dim: int | None = None
-    kv_lora_rank: int = 512
-    freqfold: int | None = None
+    kv_lora_rank: int | None = None  # None: 512, or what the KV budget leaves
+    freqfold: int | str | None = None  # None: smallest valid; "auto": best per layer
+    kv_budget: float | None = None
+    kv_elements: int | None = None
+    target: str = "vllm"
     calib_text: str | None = None
+    calib_jsonl: str | None = None
+    calib_field: str = "text"
+    calib_dataset: str | None = None
+    calib_chat: bool = False
     calib_samples: int = 128
     calib_seqlen: int = 256
     dtype: str | None = None
@@ -131,10 +139,9 @@ def convert(opts: ConvertOptions) -> Path:
     src = resolve_source(opts.src, opts.revision)
     spec = inspect_source(read_config(src))
     settings = resolve_settings(spec, opts.rope_dim, opts.kv_lora_rank, opts.freqfold,
-                                opts.dtype)
-    if opts.calib_text is None:
-        raise ConversionError("no calibration text: pass --calib-text FILE_OR_FOLDER "
-                              "(UTF-8 prose or code similar to what the model will serve)")
+                                opts.dtype, opts.kv_budget, opts.kv_elements, opts.target)
+    calib = CalibrationInput(opts.calib_text, opts.calib_jsonl, opts.calib_field,
+                             opts.calib_dataset, opts.calib_chat)
     reader = SourceReader(src)
     device = pick_device(opts.device)
     log.info("source: %s (%s, %d layers, %d heads, %d KV heads, head_dim %d, %.2f GB)", src,
@@ -142,22 +149,31 @@ def convert(opts: ConvertOptions) -> Path:
              spec.head_dim, reader.total_bytes() / 1e9)
     log.info("settings: method %s, rope dim %d, kv_lora_rank %d, freqfold %d, output dtype %s, "
              "device %s", method.name, settings.rope_dim, settings.kv_lora_rank,
-             settings.freqfold, settings.out_dtype, device)
+             settings.freqfold_label, settings.out_dtype, device)
 
-    text, calib_files = read_calibration_text(opts.calib_text)
     tokenizer = load_tokenizer(src)
-    chunks = token_chunks(tokenizer, text, opts.calib_samples, opts.calib_seqlen)
-    log.info("calibration: %d chunks x %d tokens = %d tokens from %d file(s)", chunks.shape[0],
-             chunks.shape[1], chunks.numel(), len(calib_files))
+    documents, calib_files = load_documents(calib, tokenizer)
+    chunks = token_chunks(tokenizer, documents, opts.calib_samples, opts.calib_seqlen)
+    n_train = chunks.shape[0]
+    if settings.freqfold is None:  # hold out 1/8 of the chunks to choose FreqFold on
+        if chunks.shape[0] < 2:
+            raise ConversionError("--freqfold auto needs at least 2 calibration chunks")
+        n_train = chunks.shape[0] - max(1, chunks.shape[0] // 8)
+    log.info("calibration: %s%s: %d chunks x %d tokens = %d tokens%s", calib.describe(),
+             " rendered as chat" if calib.chat else "", chunks.shape[0], chunks.shape[1],
+             chunks.numel(), f" ({chunks.shape[0] - n_train} held out for --freqfold auto)"
+             if n_train < chunks.shape[0] else "")
 
     provenance = {
         "converter_version": __version__, "method": method.name, "source": opts.src,
         "source_architecture": spec.architecture, "source_kv_heads": spec.num_kv_heads,
         "source_head_dim": spec.head_dim, "rope_dim": settings.rope_dim,
-        "kv_lora_rank": settings.kv_lora_rank, "freqfold": settings.freqfold,
-        "calibration": {"files": [Path(f).name for f in calib_files][:20],
+        "kv_lora_rank": settings.kv_lora_rank, "freqfold": settings.freqfold_label,
+        "calibration": {"source": calib.describe(), "chat": calib.chat,
+                        "files": [Path(f).name for f in calib_files][:20],
                         "samples": int(chunks.shape[0]), "seqlen": int(chunks.shape[1]),
-                        "tokens": int(chunks.numel())},
+                        "tokens": int(chunks.numel()), "held_out_chunks":
+                            int(chunks.shape[0] - n_train)},
     }
     config = _mla_config(spec, settings, provenance)
     out_dtype = DTYPES[settings.out_dtype]
@@ -175,14 +191,14 @@ def convert(opts: ConvertOptions) -> Path:
         bar = tqdm(range(spec.num_layers), desc="converting layers", unit="layer")
         for i in bar:
             result: LayerResult = convert_layer(i, layers, spec, settings, method, config,
-                                                h_src, h_conv, opts.batch_size)
+                                                h_src, h_conv, opts.batch_size, n_train)
             for name, tensor in result.tensors.items():
                 writer.write(f"model.layers.{i}.{name}", tensor.to(out_dtype))
             h_src, h_conv = result.h_src, result.h_conv
             report.append(result.report)
-            log.info("layer %d: rope keeps %.2f%% of key energy; latent keeps %.2f%% of "
-                     "balanced [K_nope; V] energy (s = %.3g)%s", i,
-                     100 * result.report["rope_key_energy"],
+            log.info("layer %d: freqfold %d; rope keeps %.2f%% of key energy; latent keeps "
+                     "%.2f%% of balanced [K_nope; V] energy (s = %.3g)%s", i,
+                     result.report["freqfold"], 100 * result.report["rope_key_energy"],
                      100 * result.report["latent_energy"], result.report["key_scale"],
                      result.report.get("refit_note", ""))
         del h_src, h_conv

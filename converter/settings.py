@@ -22,29 +22,88 @@ VLLM_LATENT_SIZES = (320, 512, 576)
 class ResolvedSettings:
     rope_dim: int
     kv_lora_rank: int
-    freqfold: int
+    freqfold: int | None  # None: chosen per layer on held-out calibration data ("auto")
     out_dtype: str
 
+    @property
+    def freqfold_label(self) -> int | str:
+        return "auto" if self.freqfold is None else self.freqfold
 
-def resolve_settings(spec: SourceSpec, rope_dim: int | None, kv_lora_rank: int,
-                     freqfold: int | None, dtype: str | None) -> ResolvedSettings:
-    """Apply defaults and constraints; clip the rank with a notice; refuse impossible values."""
+
+def _auto_rope_dim(head_dim: int, elements: int) -> int:
+    """Largest even divisor of head_dim that is <= 64 and <= a quarter of the budget: the rope
+    key needs enough pairs for positions, the latent needs most of the budget for content."""
+    options = [r for r in range(2, min(64, head_dim) + 1, 2) if head_dim % r == 0]
+    fitting = [r for r in options if 4 * r <= elements]
+    return max(fitting) if fitting else min(options)
+
+
+def _budget_elements(spec: SourceSpec, kv_budget: float | None, kv_elements: int | None,
+                     target: str) -> int:
+    if kv_budget is not None and kv_elements is not None:
+        raise ConversionError("pass --kv-budget or --kv-elements, not both")
+    if kv_budget is not None:
+        if not 0 < kv_budget <= 1:
+            raise ConversionError(f"--kv-budget {kv_budget} must be a fraction in (0, 1]")
+        wanted = int(kv_budget * spec.kv_elements_per_token)
+    else:
+        wanted = int(kv_elements)
+    if wanted < 2:
+        raise ConversionError(f"a KV budget of {wanted} elements per token is too small")
+    if target == "vllm":
+        sizes = [n for n in VLLM_LATENT_SIZES if n <= wanted]
+        if not sizes:
+            raise ConversionError(
+                f"a budget of {wanted} elements per token per layer is below the smallest size "
+                f"vLLM's MLA backends serve ({min(VLLM_LATENT_SIZES)}); raise the budget, or "
+                "pass --target hf for a free size (vLLM then zero-pads it at load)")
+        if sizes[-1] != wanted:
+            log.info("--target vllm: budget %d elements -> %d, the largest size vLLM's MLA "
+                     "backends serve without padding", wanted, sizes[-1])
+        return sizes[-1]
+    return wanted
+
+
+def resolve_settings(spec: SourceSpec, rope_dim: int | None, kv_lora_rank: int | None,
+                     freqfold: int | str | None, dtype: str | None,
+                     kv_budget: float | None = None, kv_elements: int | None = None,
+                     target: str = "vllm") -> ResolvedSettings:
+    """Apply defaults and constraints; clip the rank with a notice; refuse impossible values.
+
+    A budget (fraction of the source's KV elements, or an element count) picks rope dim and
+    rank together; otherwise they come from --rope-dim (64) and --kv-lora-rank (512).
+    """
     d = spec.head_dim
-    r = rope_dim if rope_dim is not None else min(64, d)
+    budget = None
+    if kv_budget is not None or kv_elements is not None:
+        if kv_lora_rank is not None:
+            raise ConversionError("--kv-lora-rank and a KV budget both fix the latent rank; "
+                                  "pass one of them")
+        budget = _budget_elements(spec, kv_budget, kv_elements, target)
+    if rope_dim is not None:
+        r = rope_dim
+    elif budget is not None:
+        r = _auto_rope_dim(d, budget)
+        log.info("rope dim %d chosen for a budget of %d elements (largest divisor of head_dim "
+                 "%d that is <= 64 and <= budget/4)", r, budget, d)
+    else:
+        r = min(64, d)
+    auto_fold = freqfold == "auto"
+    fold = None if auto_fold else (int(freqfold) if freqfold is not None else None)
     try:
-        check_rope_settings(d, r, freqfold if freqfold is not None else default_freqfold(d, r))
+        check_rope_settings(d, r, fold if fold is not None else default_freqfold(d, r))
     except ValueError as exc:
         raise ConversionError(str(exc)) from exc
-    f = freqfold if freqfold is not None else default_freqfold(d, r)
-    if freqfold is None:
+    if fold is None and not auto_fold:
+        fold = default_freqfold(d, r)
         log.info("freqfold %d chosen: the smallest value allowed for head_dim %d and rope dim "
-                 "%d (least frequency mixing)", f, d, r)
-    if kv_lora_rank < 1:
-        raise ConversionError(f"--kv-lora-rank {kv_lora_rank} must be at least 1")
+                 "%d (least frequency mixing; --freqfold auto tries them all)", fold, d, r)
+    rank = budget - r if budget is not None else (512 if kv_lora_rank is None else kv_lora_rank)
+    if rank < 1:
+        raise ConversionError(f"--kv-lora-rank {rank} must be at least 1")
     limit = max_rank(spec.kv_width, r)
-    rank = kv_lora_rank
     if rank > limit:
-        log.warning("--kv-lora-rank %d exceeds 2L - r = %d for this model (L = %d); clipped to "
+        log.warning("kv_lora_rank %d exceeds 2L - r = %d for this model (L = %d); clipped to "
                     "%d, which keeps [K_nope; V] whole", rank, limit, spec.kv_width, limit)
         rank = limit
     if rank + r > max(VLLM_LATENT_SIZES):
@@ -54,4 +113,4 @@ def resolve_settings(spec: SourceSpec, rope_dim: int | None, kv_lora_rank: int,
     out = dtype or spec.torch_dtype
     if out not in DTYPES:
         raise ConversionError(f"--dtype {out} is not one of {sorted(DTYPES)}")
-    return ResolvedSettings(r, rank, f, out)
+    return ResolvedSettings(r, rank, fold, out)

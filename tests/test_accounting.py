@@ -52,8 +52,9 @@ def test_logged_energy_fractions_match_direct_computation(tmp_path, calib_file, 
         assert abs(report[i]["rope_key_energy"] - rope_energy) < 1e-5
         assert abs(report[i]["latent_energy"] - latent_energy) < 1e-5
         assert 0.2 < rope_energy < 0.999 and 0.2 < latent_energy < 0.999  # a non-trivial case
-        logged = f"layer {i}: rope keeps {100 * rope_energy:.2f}% of key energy"
-        assert any(logged in r.getMessage() for r in caplog.records)
+        logged = f"rope keeps {100 * rope_energy:.2f}% of key energy"
+        assert any(r.getMessage().startswith(f"layer {i}: ") and logged in r.getMessage()
+                   for r in caplog.records)
 
 
 def test_logit_error_falls_as_rank_grows(tmp_path, calib_file):

@@ -1,0 +1,103 @@
+"""Where calibration text comes from: a file or folder, a JSONL field, a hub dataset (through
+``datasets``, for users with hub access), or the small set bundled with the package, so the
+default works offline. ``chat=True`` renders the text as dialogue turns with the source's chat
+template, for instruct models that mostly see templated text when served."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from converter.calibration import read_calibration_text
+from converter.errors import ConversionError
+
+log = logging.getLogger(__name__)
+BUNDLED = Path(__file__).resolve().parent / "data" / "calibration"
+
+
+@dataclass(frozen=True)
+class CalibrationInput:
+    text: str | None = None  # file or folder
+    jsonl: str | None = None
+    field: str = "text"
+    dataset: str | None = None  # NAME[:split]
+    chat: bool = False
+
+    def describe(self) -> str:
+        if self.text:
+            return f"text {self.text}"
+        if self.jsonl:
+            return f"jsonl {self.jsonl} field {self.field!r}"
+        if self.dataset:
+            return f"dataset {self.dataset}"
+        return "the bundled calibration set (prose, code, dialogue)"
+
+
+def _jsonl_documents(path: str, field: str) -> list[str]:
+    docs = []
+    p = Path(path)
+    if not p.is_file():
+        raise ConversionError(f"--calib-jsonl {path} does not exist")
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)[field]
+        except json.JSONDecodeError as exc:
+            raise ConversionError(f"{path} line {n} is not valid JSON ({exc.msg})") from exc
+        except (KeyError, TypeError) as exc:
+            raise ConversionError(f"{path} line {n} has no field {field!r} "
+                                  "(choose it with --calib-field)") from exc
+        if isinstance(value, str) and value.strip():
+            docs.append(value)
+    return docs
+
+
+def _dataset_documents(spec: str, field: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ConversionError("--calib-dataset needs the `datasets` package "
+                              "(pip install datasets)") from exc
+    name, _, split = spec.partition(":")
+    try:
+        data = datasets.load_dataset(name, split=split or "train")
+    except Exception as exc:  # datasets raises many types for a bad name or no network
+        raise ConversionError(f"could not load dataset {spec}: {exc}") from exc
+    if field not in data.column_names:
+        raise ConversionError(f"dataset {spec} has no column {field!r} (columns: "
+                              f"{data.column_names}); choose one with --calib-field")
+    return [t for t in data[field] if isinstance(t, str) and t.strip()]
+
+
+def _as_chat(tokenizer, documents: list[str]) -> list[str]:
+    """Render paragraphs as user/assistant turns with the model's own chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConversionError("--calib-chat needs a chat template in the source tokenizer")
+    paragraphs = [p.strip() for d in documents for p in d.split("\n\n") if p.strip()]
+    rendered = []
+    for i in range(0, len(paragraphs) - 1, 2):
+        messages = [{"role": "user", "content": paragraphs[i]},
+                    {"role": "assistant", "content": paragraphs[i + 1]}]
+        rendered.append(tokenizer.apply_chat_template(messages, tokenize=False))
+    return rendered
+
+
+def load_documents(spec: CalibrationInput, tokenizer) -> tuple[list[str], list[str]]:
+    """(documents, source names) for the chosen calibration input."""
+    if sum(x is not None for x in (spec.text, spec.jsonl, spec.dataset)) > 1:
+        raise ConversionError("pass only one of --calib-text, --calib-jsonl, --calib-dataset")
+    if spec.jsonl:
+        docs, names = _jsonl_documents(spec.jsonl, spec.field), [Path(spec.jsonl).name]
+    elif spec.dataset:
+        docs, names = _dataset_documents(spec.dataset, spec.field), [spec.dataset]
+    else:
+        text, files = read_calibration_text(spec.text or BUNDLED)
+        docs, names = [text], [Path(f).name for f in files]
+    if not docs:
+        raise ConversionError(f"no calibration text found in {spec.describe()}")
+    if spec.chat:
+        docs = _as_chat(tokenizer, docs)
+    return docs, names

@@ -1,0 +1,55 @@
+"""``python -m converter verify --src SRC --dst DST --text FILE``: how close a converted model
+is to its source: perplexity of both, top-1 agreement and mean KL of next-token distributions.
+``--write-card`` records the figures in DST's transmla_report.json and model card."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from converter.calibration import read_calibration_text
+from converter.checkpoint.source import load_tokenizer
+from converter.errors import ConversionError
+from converter.evaluate import agreement, load_model, windows
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m converter verify", description=__doc__)
+    p.add_argument("--src", required=True, help="source model folder")
+    p.add_argument("--dst", required=True, help="converted model folder")
+    p.add_argument("--text", required=True, help="UTF-8 text file or folder (not calibration text)")
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=20480)
+    p.add_argument("--write-card", action="store_true",
+                   help="store the figures in DST/transmla_report.json and its README.md")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+    tok = load_tokenizer(Path(args.src))
+    batch = windows(tok, read_calibration_text(args.text)[0], args.ctx, args.max_tokens)
+    result = agreement(load_model(args.src), load_model(args.dst), batch)
+    data = {**asdict(result), "text": Path(args.text).name, "ctx": args.ctx}
+    if args.write_card:
+        record_verification(Path(args.dst), data)
+    if args.json:
+        print(json.dumps(data))
+    else:
+        print(f"PPL source {result.ppl_source:.4f}, converted {result.ppl_converted:.4f} "
+              f"({100 * (result.ppl_converted / result.ppl_source - 1):+.2f}%); top-1 agreement "
+              f"{100 * result.top1_agreement:.2f}%; mean KL {result.mean_kl:.4f} nats "
+              f"over {result.tokens} tokens")
+    return 0
+
+
+def record_verification(dst: Path, data: dict) -> None:
+    report_path = dst / "transmla_report.json"
+    if not report_path.is_file():
+        raise ConversionError(f"{dst} has no transmla_report.json; is it a converted folder?")
+    report = json.loads(report_path.read_text())
+    report["verification"] = data
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    from converter.model_card import refresh_model_card
+
+    refresh_model_card(dst)

@@ -1,0 +1,77 @@
+"""Perplexity and source-vs-converted agreement, computed in transformers (fp32).
+
+Text is tokenised once and cut into non-overlapping windows of ``ctx`` tokens (each starting
+with BOS when the tokenizer has one), up to ``max_tokens`` tokens in all, so every model is
+scored on exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from converter.errors import ConversionError
+
+
+@dataclass(frozen=True)
+class Agreement:
+    ppl_source: float
+    ppl_converted: float
+    top1_agreement: float
+    mean_kl: float
+    tokens: int
+
+
+def load_model(folder: str | Path):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                    trust_remote_code=True).eval()
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"could not load a model from {folder}: {exc}") from exc
+
+
+def windows(tokenizer, text: str, ctx: int, max_tokens: int) -> torch.Tensor:
+    """[n, ctx] token windows covering the first ``max_tokens`` tokens of the text."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    body = ctx - (1 if bos is not None else 0)
+    count = min(len(ids), max_tokens) // body
+    if count < 1:
+        raise ConversionError(f"evaluation text has {len(ids)} tokens; need at least {body}")
+    rows = [([bos] if bos is not None else []) + ids[i * body:(i + 1) * body]
+            for i in range(count)]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+@torch.no_grad()
+def perplexity(model, batch: torch.Tensor, desc: str = "perplexity") -> float:
+    nll, count = 0.0, 0
+    for row in tqdm(batch, desc=desc, unit="window", leave=False):
+        logits = model(row[None], use_cache=False).logits[0, :-1].float()
+        nll += float(torch.nn.functional.cross_entropy(logits, row[1:], reduction="sum"))
+        count += row.numel() - 1
+    return math.exp(nll / count)
+
+
+@torch.no_grad()
+def agreement(source, converted, batch: torch.Tensor) -> Agreement:
+    """PPL of both, top-1 agreement and mean KL(source || converted) of next-token laws."""
+    nll_s = nll_c = kl = 0.0
+    agree = count = 0
+    for row in tqdm(batch, desc="verify", unit="window", leave=False):
+        ls = source(row[None], use_cache=False).logits[0, :-1].float().log_softmax(-1)
+        lc = converted(row[None], use_cache=False).logits[0, :-1].float().log_softmax(-1)
+        target = row[1:]
+        nll_s -= float(ls.gather(-1, target[:, None]).sum())
+        nll_c -= float(lc.gather(-1, target[:, None]).sum())
+        kl += float((ls.exp() * (ls - lc)).sum())
+        agree += int((ls.argmax(-1) == lc.argmax(-1)).sum())
+        count += target.numel()
+    return Agreement(math.exp(nll_s / count), math.exp(nll_c / count), agree / count,
+                     kl / count, count)

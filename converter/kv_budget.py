@@ -1,0 +1,244 @@
+"""KV cache arithmetic for ``python -m converter inspect``: bytes per token and what fits.
+
+Pure functions over config.json dicts, no vLLM import, so the numbers can be checked anywhere
+(and before a GPU is rented). The served sizes mirror the load-time padding of
+``transmla_vllm.shape_adapter`` by importing its constants: fixed-shape MLA kernels (CPU_MLA,
+FlashMLA, FlashAttention-MLA) serve only latent 512 + rope 64; TRITON_MLA takes the smallest
+accepted head size >= latent + rope.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from converter.errors import ConversionError
+from transmla_vllm.format import ARCHITECTURE, MODEL_TYPE, shape_from_config
+from transmla_vllm.shape_adapter import (
+    DEEPSEEK_KV_LORA_RANK,
+    DEEPSEEK_ROPE_DIM,
+    FLEXIBLE_SPLIT_BACKENDS,
+    MLA_HEAD_SIZES,
+)
+
+# Bytes per cache element for the dtypes vLLM can hold a KV cache in (fp8: --kv-cache-dtype).
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
+# Backends listed by inspect, in vLLM's Hopper preference order, then CPU.
+FIXED_SPLIT_BACKENDS = ("FLASH_ATTN_MLA", "FLASHMLA", "CPU_MLA")
+BACKENDS = (*FIXED_SPLIT_BACKENDS, *sorted(FLEXIBLE_SPLIT_BACKENDS))
+MEMORY_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3,
+                "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+
+
+@dataclass(frozen=True)
+class CacheRow:
+    """One way of holding the KV cache: its per-token size and what fits in the budget."""
+
+    name: str
+    label: str
+    elements_per_token_per_layer: int | None  # None: no kernel of this backend serves it
+    bytes_per_token_per_layer: int | None = None
+    bytes_per_token: int | None = None
+    tokens: int | None = None
+    requests: int | None = None
+    capacity_vs_original: float | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class KVBudget:
+    folder: str
+    kind: str  # "source" or "converted"
+    architecture: str
+    layers: int
+    dtype: str
+    bytes_per_element: int
+    kv_memory_bytes: int
+    context: int
+    rows: list[CacheRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_memory(text: str) -> int:
+    """'8GiB', '512MiB', '8GB' or a plain byte count -> bytes (GiB = 2**30, GB = 10**9)."""
+    t = text.strip().upper().replace(" ", "")
+    try:
+        for unit, mult in MEMORY_UNITS.items():
+            if t.endswith(unit):
+                value = int(float(t[: -len(unit)]) * mult)
+                break
+        else:
+            value = int(t)
+    except ValueError:
+        raise ConversionError(f"--kv-memory {text!r} is not a size such as 8GiB, 512MiB or "
+                              "a byte count") from None
+    if value <= 0:
+        raise ConversionError(f"--kv-memory {text!r} must be positive")
+    return value
+
+
+def dtype_bytes(dtype: str) -> int:
+    try:
+        return DTYPE_BYTES[dtype]
+    except KeyError:
+        raise ConversionError(f"--dtype {dtype!r} is not one of {sorted(DTYPE_BYTES)}") from None
+
+
+def served_elements(kv_lora_rank: int, rope_dim: int, backend: str) -> int | None:
+    """Cache elements per token per layer after the plugin's zero padding, or None.
+
+    Fixed-split kernels are compiled for 512 + 64: a smaller latent gets zero rows and a rope
+    dividing 64 is slot-interleaved up to 64. TRITON_MLA keeps the split and only pads the
+    latent to the smallest accepted head size.
+    """
+    if backend in FLEXIBLE_SPLIT_BACKENDS:
+        fits = [h for h in MLA_HEAD_SIZES if h >= kv_lora_rank + rope_dim]
+        return fits[0] if fits else None
+    if kv_lora_rank <= DEEPSEEK_KV_LORA_RANK and rope_dim <= DEEPSEEK_ROPE_DIM and \
+            DEEPSEEK_ROPE_DIM % rope_dim == 0:
+        return DEEPSEEK_KV_LORA_RANK + DEEPSEEK_ROPE_DIM
+    return None
+
+
+def capacity(elements: int, layers: int, bytes_per_element: int, kv_memory: int,
+             context: int) -> tuple[int, int]:
+    """(tokens, whole requests of ``context`` tokens) that fit in ``kv_memory`` bytes.
+
+    vLLM rounds further down to whole blocks (16 tokens on GPU); that is under 0.1% here.
+    """
+    tokens = kv_memory // (elements * layers * bytes_per_element)
+    return tokens, tokens // context
+
+
+def _row(name: str, label: str, elements: int | None, budget: KVBudget,
+         original_elements: int | None, note: str = "") -> CacheRow:
+    """``capacity_vs_original`` is the exact byte ratio (tokens differ only by rounding)."""
+    if elements is None:
+        return CacheRow(name, label, None, note=note)
+    per_layer = elements * budget.bytes_per_element
+    tokens, requests = capacity(elements, budget.layers, budget.bytes_per_element,
+                                budget.kv_memory_bytes, budget.context)
+    ratio = original_elements / elements if original_elements else 1.0
+    return CacheRow(name, label, elements, per_layer, per_layer * budget.layers, tokens,
+                    requests, round(ratio, 4), note)
+
+
+def read_folder_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{folder} has no config.json; pass a model folder")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConversionError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def is_converted(cfg: dict[str, Any]) -> bool:
+    return cfg.get("model_type") == MODEL_TYPE and isinstance(cfg.get("transmla"), dict)
+
+
+def _config_dtype(cfg: dict[str, Any]) -> str:
+    return str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").replace("torch.", "")
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    kind: str
+    architecture: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+    kv_lora_rank: int
+    rope_dim: int
+    label: str
+
+
+def _geometry(cfg: dict[str, Any], rope_dim: int | None, kv_lora_rank: int) -> _Geometry:
+    """Source GQA geometry and MLA ranks: recorded ones for a converted folder, the ones a
+    conversion with these flags would use (clipped like the converter) for a source folder."""
+    layers = int(cfg["num_hidden_layers"])
+    if is_converted(cfg):
+        block = cfg["transmla"]
+        try:
+            shape = shape_from_config(cfg)
+            kv_heads, head_dim = int(block["source_kv_heads"]), int(block["source_head_dim"])
+        except (ValueError, KeyError) as exc:
+            raise ConversionError(f"converted config is incomplete: {exc}") from exc
+        rho, r = shape.kv_lora_rank, shape.qk_rope_head_dim
+        arch = (cfg.get("architectures") or [ARCHITECTURE])[0]
+        return _Geometry("converted", arch, layers, kv_heads, head_dim, rho, r,
+                         f"converted latent {rho} + rope {r}")
+    from converter.settings import resolve_settings
+    from converter.sources.base import inspect_source
+
+    spec = inspect_source(cfg)
+    settings = resolve_settings(spec, rope_dim, kv_lora_rank, None, "float32")
+    rho, r = settings.kv_lora_rank, settings.rope_dim
+    return _Geometry("source", spec.architecture, layers, spec.num_kv_heads, spec.head_dim,
+                     rho, r, f"if converted: latent {rho} + rope {r}")
+
+
+def kv_budget(folder: Path, *, dtype: str | None = None, kv_memory: int = 8 * 2**30,
+              context: int = 4096, rope_dim: int | None = None,
+              kv_lora_rank: int = 512) -> KVBudget:
+    """KV cache sizes and capacity of a source folder (with a conversion preview using
+    ``rope_dim`` / ``kv_lora_rank``) or of a converted folder (against its recorded source)."""
+    if context <= 0:
+        raise ConversionError(f"--context {context} must be positive")
+    cfg = read_folder_config(folder)
+    geo = _geometry(cfg, rope_dim, kv_lora_rank)
+    dtype = dtype or _config_dtype(cfg)
+    budget = KVBudget(str(folder), geo.kind, geo.architecture, geo.layers, dtype,
+                      dtype_bytes(dtype), kv_memory, context)
+    rho, r = geo.kv_lora_rank, geo.rope_dim
+    gqa = 2 * geo.kv_heads * geo.head_dim
+    rows = [_row("original", f"original GQA 2 x {geo.kv_heads} x {geo.head_dim}", gqa, budget,
+                 None),
+            _row("converted", geo.label, rho + r, budget, gqa,
+                           note="checkpoint size, before backend padding")]
+    for backend in BACKENDS:
+        elements = served_elements(rho, r, backend)
+        if elements is None:
+            rows.append(_row(backend, f"served on {backend}", None, budget, gqa,
+                             note="no kernel of this backend serves this shape"))
+            continue
+        rope = r if backend in FLEXIBLE_SPLIT_BACKENDS else DEEPSEEK_ROPE_DIM
+        note = ""
+        if backend in FLEXIBLE_SPLIT_BACKENDS and r != DEEPSEEK_ROPE_DIM:
+            note = "on Hopper the FLASH_ATTN prefill may also pad rope to 64"
+        rows.append(_row(backend, f"served on {backend}: {elements - rope} + {rope}", elements,
+                         budget, gqa, note=note))
+    return replace(budget, rows=rows)
+
+
+def format_table(budget: KVBudget) -> str:
+    """A small aligned text table of the budget (what the CLI prints without --json)."""
+    head = (f"{budget.folder}: {budget.kind} {budget.architecture}, {budget.layers} layers, "
+            f"KV dtype {budget.dtype} ({budget.bytes_per_element} B/element)\n"
+            f"budget {budget.kv_memory_bytes:,} bytes ({budget.kv_memory_bytes / 2**30:.2f} "
+            f"GiB), context {budget.context:,} tokens\n")
+    cols = ("cache layout", "elem/tok/layer", "B/tok/layer", "B/tok (all layers)",
+            "tokens fit", f"requests x {budget.context}", "vs original")
+    lines = [cols]
+    for row in budget.rows:
+        if row.elements_per_token_per_layer is None:
+            lines.append((row.label, "-", "-", "-", "-", "-", "not servable"))
+            continue
+        lines.append((row.label, f"{row.elements_per_token_per_layer:,}",
+                      f"{row.bytes_per_token_per_layer:,}", f"{row.bytes_per_token:,}",
+                      f"{row.tokens:,}", f"{row.requests:,}", f"{row.capacity_vs_original:.2f}x"))
+    widths = [max(len(r[i]) for r in lines) for i in range(len(cols))]
+    out = []
+    for n, r in enumerate(lines):
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:],
+                                                                       strict=True)]
+        out.append("  ".join(cells).rstrip())
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    notes = [f"{r.name}: {r.note}" for r in budget.rows if r.note and r.name != "converted"]
+    tail = "\n".join(f"  {n}" for n in notes)
+    return head + "\n" + "\n".join(out) + ("\n\nnotes:\n" + tail if notes else "") + "\n"
