@@ -201,7 +201,7 @@ def _refit_o(layer: nn.Module, runner: _ConvertedRunner, method: Method, h_src: 
     cross = torch.zeros(attn.o_proj.weight.shape[0], width_in, dtype=torch.float64,
                         device=device)
     base = h_conv if (method.inputs == "converted" and h_conv is not None) else h_src
-    err_before = err_after_num = target_energy = 0.0
+    target_energy = 0.0
 
     def src_attn(h: torch.Tensor) -> torch.Tensor:
         return attn(hidden_states=layer.input_layernorm(h), attention_mask=None,
@@ -216,17 +216,18 @@ def _refit_o(layer: nn.Module, runner: _ConvertedRunner, method: Method, h_src: 
         else:  # "global": the source stream's attention output plus the converted drift
             hs = h_src[sl].to(device)
             y = src_attn(hs) + (hs - h)
-        a2, y2 = a.reshape(-1, a.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
-        g_in += a2.T @ a2
-        cross += y2.T @ a2
-        err_before += float((a2 @ attn.o_proj.weight.double().T - y2).pow(2).sum())
-        target_energy += float(y2.pow(2).sum())
+        g_in += gram(a)
+        cross += gram(a, y)
+        target_energy += float(y.double().pow(2).sum())
     w0 = attn.o_proj.weight.detach().double()
     w = ridge_refit(g_in, cross, w0, method.ridge)
-    # residual of the fit from the Grams: ||WA - Y||^2 = tr(W G W^T) - 2 tr(W C^T) + ||Y||^2
-    err_after_num = float((w @ g_in * w).sum() - 2 * (w * cross).sum()) + target_energy
-    report["o_refit_rel_error"] = [err_before / max(target_energy, 1e-30),
-                                   max(err_after_num, 0.0) / max(target_energy, 1e-30)]
+
+    def residual(m: torch.Tensor) -> float:
+        # ||M A - Y||^2 = tr(M G M^T) - 2 tr(M C^T) + ||Y||^2, from the Grams
+        return max(float((m @ g_in * m).sum() - 2 * (m * cross).sum()) + target_energy, 0.0)
+
+    scale = max(target_energy, 1e-30)
+    report["o_refit_rel_error"] = [residual(w0) / scale, residual(w) / scale]
     report["refit_note"] = (f"; o_proj refit: relative error {report['o_refit_rel_error'][0]:.4f}"
                             f" -> {report['o_refit_rel_error'][1]:.4f}")
     return w.cpu()

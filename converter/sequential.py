@@ -70,6 +70,10 @@ def batched(hidden: torch.Tensor, batch: int, device: str,
     return torch.cat(outs) if outs else None
 
 
-def gram(x: torch.Tensor) -> torch.Tensor:
-    flat = x.reshape(-1, x.shape[-1]).to(torch.float64)
-    return flat.T @ flat
+def gram(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """x^T x (or y^T x) over all tokens of one batch, in fp64: small eigen-directions of V decide
+    the latent, and an fp32 product already perturbs them enough to break exact conversions
+    (fp64 costs about 2x here, not more)."""
+    a = x.reshape(-1, x.shape[-1]).double()
+    b = a if y is None else y.reshape(-1, y.shape[-1]).double()
+    return b.T @ a

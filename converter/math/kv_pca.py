@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import torch
 
 _TINY = 1e-12
+# K_nope carrying less than this fraction of the key energy is rounding noise (it happens when
+# the rope part holds every key exactly); balancing would blow that noise up to the size of V.
+NOISE_FLOOR = 1e-6
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,9 @@ def balanced_kv_basis(kv_gram: torch.Tensor, key_nope_map: torch.Tensor, rank: i
     moment = lift @ gram @ lift.T
     diag = torch.diagonal(moment).clamp(min=0)
     nope_energy, v_energy = float(diag[:nope_dim].sum()), float(diag[nope_dim:].sum())
+    key_energy = float(torch.diagonal(gram)[:width].clamp(min=0).sum())
     scale = 1.0
-    if nope_dim and nope_energy > _TINY * (nope_energy + v_energy) and v_energy > _TINY:
+    if nope_dim and nope_energy > NOISE_FLOOR * key_energy and v_energy > _TINY:
         scale = ((nope_energy / nope_dim) / (v_energy / width)) ** 0.5
     balance = torch.ones(nope_dim + width, dtype=torch.float64)
     balance[:nope_dim] = 1.0 / scale
