@@ -50,7 +50,7 @@ def main() -> int:
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--eval-tokens", type=int, default=20480)
     p.add_argument("--ctx", type=int, default=512)
-    p.add_argument("--ours", default="sequential-refit", help="method (and ':auto' for "
+    p.add_argument("--ours", default="refit", help="method (and ':auto' for "
                    "--freqfold auto) compared with transmla")
     p.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
     args = p.parse_args()

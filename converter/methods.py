@@ -1,8 +1,10 @@
 """Conversion methods: what the calibration sees and what is refit after the PCA.
 
 ``transmla`` is the method as published: statistics from the source model's own hidden states,
-plain RoRoPE + balanced PCA, no compensation. The other entries add, one at a time, the
-improvements measured in ``benchmarks/quality.py`` (docs/benchmarks.md keeps the evidence).
+plain RoRoPE + balanced PCA, no compensation. ``refit`` (the default) adds a closed-form
+least-squares refit of o_proj per layer; it is what measurably helps (docs/benchmarks.md).
+The ``sequential*`` variants calibrate on the converted model's own hidden states; on SmolLM2
+they did not beat ``refit`` and are kept for comparison on other models.
 """
 
 from __future__ import annotations
@@ -38,4 +40,4 @@ METHODS = {
                description="converted-stream calibration + o_proj refit toward the source stream"),
     )
 }
-DEFAULT_METHOD = "sequential-refit"
+DEFAULT_METHOD = "refit"
