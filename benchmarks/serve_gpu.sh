@@ -18,10 +18,11 @@
 #   DTYPE=bfloat16  PORT=8000  VLLM=vllm  PYTHON=python
 #   SERVE_ARGS=""                        extra `vllm serve` flags for both (e.g. --kv-cache-dtype fp8)
 # Long lengths take a while: at 16k in + 16k out the original serves few requests at a time.
+# Needs the GPU build of vllm (its `vllm` command) and curl. The figures are yours to produce.
 set -euo pipefail
 
 if [[ $# -lt 2 ]]; then
-    sed -n '2,20p' "$0"
+    sed -n '2,/^set -euo/p' "$0" | sed '$d'
     exit 2
 fi
 ORIGINAL=$1
@@ -57,6 +58,11 @@ stop_server() {
         wait "$server_pid" 2>/dev/null || true
     fi
     server_pid=""
+    # the next server needs the port (and the GPU memory): wait until nothing answers
+    local deadline=$(( SECONDS + 120 ))
+    while curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && (( SECONDS < deadline )); do
+        sleep 2
+    done
 }
 trap stop_server EXIT INT TERM
 

@@ -25,7 +25,8 @@ from transmla_vllm.shape_adapter import (
 
 # Bytes per cache element for the dtypes vLLM can hold a KV cache in (fp8: --kv-cache-dtype).
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
-# Backends listed by inspect, in vLLM's Hopper preference order, then CPU.
+# Backends listed by inspect: the fixed 512 + 64 kernels (Hopper's first two picks, CPU), then
+# the flexible one.
 FIXED_SPLIT_BACKENDS = ("FLASH_ATTN_MLA", "FLASHMLA", "CPU_MLA")
 BACKENDS = (*FIXED_SPLIT_BACKENDS, *sorted(FLEXIBLE_SPLIT_BACKENDS))
 MEMORY_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3,
@@ -49,6 +50,9 @@ class CacheRow:
 
 @dataclass(frozen=True)
 class KVBudget:
+    """Everything ``inspect`` prints: the folder, the served dtype, the budget, one row per
+    cache layout (original first)."""
+
     folder: str
     kind: str  # "source" or "converted"
     architecture: str
