@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 
 from converter import __version__
 from converter.errors import ConversionError
@@ -132,24 +135,85 @@ def main(argv: list[str] | None = None) -> int:
         calib_seqlen=args.calib_seqlen, dtype=args.dtype, device=args.device,
         max_shard_size=args.max_shard_size, overwrite=args.overwrite, revision=args.revision,
         method=args.method)
+    dst = None
     try:
-        if args.push_to_hub:  # fail before hours of work, not after: token and name first
-            from converter.hub.upload import check_repo_id, resolve_token
+        with _signals_as_interrupts():
+            # everything visible from the flags is checked before any model file is read
+            _preflight(args)
+            if args.push_to_hub:  # fail before hours of work, not after: token and name first
+                from converter.hub.upload import check_repo_id, resolve_token
 
-            check_repo_id(args.push_to_hub)
-            resolve_token()
-        dst = convert(opts)
-        if args.push_to_hub:
-            from converter.hub.upload import push_folder
+                check_repo_id(args.push_to_hub)
+                resolve_token()
+            dst = convert(opts)
+            if args.push_to_hub:
+                from converter.hub.upload import push_folder
 
-            url = push_folder(dst, args.push_to_hub, private=args.private)
-            logging.getLogger("converter").info("uploaded to %s", url)
+                url = push_folder(dst, args.push_to_hub, private=args.private)
+                logging.getLogger("converter").info("uploaded to %s", url)
     except ConversionError as exc:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written to --dst", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP
+        signum = getattr(exc, "signum", signal.SIGINT)
+        if dst is not None or getattr(exc, "committed", False):
+            print(f"interrupted ({signal.Signals(signum).name}) after {args.dst} was complete; "
+                  "it is kept", file=sys.stderr)
+        else:
+            print(f"interrupted ({signal.Signals(signum).name}): nothing was written to --dst "
+                  "(partial output removed)", file=sys.stderr)
+        return 128 + signum
+    except OSError as exc:
+        if args.debug:
+            raise
+        from converter.errors import describe_os_error
+
+        print(f"error: {describe_os_error(exc, args.dst)}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        if args.debug:
+            raise
+        print("error: out of memory; lower --calib-samples / --calib-seqlen or use a machine "
+              "with more RAM", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: one line, and how to get the traceback
+        if args.debug:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"error: unexpected {type(exc).__name__}: {first}; rerun with --debug for the "
+              "traceback and report it", file=sys.stderr)
+        return 1
     return 0
+
+
+def _preflight(args: argparse.Namespace) -> None:
+    """Refuse flags that cannot work before the source is even opened."""
+    from pathlib import Path
+
+    from converter.checkpoint.writer import check_destination, parse_size
+    from converter.settings import check_calibration_sizes
+
+    check_calibration_sizes(args.calib_samples, args.calib_seqlen)
+    parse_size(args.max_shard_size)
+    check_destination(Path(args.dst), args.overwrite, src=args.src)
+
+
+@contextlib.contextmanager
+def _signals_as_interrupts():
+    """SIGTERM and SIGHUP unwind like Ctrl-C, so the staging folder is removed."""
+    from converter.errors import INTERRUPT_SIGNALS, Interrupted
+
+    def handler(signum, _frame):
+        raise Interrupted(signum)
+
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in INTERRUPT_SIGNALS:
+            saved[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)

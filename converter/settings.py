@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # rho + r sizes vLLM's MLA backends accept; smaller latents are zero-padded up at load time.
 VLLM_LATENT_SIZES = (320, 512, 576)
+# the (latent, rope) split DeepSeek-shaped kernels (CPU, FlashMLA, FA-MLA) are compiled for
+DEEPSEEK_SPLIT = (512, 64)
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,37 @@ class ResolvedSettings:
     @property
     def freqfold_label(self) -> int | str:
         return "auto" if self.freqfold is None else self.freqfold
+
+
+def check_calibration_sizes(samples: int, seqlen: int) -> None:
+    """Refuse calibration sizes that cannot give a single chunk."""
+    if samples < 1:
+        raise ConversionError(f"--calib-samples {samples} must be at least 1")
+    if seqlen < 2:
+        raise ConversionError(f"--calib-seqlen {seqlen} must be at least 2 tokens (BOS plus "
+                              "one token of text)")
+
+
+def vllm_serving_notes(rank: int, rope: int, head_dim: int) -> list[str]:
+    """Which vLLM MLA backends can serve latent ``rank`` + rope ``rope`` once the plugin
+    zero-pads it at load (see transmla_vllm/shape_adapter.py); empty when all of them can."""
+    top = max(VLLM_LATENT_SIZES)
+    if rank + rope > top:
+        return [f"latent {rank} + rope {rope} = {rank + rope} exceeds {top}: no vLLM MLA backend "
+                "can serve it, even padded; serve with VLLM_MLA_DISABLE=1 (full per-head KV "
+                f"cost) or lower --kv-lora-rank to at most {top - rope}"]
+    notes = []
+    if rank > DEEPSEEK_SPLIT[0] or DEEPSEEK_SPLIT[1] % rope:
+        notes.append(
+            f"latent {rank} + rope {rope} cannot be padded to the {DEEPSEEK_SPLIT[0]} + "
+            f"{DEEPSEEK_SPLIT[1]} split that the CPU, FlashMLA and FlashAttention-MLA backends "
+            "need (that takes rope dividing 64 and latent <= 512); only TRITON_MLA (GPU, "
+            "--attention-backend TRITON_MLA) can serve it, or VLLM_MLA_DISABLE=1")
+    if head_dim > 192:
+        notes.append(f"head_dim {head_dim} is above 192, the largest nope size of vLLM's Hopper "
+                     "MLA prefill kernels with a rope key; on H100/H200 serve with "
+                     "VLLM_MLA_DISABLE=1")
+    return notes
 
 
 def _auto_rope_dim(head_dim: int, elements: int) -> int:
@@ -106,10 +139,8 @@ def resolve_settings(spec: SourceSpec, rope_dim: int | None, kv_lora_rank: int |
         log.warning("kv_lora_rank %d exceeds 2L - r = %d for this model (L = %d); clipped to "
                     "%d, which keeps [K_nope; V] whole", rank, limit, spec.kv_width, limit)
         rank = limit
-    if rank + r > max(VLLM_LATENT_SIZES):
-        log.warning("latent + rope = %d exceeds %d: no vLLM MLA backend can serve it, even "
-                    "padded; serve with VLLM_MLA_DISABLE=1 (full KV cost) or lower the ranks",
-                    rank + r, max(VLLM_LATENT_SIZES))
+    for note in vllm_serving_notes(rank, r, d):
+        log.warning("%s", note)
     out = dtype or spec.torch_dtype
     if out not in DTYPES:
         raise ConversionError(f"--dtype {out} is not one of {sorted(DTYPES)}")

@@ -459,12 +459,14 @@ class TransMLAForCausalLM(nn.Module, SupportsPP):
             raise ValueError(
                 f"Unexpected checkpoint tensor '{name}' {tuple(tensor.shape)} for this "
                 f"config (q_bias={self.q_bias}, kv_a_bias={self.kv_a_bias}, "
-                f"tie_word_embeddings={self.config.tie_word_embeddings})."
+                f"tie_word_embeddings={self.config.tie_word_embeddings}); the weights do "
+                "not match the config: reconvert the checkpoint."
             )
         if tuple(tensor.shape) != expected:
             raise ValueError(
                 f"Checkpoint tensor '{name}' has shape {tuple(tensor.shape)}, "
-                f"expected {expected} from config.json."
+                f"expected {expected} from config.json; the weights do not match the "
+                "config: reconvert or re-download the checkpoint."
             )
 
     def _to_served(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -526,5 +528,8 @@ class TransMLAForCausalLM(nn.Module, SupportsPP):
         )
         if missing:
             hint = " (config has tie_word_embeddings false)" if "lm_head.weight" in missing else ""
-            raise ValueError(f"Checkpoint is missing tensor(s) {missing[:8]}{hint}.")
+            raise ValueError(
+                f"Checkpoint is missing tensor(s) {missing[:8]}{hint}; it is incomplete: "
+                "reconvert or re-download it."
+            )
         return loaded

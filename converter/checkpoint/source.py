@@ -10,6 +10,7 @@ from typing import Any
 from converter.errors import ConversionError
 
 log = logging.getLogger(__name__)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "LICENSE*", "README.md"]
 
 
@@ -38,15 +39,27 @@ def read_config(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConversionError(f"{folder} has no config.json; pass a transformers model folder")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConversionError(f"{path} is not valid JSON: {exc}") from exc
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConversionError(f"{path} is not valid JSON ({exc}); restore the model's "
+                              "original config.json") from exc
+    except OSError as exc:
+        raise ConversionError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if not isinstance(cfg, dict):
+        raise ConversionError(f"{path} holds a JSON {type(cfg).__name__}, not an object; "
+                              "restore the model's original config.json")
+    return cfg
 
 
 def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ConversionError(f"{folder} has no tokenizer ({' / '.join(TOKENIZER_FILES)}); "
+                              "copy the source model's tokenizer files into it")
     try:
         return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as exc:
-        raise ConversionError(f"could not load the tokenizer from {folder}: {exc}") from exc
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConversionError(f"could not load the tokenizer from {folder} ({first}); copy "
+                              "the source model's tokenizer files into it") from exc

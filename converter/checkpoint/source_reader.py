@@ -2,26 +2,60 @@
 
 Supports a single ``model.safetensors`` or a sharded folder with
 ``model.safetensors.index.json``; bf16 / fp16 / fp32 tensors are returned as fp32 (or the
-dtype asked for). Problems (missing shard, index naming a missing tensor, truncated file) become
-ConversionErrors that name the file or tensor.
+dtype asked for). Every file header is read when the reader opens, so problems (missing shard,
+index naming a missing tensor, truncated file, integer / fp8 tensors, tensors missing, extra or
+shaped unlike config.json) become ConversionErrors that name the file or tensor before any
+calibration or writing starts.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from converter.errors import ConversionError
+from converter.sources.base import SourceSpec
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+# safetensors dtype codes the converter reads (anything else is quantized or not a weight)
+FLOAT_CODES = ("F16", "BF16", "F32", "F64")
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def expected_tensors(spec: SourceSpec) -> dict[str, tuple[int, ...]]:
+    """Every tensor a source with this config must hold, with its shape."""
+    D, H, G, d = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    inter = spec.intermediate_size
+    per_layer = {
+        "input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,),
+        "self_attn.q_proj.weight": (H * d, D), "self_attn.k_proj.weight": (G * d, D),
+        "self_attn.v_proj.weight": (G * d, D), "self_attn.o_proj.weight": (D, H * d),
+        "mlp.gate_proj.weight": (inter, D), "mlp.up_proj.weight": (inter, D),
+        "mlp.down_proj.weight": (D, inter),
+    }
+    for proj, flag, rows in (("q", spec.q_bias, H * d), ("k", spec.k_bias, G * d),
+                             ("v", spec.v_bias, G * d)):
+        if flag:
+            per_layer[f"self_attn.{proj}_proj.bias"] = (rows,)
+    out = {"model.embed_tokens.weight": (spec.vocab_size, D), "model.norm.weight": (D,)}
+    if not spec.tie_word_embeddings:
+        out["lm_head.weight"] = (spec.vocab_size, D)
+    for i in range(spec.num_layers):
+        out.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
+    return out
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 class SourceReader:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, spec: SourceSpec | None = None) -> None:
         self.folder = folder
         self.files: dict[str, str] = {}  # tensor name -> file name
         self._handles: dict[str, object] = {}
@@ -30,17 +64,90 @@ class SourceReader:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise ConversionError(f"{index} is not a valid safetensors index") from exc
+                if not isinstance(weight_map, dict):
+                    raise TypeError("weight_map is not an object")
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+                raise ConversionError(f"{index} is not a valid safetensors index ({exc}); "
+                                      "download it again") from exc
             missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
             if missing:
-                raise ConversionError(f"{folder} is missing shard(s) {missing} named by {INDEX}")
+                raise ConversionError(f"{folder} is missing shard(s) {_few(missing)} named by "
+                                      f"{INDEX}; the download is incomplete: download them")
             self.files = dict(weight_map)
         elif (folder / SINGLE).is_file():
             self.files = {n: SINGLE for n in self._keys(SINGLE)}
         else:
-            raise ConversionError(f"{folder} has no {SINGLE} or {INDEX} (only safetensors "
-                                  "checkpoints are read)")
+            raise ConversionError(f"{folder} has no {SINGLE} or {INDEX}; only safetensors "
+                                  "checkpoints convert (re-save the model with "
+                                  "save_pretrained(safe_serialization=True))")
+        self.headers = self._read_headers()
+        spec = spec if spec is not None else self._spec_from_config()
+        if spec is not None:
+            self.check_against(spec)
+
+    def _read_headers(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Open every file now (a truncated one fails here) and read dtype and shape of every
+        tensor the index maps to it; nothing is read from the data sections."""
+        headers: dict[str, tuple[str, tuple[int, ...]]] = {}
+        by_file: dict[str, list[str]] = {}
+        for name, file in self.files.items():
+            by_file.setdefault(file, []).append(name)
+        for file, names in sorted(by_file.items()):
+            handle = self._open(file)
+            held = set(handle.keys())
+            ghosts = sorted(n for n in names if n not in held)
+            if ghosts:
+                raise ConversionError(f"{INDEX} maps {_few(ghosts)} to {file}, which does not "
+                                      "hold them; the download is incomplete or the index is "
+                                      "stale: download the model again")
+            for name in names:
+                part = handle.get_slice(name)
+                headers[name] = (part.get_dtype(), tuple(part.get_shape()))
+            self._checked.add(file)
+        odd = sorted(n for n, (code, _) in headers.items() if code not in FLOAT_CODES)
+        if odd:
+            code = headers[odd[0]][0]
+            raise ConversionError(f"tensor {odd[0]!r} has dtype {code}"
+                                  f"{f' (like {len(odd) - 1} more)' if len(odd) > 1 else ''}; "
+                                  "quantized or integer checkpoints are not supported: convert "
+                                  "the bf16/fp16/fp32 original (or dequantize first)")
+        return headers
+
+    def _spec_from_config(self) -> SourceSpec | None:
+        from converter.checkpoint.source import read_config
+        from converter.sources.base import inspect_source
+
+        try:
+            return inspect_source(read_config(self.folder))
+        except ConversionError:
+            return None  # the caller reports config problems itself
+
+    def check_against(self, spec: SourceSpec) -> None:
+        """Refuse a checkpoint whose tensors do not match its config.json."""
+        want = expected_tensors(spec)
+        have = {n: s for n, (_, s) in self.headers.items()
+                if not n.endswith(IGNORED_SUFFIXES)
+                and not (spec.tie_word_embeddings and n == "lm_head.weight")}
+        missing = sorted(set(want) - set(have), key=_natural)
+        if missing:
+            hint = (" (config.json has tie_word_embeddings false)"
+                    if "lm_head.weight" in missing else "")
+            raise ConversionError(f"the source checkpoint lacks {len(missing)} tensor(s) its "
+                                  f"config.json needs: {_few(missing)}{hint}; download the "
+                                  "model again or fix config.json")
+        extra = sorted(set(have) - set(want), key=_natural)
+        if extra:
+            raise ConversionError(f"the source checkpoint has tensor(s) a {spec.family} model "
+                                  f"with this config.json does not: {_few(extra)} (e.g. o_proj "
+                                  "/ MLP biases or q/k norms); converting would drop them, so "
+                                  "this model is not supported")
+        wrong = [n for n in sorted(want, key=_natural) if tuple(have[n]) != want[n]]
+        if wrong:
+            n = wrong[0]
+            raise ConversionError(f"source tensor {n!r} has shape {tuple(have[n])} but "
+                                  f"config.json implies {want[n]}"
+                                  f"{f' ({len(wrong) - 1} more differ)' if len(wrong) > 1 else ''}"
+                                  "; the checkpoint and its config.json do not match")
 
     def _open(self, file: str):
         if file not in self._handles:
@@ -82,3 +189,8 @@ class SourceReader:
 
     def total_bytes(self) -> int:
         return sum((self.folder / f).stat().st_size for f in set(self.files.values()))
+
+
+def _natural(name: str) -> tuple:
+    """Sort layer names by layer number (layers.2 before layers.10)."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))

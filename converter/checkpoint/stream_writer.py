@@ -10,6 +10,7 @@ then the raw little-endian data) and are read back with the safetensors library 
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,11 @@ import torch
 from converter.errors import ConversionError
 
 DTYPE_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+SPACE_MARGIN = 1 << 16  # config, report, card; the tokenizer copy may need more (caught then)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 @dataclass(frozen=True)
@@ -55,9 +61,23 @@ class StreamingShardWriter:
                             for i in range(count)]
         self.shard_of = {s.name: i for i, g in enumerate(groups) for s in g}
         self.groups = groups
+        self.total_bytes = sum(s.nbytes for s in plan)
+        self._check_space()
         self.next = 0
         self.handle: BinaryIO | None = None
         self.open_shard = -1
+
+    def _check_space(self) -> None:
+        """Refuse now, not hours later, when the disk cannot hold the shards."""
+        try:
+            free = shutil.disk_usage(self.folder).free
+        except OSError:
+            return
+        need = self.total_bytes + SPACE_MARGIN
+        if free < need:
+            raise ConversionError(
+                f"the converted weights need {_gb(need)} but only {_gb(free)} is free on the "
+                f"disk of {self.folder.parent}; free some space or choose another --dst")
 
     def _start_shard(self, index: int) -> None:
         if self.handle is not None:
@@ -82,10 +102,9 @@ class StreamingShardWriter:
         if self.shard_of[name] != self.open_shard:
             self._start_shard(self.shard_of[name])
         data = tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy()
-        try:
-            self.handle.write(memoryview(data))
-        except OSError as exc:
-            raise ConversionError(f"writing {name} failed: {exc.strerror or exc}") from exc
+        # an OSError (disk full, EFBIG) propagates: staging_folder removes the partial output
+        # and turns it into one sentence naming --dst
+        self.handle.write(memoryview(data))
         self.next += 1
 
     def close(self) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from converter.errors import UnsupportedModelError
+from converter.errors import ConversionError, UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -62,13 +62,29 @@ class FamilyAdapter:
             reasons.append("it has MLP biases (mlp_bias=true); the DeepSeek layout has none")
         if cfg.get("attn_logit_softcapping") or cfg.get("final_logit_softcapping"):
             reasons.append("it uses attention/logit softcapping")
-        if any(k in cfg for k in ("num_local_experts", "num_experts")) and (
-                cfg.get("num_local_experts") or cfg.get("num_experts")):
+        if any(cfg.get(k) for k in MOE_KEYS):
             reasons.append("it has a mixture-of-experts MLP")
-        rope_type = (rope_parameters(cfg) or {}).get("rope_type", "default")
+        if any(cfg.get(k) for k in QK_NORM_KEYS):
+            reasons.append("it has per-head q/k RMSNorm, which does not commute with the key "
+                           "rotation")
+        act = cfg.get("hidden_act") or "silu"
+        if act not in ("silu", "swish"):
+            reasons.append(f"its MLP activation is {act!r}; the converted model (DeepSeek "
+                           "layout) uses SiLU")
+        layer_types = cfg.get("layer_types") or []
+        windowed = sorted({t for t in layer_types if t != "full_attention"})
+        if windowed:
+            reasons.append(f"some layers use {', '.join(map(repr, windowed))} "
+                           "(only full attention converts)")
+        params = rope_parameters(cfg) or {}
+        rope_type = params.get("rope_type", "default")
         if rope_type not in ("default", "linear", "llama3"):
             reasons.append(f"its rope_scaling type {rope_type!r} is not supported yet "
                            "(supported: none, linear, llama3)")
+        partial = cfg.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0))
+        if partial not in (None, 1, 1.0):
+            reasons.append(f"RoPE covers only part of each head (partial_rotary_factor "
+                           f"{partial})")
         return reasons
 
     def biases(self, cfg: dict[str, Any]) -> tuple[bool, bool, bool]:
@@ -104,54 +120,110 @@ def _adapters() -> list[FamilyAdapter]:
     return [LlamaAdapter(), Qwen2Adapter(), MistralAdapter()]
 
 
+SUPPORTED = ("dense, full-attention LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM "
+             "checkpoints convert (see README)")
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
+QK_NORM_KEYS = ("use_qk_norm", "qk_layernorm", "qk_norm")
+_QK_NORM = "per-head q/k RMSNorm before RoPE ({}) does not commute with the key rotation"
+_WINDOW = "sliding-window layers ({}) are not supported"
+_MOE = "mixture-of-experts MLPs ({}) are not supported"
+_MLA = "the source is already MLA ({}); there is nothing to convert, serve it as it is"
 KNOWN_REFUSALS = {
-    "qwen3": "per-head q/k RMSNorm before RoPE (Qwen3) does not commute with the key rotation",
+    "qwen3": _QK_NORM.format("Qwen3"),
+    "qwen3_moe": _QK_NORM.format("Qwen3-MoE") + ", and its MLPs are mixtures of experts",
     "gemma3": "per-head q/k RMSNorm and sliding-window layers (Gemma-3) are not supported",
+    "gemma3_text": "per-head q/k RMSNorm and sliding-window layers (Gemma-3) are not supported",
     "gemma2": "sliding-window layers and attention softcap (Gemma-2) are not supported",
-    "deepseek_v2": "the source is already MLA (DeepSeek-V2); there is nothing to convert",
-    "deepseek_v3": "the source is already MLA (DeepSeek-V3); there is nothing to convert",
-    "kimi_k2": "the source is already MLA; there is nothing to convert",
-    "mixtral": "mixture-of-experts MLPs (Mixtral) are not supported",
-    "qwen2_moe": "mixture-of-experts MLPs (Qwen2-MoE) are not supported",
+    "gemma": "Gemma's GeLU MLP and (1 + w) RMSNorm weights are not supported",
+    "olmo2": _QK_NORM.format("OLMo-2"),
+    "cohere2": _WINDOW.format("Cohere2"),
+    "deepseek_v2": _MLA.format("DeepSeek-V2"),
+    "deepseek_v3": _MLA.format("DeepSeek-V3"),
+    "kimi_k2": _MLA.format("Kimi-K2"),
+    "mixtral": _MOE.format("Mixtral"),
+    "qwen2_moe": _MOE.format("Qwen2-MoE"),
+    "olmoe": _MOE.format("OLMoE"),
+    "dbrx": _MOE.format("DBRX"),
 }
+
+
+def _refuse(sentence: str) -> UnsupportedModelError:
+    return UnsupportedModelError(f"{sentence}; only {SUPPORTED}")
+
+
+def _positive_int(cfg: dict[str, Any], key: str, default: Any = None) -> int:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if isinstance(value, float) and value.is_integer() and value > 0:
+            return int(value)
+        problem = "has no" if value is None else f"has {value!r} as"
+        raise ConversionError(f"config.json {problem} {key!r}, which must be a positive "
+                              "integer; pass a complete transformers model folder")
+    return value
+
+
+def _already_mla(cfg: dict[str, Any]) -> bool:
+    archs = cfg.get("architectures") or []
+    return ("kv_lora_rank" in cfg or "transmla" in cfg
+            or any(str(a).startswith(("Deepseek", "TransMLA")) for a in archs))
 
 
 def inspect_source(cfg: dict[str, Any]) -> SourceSpec:
     """Validate a source config.json dict and describe it, or raise UnsupportedModelError."""
+    if not isinstance(cfg, dict):
+        raise ConversionError(f"config.json holds a {type(cfg).__name__}, not an object; pass "
+                              "a transformers model folder")
     model_type = cfg.get("model_type", "")
     archs = cfg.get("architectures") or []
     if model_type in KNOWN_REFUSALS:
-        raise UnsupportedModelError(f"cannot convert model_type {model_type!r}: "
-                                    f"{KNOWN_REFUSALS[model_type]}")
+        reason = KNOWN_REFUSALS[model_type]
+        sentence = f"cannot convert model_type {model_type!r}: {reason}"
+        raise (UnsupportedModelError(sentence) if "already MLA" in reason else _refuse(sentence))
+    if _already_mla(cfg):
+        raise UnsupportedModelError(
+            f"cannot convert model_type {model_type!r} (architectures {archs}): it is already "
+            "MLA (kv_lora_rank or an MLA architecture in its config); serve it as it is")
+    quant = cfg.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise UnsupportedModelError(f"cannot convert a quantized checkpoint (quant_method "
+                                    f"{method!r}); convert the bf16/fp16 original instead")
     adapter = next((a for a in _adapters() if model_type in a.model_types
                     or any(x in a.architectures for x in archs)), None)
     if adapter is None:
-        raise UnsupportedModelError(
-            f"unknown model_type {model_type!r} (architectures {archs}); supported families: "
-            "LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM")
+        raise _refuse(f"unknown model_type {model_type!r} (architectures {archs})")
     reasons = adapter.refuse_reasons(cfg)
     if reasons:
-        raise UnsupportedModelError(f"cannot convert this {adapter.family} model: "
-                                    + "; ".join(reasons))
-    heads = int(cfg["num_attention_heads"])
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    hidden = int(cfg["hidden_size"])
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
+        raise _refuse(f"cannot convert this {adapter.family} model: " + "; ".join(reasons))
+    heads = _positive_int(cfg, "num_attention_heads")
+    kv_heads = _positive_int(cfg, "num_key_value_heads", cfg.get("num_key_value_heads") or heads)
+    hidden = _positive_int(cfg, "hidden_size")
+    if not cfg.get("head_dim") and hidden % heads:
+        raise ConversionError(f"hidden_size {hidden} is not a multiple of num_attention_heads "
+                              f"{heads} and config.json has no head_dim; fix the config")
+    head_dim = _positive_int(cfg, "head_dim", cfg.get("head_dim") or hidden // heads)
     if heads % kv_heads:
         raise UnsupportedModelError(f"num_attention_heads {heads} is not a multiple of "
-                                    f"num_key_value_heads {kv_heads}")
+                                    f"num_key_value_heads {kv_heads}; the config is not a "
+                                    "valid grouped-query attention model")
     if head_dim % 2:
-        raise UnsupportedModelError(f"head_dim {head_dim} is odd; RoPE needs pairs")
+        raise UnsupportedModelError(f"head_dim {head_dim} is odd; RoPE needs pairs, so this "
+                                    "model cannot be converted")
     q_bias, k_bias, v_bias = adapter.biases(cfg)
     tokens = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", "")
+    try:
+        eps = float(cfg.get("rms_norm_eps", 1e-6))
+        max_pos = int(cfg.get("max_position_embeddings", 4096))
+    except (TypeError, ValueError) as exc:
+        raise ConversionError(f"config.json has an invalid rms_norm_eps or "
+                              f"max_position_embeddings ({exc}); fix the config") from exc
     return SourceSpec(
         family=adapter.family, architecture=(archs or [adapter.architectures[0]])[0],
-        hidden_size=hidden, num_layers=int(cfg["num_hidden_layers"]), num_heads=heads,
-        num_kv_heads=kv_heads, head_dim=head_dim,
-        intermediate_size=int(cfg["intermediate_size"]), vocab_size=int(cfg["vocab_size"]),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-        rope_parameters=rope_parameters(cfg),
+        hidden_size=hidden, num_layers=_positive_int(cfg, "num_hidden_layers"),
+        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        intermediate_size=_positive_int(cfg, "intermediate_size"),
+        vocab_size=_positive_int(cfg, "vocab_size"), rms_norm_eps=eps,
+        max_position_embeddings=max_pos, rope_parameters=rope_parameters(cfg),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         q_bias=q_bias, k_bias=k_bias, v_bias=v_bias, torch_dtype=dtype, token_ids=tokens)

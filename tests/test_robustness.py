@@ -1,0 +1,593 @@
+"""Bad input, interruption and disk trouble: every failure is one sentence on stderr, a non-zero
+exit, no traceback, and nothing next to --dst that looks like a finished checkpoint; problems
+visible from the config, the flags or the file headers are refused before calibration starts.
+
+Interruptions are real signals sent to real conversion processes (from outside, or by the
+process itself at a chosen point through a small hook script); disk-full is a real EFBIG from
+RLIMIT_FSIZE or a real small tmpfs. The plugin half starts a real vLLM engine on damaged
+checkpoints and expects it to refuse by tensor name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from converter.checkpoint.writer import check_destination
+from converter.cli import main as cli_main
+from converter.settings import resolve_settings
+from converter.sources.base import inspect_source
+from tiny import make_model
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = ("--calib-samples", "2", "--calib-seqlen", "32")
+S1, S2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    """2-layer untied LLaMA (so lm_head is a tensor of its own)."""
+    return make_model(tmp_path_factory.mktemp("robust") / "src", "llama", heads=4, kv_heads=2,
+                      head_dim=16, layers=2, tied=False)
+
+
+@pytest.fixture(scope="module")
+def sharded(src, tmp_path_factory) -> Path:
+    """The same weights in two shards with an index, as hub checkpoints come."""
+    out = tmp_path_factory.mktemp("sharded") / "src"
+    shutil.copytree(src, out)
+    (out / "model.safetensors").unlink()
+    state = load_file(src / "model.safetensors")
+    names = sorted(state)
+    weight_map = {}
+    for file, part in ((S1, names[: len(names) // 2]), (S2, names[len(names) // 2:])):
+        save_file({n: state[n] for n in part}, out / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    (out / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return out
+
+
+def linked_copy(src: Path, dst: Path, **config_changes) -> Path:
+    """A folder of symlinks to ``src`` with its own (edited) config.json."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).symlink_to(f)
+    if config_changes:
+        cfg = json.loads((src / "config.json").read_text())
+        cfg.update(config_changes)
+        (dst / "config.json").unlink()
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def edit_tensors(folder: Path, file: str, edit) -> None:
+    """Rewrite one safetensors file of a real (copied) checkpoint with ``edit(state)``."""
+    path = folder / file
+    state = load_file(path)
+    edit(state)
+    path.unlink()  # may be a symlink into the module fixture
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def run_in_process(capsys, caplog, *args: str) -> tuple[int, str]:
+    """``python -m converter ARGS`` in this process; any exception escaping main() (which is what
+    prints a traceback) fails the test by itself."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        rc = cli_main(list(args))
+    return rc, capsys.readouterr().err
+
+
+def assert_refused(rc: int, err: str, caplog, dst: Path, expected: str) -> None:
+    assert rc == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and expected in errors[0], err  # one sentence...
+    assert "Traceback" not in err  # ...and no traceback
+    # refused before any heavy work: calibration never started, no staging folder was made
+    assert not any("calibration:" in r.getMessage() for r in caplog.records)
+    assert_nothing_left(dst)
+
+
+def assert_nothing_left(dst: Path) -> None:
+    assert not dst.exists()
+    if dst.parent.is_dir():
+        left = [p.name for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}.")]
+        assert not left, left
+
+
+def staging_folders(dst: Path) -> list[Path]:
+    """Hidden folders a conversion into ``dst`` works in (.partial-*) or moves a replaced
+    checkpoint to (.old-*, only where the atomic exchange rename is unavailable)."""
+    return sorted([*dst.parent.glob(f".{dst.name}.partial-*"),
+                   *dst.parent.glob(f".{dst.name}.old-*")])
+
+
+def assert_complete(dst: Path, rope_dim: int | None = None) -> None:
+    """A finished checkpoint: every file, readable like any folder, loads, finite logits."""
+    umask = os.umask(0)
+    os.umask(umask)
+    assert dst.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's owner-only 0700
+    names = {p.name for p in dst.iterdir()}
+    assert {"config.json", "tokenizer.json", "modeling_transmla.py",
+            "transmla_report.json"} <= names, names
+    cfg = json.loads((dst / "config.json").read_text())
+    if rope_dim is not None:
+        assert cfg["qk_rope_head_dim"] == rope_dim
+    model = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32,
+                                                 trust_remote_code=True)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[5, 6, 7, 8]])).logits).all()
+
+
+def cli_args(src: Path, dst: Path, calib: Path, *extra: str) -> list[str]:
+    return ["--src", str(src), "--dst", str(dst), "--calib-text", str(calib), *SMALL, *extra]
+
+
+# ---------------------------------------------------------------------------------------------
+# unsupported sources (test_cli.py covers qwen3, deepseek_v3, gpt2, mlp_bias and yarn)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("changes,expected", [
+    ({"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}, "q/k RMSNorm"),
+    ({"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"]}, "sliding-window"),
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 32},
+     "sliding window of 32 tokens"),
+    ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True,
+      "sliding_window": 32}, "use_sliding_window=true"),
+    ({"layer_types": ["sliding_attention", "full_attention"],
+      "sliding_window": 32}, "'sliding_attention'"),
+    ({"attn_logit_softcapping": 50.0}, "softcapping"),
+    ({"num_local_experts": 8, "num_experts_per_tok": 2}, "mixture-of-experts"),
+    ({"attention_bias": True}, "bias on o_proj"),
+    ({"use_qk_norm": True}, "q/k RMSNorm"),
+    ({"hidden_act": "gelu"}, "SiLU"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quantized"),
+    ({"model_type": "falcon", "architectures": ["FalconForCausalLM"]}, "unknown model_type"),
+    # a TransMLA output relabelled as llama is still MLA
+    ({"kv_lora_rank": 48, "qk_rope_head_dim": 16}, "already MLA"),
+    ({"num_attention_heads": None}, "'num_attention_heads'"),
+    ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads 3"),
+])
+def test_unsupported_sources_are_refused_before_any_work(src, tmp_path, calib_file, capsys,
+                                                         caplog, changes, expected):
+    bad = linked_copy(src, tmp_path / "src", **changes)
+    dst = tmp_path / "out"
+    rc, err = run_in_process(capsys, caplog, *cli_args(bad, dst, calib_file))
+    assert_refused(rc, err, caplog, dst, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# impossible settings (test_cli.py covers rope 6, freqfold 1 with rope 8, rank 0, the clip)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args,expected", [
+    (["--rope-dim", "32"], "even divisor of head_dim 16 (one of [2, 4, 8, 16])"),
+    (["--rope-dim", "8", "--freqfold", "3"], "(one of [2, 4, 8])"),
+    (["--freqfold", "two"], "--freqfold must be an integer or 'auto'"),
+    (["--kv-lora-rank", "-5"], "--kv-lora-rank -5 must be at least 1"),
+    (["--kv-budget", "1.5"], "must be a fraction in (0, 1]"),
+    (["--calib-samples", "0"], "--calib-samples 0 must be at least 1"),
+    (["--calib-seqlen", "1"], "--calib-seqlen 1 must be at least 2"),
+    (["--max-shard-size", "5XB"], "not a size like 5GB"),
+    (["--max-shard-size", "0"], "must be positive"),
+])
+def test_impossible_settings_are_refused_before_any_work(src, tmp_path, calib_file, capsys,
+                                                         caplog, args, expected):
+    dst = tmp_path / "out"
+    rc, err = run_in_process(capsys, caplog, *cli_args(src, dst, calib_file), *args)
+    assert_refused(rc, err, caplog, dst, expected)
+
+
+LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32,
+            "intermediate_size": 14336, "vocab_size": 128256}
+
+
+@pytest.mark.parametrize("cfg,rope,rank,expected", [
+    (LLAMA_8B, 64, 512, None),                 # the DeepSeek split: every backend
+    (LLAMA_8B, 32, 200, None),                 # padded to 512 + 64 at load
+    (LLAMA_8B, 64, 600, "no vLLM MLA backend can serve it, even padded"),
+    (LLAMA_8B, 128, 384, "only TRITON_MLA"),   # rope 128 cannot become 64
+    (LLAMA_8B, 32, 520, "only TRITON_MLA"),    # latent above 512
+    ({**LLAMA_8B, "head_dim": 256}, 64, 448, "Hopper MLA prefill"),
+])
+def test_unservable_latents_are_flagged_with_the_backends(caplog, cfg, rope, rank, expected):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="converter.settings"):
+        resolve_settings(inspect_source(cfg), rope, rank, None, None)
+    notes = [r.getMessage() for r in caplog.records if r.name == "converter.settings"]
+    if expected is None:
+        assert not notes, notes
+    else:
+        assert any(expected in n for n in notes), notes
+
+
+# ---------------------------------------------------------------------------------------------
+# missing or corrupt inputs
+# ---------------------------------------------------------------------------------------------
+def _drop_config(folder: Path) -> None:
+    (folder / "config.json").unlink()
+
+
+def _list_config(folder: Path) -> None:
+    (folder / "config.json").unlink()
+    (folder / "config.json").write_text("[1, 2]")
+
+
+def _drop_weights(folder: Path) -> None:
+    for f in folder.glob("model*.safetensors*"):
+        f.unlink()
+
+
+def _drop_tokenizer(folder: Path) -> None:
+    for f in folder.glob("tokenizer*"):
+        f.unlink()
+
+
+def _drop_shard(folder: Path) -> None:
+    (folder / S2).unlink()
+
+
+def _stale_index(folder: Path) -> None:
+    index = json.loads((folder / INDEX).read_text())
+    moved = next(n for n, f in index["weight_map"].items() if f == S2 and "layers.1" in n)
+    index["weight_map"][moved] = S1
+    (folder / INDEX).unlink()
+    (folder / INDEX).write_text(json.dumps(index))
+
+
+def _truncate_shard(folder: Path) -> None:
+    real = (folder / S2).resolve()
+    (folder / S2).unlink()
+    shutil.copyfile(real, folder / S2)
+    os.truncate(folder / S2, (folder / S2).stat().st_size - 4096)  # a download cut short
+
+
+def _int8_tensor(folder: Path) -> None:
+    name = "model.layers.1.mlp.up_proj.weight"
+    edit_tensors(folder, "model.safetensors",
+                 lambda s: s.__setitem__(name, (100 * s[name]).to(torch.int8)))
+
+
+def _fp8_tensor(folder: Path) -> None:
+    name = "model.layers.1.self_attn.q_proj.weight"
+    edit_tensors(folder, "model.safetensors",
+                 lambda s: s.__setitem__(name, s[name].to(torch.float8_e4m3fn)))
+
+
+def _wrong_shape(folder: Path) -> None:
+    name = "model.layers.1.self_attn.k_proj.weight"
+    edit_tensors(folder, "model.safetensors", lambda s: s.__setitem__(name, s[name][:16]))
+
+
+def _no_lm_head(folder: Path) -> None:
+    edit_tensors(folder, "model.safetensors", lambda s: s.pop("lm_head.weight"))
+
+
+def _o_proj_bias(folder: Path) -> None:
+    name = "model.layers.0.self_attn.o_proj.bias"
+    edit_tensors(folder, "model.safetensors", lambda s: s.__setitem__(name, torch.zeros(64)))
+
+
+@pytest.mark.parametrize("damage,sharded_source,expected", [
+    (_drop_config, False, "has no config.json"),
+    (_list_config, False, "holds a JSON list, not an object"),
+    (_drop_weights, False, "has no model.safetensors or model.safetensors.index.json"),
+    (_drop_tokenizer, False, "has no tokenizer"),
+    (_drop_shard, True, f"missing shard(s) {S2}"),
+    (_stale_index, True, f"to {S1}, which does not hold them"),
+    (_truncate_shard, True, "may be truncated or corrupt"),
+    (_int8_tensor, False, "'model.layers.1.mlp.up_proj.weight' has dtype I8"),
+    (_fp8_tensor, False, "has dtype F8_E4M3"),
+    (_wrong_shape, False, "'model.layers.1.self_attn.k_proj.weight' has shape (16, 64) but "
+                          "config.json implies (32, 64)"),
+    (_no_lm_head, False, "lacks 1 tensor(s) its config.json needs: lm_head.weight"),
+    (_o_proj_bias, False, "model.layers.0.self_attn.o_proj.bias"),
+])
+def test_missing_or_corrupt_inputs_are_named(src, sharded, tmp_path, calib_file, capsys, caplog,
+                                             damage, sharded_source, expected):
+    bad = linked_copy(sharded if sharded_source else src, tmp_path / "src")
+    damage(bad)
+    dst = tmp_path / "out"
+    rc, err = run_in_process(capsys, caplog, *cli_args(bad, dst, calib_file))
+    assert_refused(rc, err, caplog, dst, expected)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("", "1 tokens found, at least 31 needed"),       # only the document separator
+    ("  \n\n \n", "tokens found, at least 31 needed"),
+])
+def test_empty_calibration_says_how_many_tokens(src, tmp_path, capsys, caplog, text, expected):
+    (tmp_path / "calib.txt").write_text(text)
+    dst = tmp_path / "out"
+    rc, err = run_in_process(capsys, caplog, *cli_args(src, dst, tmp_path / "calib.txt"))
+    assert rc == 2 and expected in err and "Traceback" not in err, err
+    assert_nothing_left(dst)
+
+
+# ---------------------------------------------------------------------------------------------
+# destination
+# ---------------------------------------------------------------------------------------------
+def test_destination_problems_are_refused_before_any_work(src, tmp_path, calib_file, capsys,
+                                                          caplog):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for dst, extra, expected in (
+        (afile / "out", (), f"{afile} is a file, not a folder"),     # parent is a file
+        (afile, ("--overwrite",), "is a file, not a folder"),        # never replace a file
+        (src, ("--overwrite",), "overlaps --src"),                   # would replace the source
+    ):
+        rc, err = run_in_process(capsys, caplog, *cli_args(src, dst, calib_file), *extra)
+        assert rc == 2 and expected in err and "Traceback" not in err, err
+        assert not any("calibration:" in r.getMessage() for r in caplog.records)
+    assert afile.read_text() == "not a folder"
+    assert (src / "model.safetensors").is_file() and (src / "config.json").is_file()
+
+
+def _mount_tmpfs(folder: Path, options: str) -> bool:
+    folder.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None:
+        return False
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                          capture_output=True)
+    return proc.returncode == 0
+
+
+def _umount(folder: Path) -> None:
+    subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_read_only_destination_is_refused(src, tmp_path, calib_file, capsys, caplog):
+    ro = tmp_path / "ro"
+    if not _mount_tmpfs(ro, "ro,size=64k"):
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        rc, err = run_in_process(capsys, caplog, *cli_args(src, ro / "out", calib_file))
+    finally:
+        _umount(ro)
+    assert_refused(rc, err, caplog, ro / "out", "is not writable by this user (or is on a "
+                                                "read-only file system)")
+
+
+def test_too_small_disk_is_refused_before_the_layers(src, tmp_path, calib_file, capsys,
+                                                     caplog):
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "size=256k"):
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        rc, err = run_in_process(capsys, caplog, *cli_args(src, disk / "out", calib_file))
+        left = sorted(p.name for p in disk.iterdir())
+    finally:
+        _umount(disk)
+    assert rc == 2 and "Traceback" not in err, err
+    assert re.search(r"the converted weights need [\d.]+ MB but only [\d.]+ MB is free on the "
+                     "disk of", err) and "choose another --dst" in err, err
+    assert not any("layer 0:" in r.getMessage() for r in caplog.records)
+    assert left == []
+
+
+# ---------------------------------------------------------------------------------------------
+# interruption and disk full in a real conversion process
+# ---------------------------------------------------------------------------------------------
+# Runs the CLI and acts at one point of the conversion: SIGKILL / SIGINT / SIGTERM sent by the
+# process to itself, or "full": RLIMIT_FSIZE drops to 1 byte, so the next write really fails with
+# EFBIG (what a full disk looks like to the writer).
+HOOK = r'''
+import os, resource, signal, sys
+from converter import cli, pipeline
+from converter.checkpoint import stream_writer, writer
+
+point, action, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+
+
+def act():
+    if action == "full":
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1, resource.RLIM_INFINITY))
+    else:
+        os.kill(os.getpid(), getattr(signal, action))
+
+
+if point.startswith("write:"):  # before the N-th output tensor (1: embeddings, 9 per layer)
+    target, seen, write = int(point[6:]), [0], stream_writer.StreamingShardWriter.write
+
+    def hooked(self, name, tensor):
+        seen[0] += 1
+        if seen[0] == target:
+            act()
+        return write(self, name, tensor)
+
+    stream_writer.StreamingShardWriter.write = hooked
+elif point == "copy":  # shards and config.json written, tokenizer not yet copied
+    copy = pipeline.copy_verbatim
+    pipeline.copy_verbatim = lambda a, b: (act(), copy(a, b))[1]
+elif point == "published":  # just after the finished folder was moved into place
+    publish = writer._publish
+    writer._publish = lambda tmp, dst: (publish(tmp, dst), act())[0]
+sys.exit(cli.main(argv))
+'''
+
+
+def run_hooked(tmp_path: Path, point: str, action: str, args: list[str]):
+    script = tmp_path / "hooked_convert.py"
+    script.write_text(HOOK)
+    return subprocess.run([sys.executable, str(script), point, action, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def run_cli(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "converter", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def signal_when_converting(args: list[str], sig: int, delay: float = 0.0):
+    """Start a real conversion, wait for its progress bar to appear, send ``sig``."""
+    proc = subprocess.Popen([sys.executable, "-m", "converter", *args], cwd=REPO,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    seen = b""
+    deadline = time.time() + 240
+    while b"converting layers" not in seen and time.time() < deadline:
+        chunk = os.read(proc.stderr.fileno(), 65536)
+        if not chunk:
+            break
+        seen += chunk
+    assert b"converting layers" in seen, seen.decode()[-2000:]
+    time.sleep(delay)
+    proc.send_signal(sig)
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    return proc.returncode, (seen + rest).decode()
+
+
+def test_sigkill_leaves_dst_absent_or_complete_and_the_next_run_cleans_up(src, tmp_path,
+                                                                          calib_file):
+    dst = tmp_path / "out"
+    args = cli_args(src, dst, calib_file)
+    previous: Path | None = None
+
+    def check_killed(returncode: int, stderr: str) -> None:
+        nonlocal previous
+        assert returncode == -signal.SIGKILL, stderr[-2000:]
+        assert not dst.exists()
+        stale = staging_folders(dst)  # uncatchable: it left its hidden staging folder...
+        assert len(stale) == 1 and stale[0] != previous, stale
+        if previous is not None:  # ...and removed the one the run before had left, saying so
+            pid = previous.name.split("partial-")[1].split("@")[0]
+            assert f"removed {previous}, left by an interrupted conversion (process {pid} is " \
+                   "gone)" in stderr, stderr[-3000:]
+        previous = stale[0]
+
+    # once the progress bar is up, in the middle of the layers (layer 1 of 2), while finishing
+    check_killed(*signal_when_converting(args, signal.SIGKILL))
+    for point in ("write:14", "copy"):
+        proc = run_hooked(tmp_path, point, "SIGKILL", args)
+        check_killed(proc.returncode, proc.stderr)
+
+    # killed right after the folder was moved into place: DST is complete, and this run too
+    # removed the staging folder the last killed one had left
+    proc = run_hooked(tmp_path, "published", "SIGKILL", args)
+    assert proc.returncode == -signal.SIGKILL
+    assert f"removed {previous}" in proc.stderr
+    assert staging_folders(dst) == []
+    assert_complete(dst, rope_dim=16)
+
+    # the same with --overwrite: DST is the new, complete checkpoint; the replaced one sits in a
+    # staging folder the next run removes
+    proc = run_hooked(tmp_path, "published", "SIGKILL", [*args, "--overwrite", "--rope-dim", "8"])
+    assert proc.returncode == -signal.SIGKILL
+    assert_complete(dst, rope_dim=8)
+    assert len(staging_folders(dst)) == 1
+    check_destination(dst, overwrite=True)
+    assert staging_folders(dst) == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "hooked_convert.py") == [
+        "out"]
+    assert_complete(dst, rope_dim=8)
+
+
+def test_sigint_and_sigterm_remove_the_partial_output(src, tmp_path, calib_file):
+    dst = tmp_path / "out"
+    args = cli_args(src, dst, calib_file)
+    proc = run_hooked(tmp_path, "write:14", "SIGINT", args)  # Ctrl-C in the middle of layer 1
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "interrupted (SIGINT): nothing was written to --dst (partial output removed)")
+    assert "Traceback" not in proc.stderr
+    assert_nothing_left(dst)
+
+    rc, err = signal_when_converting(args, signal.SIGTERM)  # kill, systemd, docker
+    assert rc == 128 + signal.SIGTERM, err[-2000:]
+    assert "interrupted (SIGTERM): nothing was written" in err and "Traceback" not in err
+    assert_nothing_left(dst)
+
+    # an interrupt while the finished folder is moved into place waits for the move
+    proc = run_hooked(tmp_path, "published", "SIGINT", args)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert f"after {dst} was complete; it is kept" in proc.stderr
+    assert staging_folders(dst) == []
+    assert_complete(dst, rope_dim=16)
+
+
+def test_disk_full_while_writing_cleans_up(src, tmp_path, calib_file):
+    dst = tmp_path / "out"
+    args = cli_args(src, dst, calib_file)
+    proc = run_hooked(tmp_path, "write:14", "full", args)  # every later write fails: EFBIG
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: ran out of space writing {dst}: File too large"), last
+    assert "free some space or choose another --dst" in last and "Traceback" not in proc.stderr
+    assert_nothing_left(dst)
+
+    def limit():  # the whole process under a 100 kB file size limit: the first shard fails
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+
+    proc = subprocess.run([sys.executable, "-m", "converter", *cli_args(src, dst, calib_file)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit)
+    assert proc.returncode == 2 and "ran out of space" in proc.stderr, proc.stderr[-2000:]
+    assert_nothing_left(dst)
+
+
+# ---------------------------------------------------------------------------------------------
+# the plugin: damaged tensors stop a real vLLM engine at load, by name
+# ---------------------------------------------------------------------------------------------
+START_ENGINE = """
+import sys
+from vllm import LLM
+LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, trust_remote_code=True,
+    compilation_config={"custom_ops": ["none"]}, kv_cache_memory_bytes=256 * 2**20,
+    max_model_len=256)
+print("ENGINE STARTED")
+"""
+
+
+def _narrow_kv_b(state):
+    name = "model.layers.1.self_attn.kv_b_proj.weight"
+    state[name] = state[name][:, :-8].contiguous()
+
+
+def _add_latent_norm(state):
+    state["model.layers.0.self_attn.kv_a_layernorm.weight"] = torch.ones(96)
+
+
+def _drop_lm_head(state):
+    del state["lm_head.weight"]
+
+
+@pytest.mark.parametrize("family,damage,message", [
+    ("llama", _narrow_kv_b, "Checkpoint tensor 'model.layers.1.self_attn.kv_b_proj.weight' has "
+                            "shape (512, 88), expected (512, 96) from config.json"),
+    ("llama", _add_latent_norm, "'model.layers.0.self_attn.kv_a_layernorm.weight' is a latent "
+                                "RMSNorm"),
+    ("qwen2", _drop_lm_head, "missing tensor(s) ['lm_head.weight'] (config has "
+                             "tie_word_embeddings false)"),
+])
+def test_damaged_checkpoint_fails_at_engine_load_by_name(converted, tmp_path, family, damage,
+                                                         message):
+    bad = tmp_path / "bad"
+    shutil.copytree(converted[family], bad)
+    edit_tensors(bad, "model.safetensors", damage)
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-c", START_ENGINE, str(bad)], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode != 0 and "ENGINE STARTED" not in proc.stdout
+    assert message in proc.stderr, proc.stderr[-4000:]
+    assert time.time() - started < 240  # fails at weight loading, never reaches serving
