@@ -45,7 +45,8 @@ def token_chunks(tokenizer, text: str | list[str], samples: int, seqlen: int) ->
     available = len(ids) // body if body > 0 else 0
     if available < 1:
         raise ConversionError(f"calibration text is too short: {len(ids)} tokens found, at least "
-                              f"{body} needed for one chunk of --calib-seqlen {seqlen}")
+                              f"{body} needed for one chunk of --calib-seqlen {seqlen}; pass more "
+                              "text or lower --calib-seqlen")
     count = min(samples, available)
     if count < samples:
         log.warning("calibration text gives only %d chunks of %d tokens (asked for %d); "

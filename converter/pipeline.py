@@ -25,6 +25,7 @@ from converter.checkpoint.source import load_tokenizer, read_config, resolve_sou
 from converter.checkpoint.source_reader import SourceReader
 from converter.checkpoint.stream_writer import StreamingShardWriter, TensorSlot
 from converter.checkpoint.writer import (
+    check_destination,
     copy_remote_code,
     copy_verbatim,
     parse_size,
@@ -35,7 +36,12 @@ from converter.layer_convert import LayerResult, convert_layer
 from converter.methods import DEFAULT_METHOD, METHODS
 from converter.model_card import write_model_card
 from converter.sequential import SourceLayers, batched
-from converter.settings import DTYPES, ResolvedSettings, resolve_settings
+from converter.settings import (
+    DTYPES,
+    ResolvedSettings,
+    check_calibration_sizes,
+    resolve_settings,
+)
 from converter.sources.base import SourceSpec, inspect_source
 from transmla_vllm.format import (
     DENSE_TENSORS,
@@ -122,6 +128,20 @@ def _mla_config(spec: SourceSpec, settings: ResolvedSettings, provenance: dict) 
         token_ids=spec.token_ids, provenance=provenance)
 
 
+def release_memory(reader: SourceReader) -> None:
+    """Give this layer's memory back before the next one: unmap the source shards, collect,
+    and ask glibc to return freed heap to the OS (else RSS creeps up with depth)."""
+    import ctypes
+    import gc
+
+    reader.release()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -130,9 +150,8 @@ def convert(opts: ConvertOptions) -> Path:
     """Convert ``opts.src`` into an MLA checkpoint at ``opts.dst``; return the folder."""
     started = time.time()
     dst = Path(opts.dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not opts.overwrite:
-        raise ConversionError(f"--dst {dst} exists and is not empty; pass --overwrite to "
-                              "replace it or choose another folder")
+    check_destination(dst, opts.overwrite, opts.src)  # before any heavy work
+    check_calibration_sizes(opts.calib_samples, opts.calib_seqlen)
     if opts.method not in METHODS:
         raise ConversionError(f"--method {opts.method} is not one of {sorted(METHODS)}")
     method = METHODS[opts.method]
@@ -186,6 +205,7 @@ def convert(opts: ConvertOptions) -> Path:
         writer = StreamingShardWriter(tmp, plan, parse_size(opts.max_shard_size))
         writer.write("model.embed_tokens.weight",
                      reader.get("model.embed_tokens.weight", dtype=out_dtype))
+        release_memory(reader)
         h_src = layers.embed(chunks)
         h_conv = h_src if method.inputs == "converted" else None
         bar = tqdm(range(spec.num_layers), desc="converting layers", unit="layer")
@@ -201,6 +221,8 @@ def convert(opts: ConvertOptions) -> Path:
                      result.report["freqfold"], 100 * result.report["rope_key_energy"],
                      100 * result.report["latent_energy"], result.report["key_scale"],
                      result.report.get("refit_note", ""))
+            del result
+            release_memory(reader)
         del h_src, h_conv
         writer.write("model.norm.weight", reader.get("model.norm.weight", dtype=out_dtype))
         if not spec.tie_word_embeddings:

@@ -45,8 +45,12 @@ class SourceLayers:
         self.rope = rotary(probe, positions)
 
     def embed(self, chunks: torch.Tensor) -> torch.Tensor:
-        table = self.reader.get("model.embed_tokens.weight", dtype=torch.float32)
-        return table[chunks]
+        """Rows of the embedding table, in fp32 (the table itself stays in its own dtype)."""
+        table = self.reader.get("model.embed_tokens.weight", dtype=None)
+        rows = table[chunks].to(torch.float32)
+        del table
+        self.reader.release()
+        return rows
 
     def layer(self, i: int) -> nn.Module:
         prefix = f"model.layers.{i}."
