@@ -168,6 +168,7 @@ def convert_layer(i: int, layers: SourceLayers, spec: SourceSpec, settings: Reso
         if not torch.isfinite(tensor).all():
             raise ConversionError(f"layer {i}: {name} came out non-finite; the source weights "
                                   "or calibration statistics are corrupt")
+    mla = {name: tensor.to(torch.float32) for name, tensor in mla.items()}  # fp64 no longer needed
 
     # 3. optional o_proj refit, and the converted stream for the next layer
     next_conv = None
