@@ -113,6 +113,14 @@ def main() -> int:
         lines.append(f"| {r['budget']} | {o['rope']} + {o['rank']} | {t['ppl']:.3f} | "
                      f"{o['ppl']:.3f} | {r['ratio']:.3f} | {within} | {t['seconds']:.0f} / "
                      f"{o['seconds']:.0f} | {o['peak_rss_gb']:.2f} |")
+    ratios_ok = all(r["ratio"] <= 0.8 for r in rows)
+    at320 = next((r for r in rows if r["budget"] == 320), None)
+    lines += ["", f"Targets: increase ratio <= 0.8 at every budget: "
+              f"{'met' if ratios_ok else 'NOT met'} (worst {max(r['ratio'] for r in rows):.3f})."]
+    if at320:
+        gap = at320["ours"]["ppl"] / ppl_src - 1
+        lines.append(f"At 320 elements ours is {100 * gap:+.1f}% from the source PPL (target "
+                     f"within 5%): {'met' if gap <= 0.05 else 'NOT met'}.")
     lines += ["", f"Ours = `--method {ours}`" + (f" `--freqfold {ours_fold}`" if ours_fold
                                                   else "") + "; transmla = the published "
               "method (RoRoPE + FreqFold + balanced KV PCA, source activations). Increase ratio "
