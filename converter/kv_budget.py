@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from converter.errors import ConversionError
+from converter.sizes import parse_bytes
 from transmla_vllm.format import ARCHITECTURE, MODEL_TYPE, shape_from_config
 from transmla_vllm.shape_adapter import (
     DEEPSEEK_KV_LORA_RANK,
@@ -29,8 +30,6 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
 # the flexible one.
 FIXED_SPLIT_BACKENDS = ("FLASH_ATTN_MLA", "FLASHMLA", "CPU_MLA")
 BACKENDS = (*FIXED_SPLIT_BACKENDS, *sorted(FLEXIBLE_SPLIT_BACKENDS))
-MEMORY_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3,
-                "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
 
 
 @dataclass(frozen=True)
@@ -68,21 +67,8 @@ class KVBudget:
 
 
 def parse_memory(text: str) -> int:
-    """'8GiB', '512MiB', '8GB' or a plain byte count -> bytes (GiB = 2**30, GB = 10**9)."""
-    t = text.strip().upper().replace(" ", "")
-    try:
-        for unit, mult in MEMORY_UNITS.items():
-            if t.endswith(unit):
-                value = int(float(t[: -len(unit)]) * mult)
-                break
-        else:
-            value = int(t)
-    except ValueError:
-        raise ConversionError(f"--kv-memory {text!r} is not a size such as 8GiB, 512MiB or "
-                              "a byte count") from None
-    if value <= 0:
-        raise ConversionError(f"--kv-memory {text!r} must be positive")
-    return value
+    """--kv-memory: '8GiB', '512MiB', '8GB' or a plain byte count -> bytes."""
+    return parse_bytes(text, "--kv-memory")
 
 
 def dtype_bytes(dtype: str) -> int:

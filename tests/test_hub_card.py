@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fake_hub import SOURCE_HUB_ID, SOURCE_LICENSE, tiny_checkpoint
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard import metadata_load
 
@@ -23,6 +22,7 @@ from converter.model_card import (
     write_model_card,
 )
 from converter.sources.base import inspect_source
+from fake_hub import SOURCE_HUB_ID, SOURCE_LICENSE, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import socket
 from pathlib import Path
 
 import pytest
-from fake_hub import FakeHub, Repo, folder_digest, tiny_checkpoint
 from huggingface_hub import ModelCard, constants
 from huggingface_hub.utils import (
     are_progress_bars_disabled,
@@ -24,6 +23,7 @@ from converter.cli import main as cli_main
 from converter.errors import ConversionError
 from converter.hub import push_folder, validate_folder
 from converter.model_card import LOCAL_MODEL_REF
+from fake_hub import FakeHub, Repo, folder_digest, tiny_checkpoint
 
 REPO_ID = "user/tiny-mla"
 # huggingface_hub's LFS PUT passes a file as data=, which its HTTP client deprecates; not ours

@@ -4,12 +4,6 @@ for plain completions and for chat (the source's chat template carried into the 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -17,13 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from serving import openai_server
+
 MAX_TOKENS = 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body: dict) -> dict:
@@ -36,34 +26,9 @@ def _post(url: str, body: dict) -> dict:
 @pytest.fixture(scope="module")
 def server(converted, tmp_path_factory):
     model = converted["llama"]
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-         "--served-model-name", "mla", "--host", "127.0.0.1", "--port", str(port),
-         "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--trust-remote-code",
-         "--compilation-config", '{"custom_ops": ["none"]}',
-         "--kv-cache-memory-bytes", str(256 * 2**20)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ))
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError("server exited:\n" + log_path.read_text()[-6000:])
-            try:
-                urllib.request.urlopen(base + "/health", timeout=5)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise AssertionError("server not healthy:\n"
-                                         + log_path.read_text()[-6000:]) from None
-                time.sleep(2)
+    with openai_server(model, log_path, "mla", 512) as (base, _proc):
         yield base, model
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
 
 
 @torch.no_grad()

@@ -10,12 +10,7 @@ One server start for the module; loopback only."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -24,53 +19,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from serving import openai_server
+
 MAX_MODEL_LEN = 256
 VOCAB = 512
 SERVED = "mla"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(converted, tmp_path_factory):
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("load") / "server.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-         "--model", str(converted["llama"]), "--served-model-name", SERVED,
-         "--host", "127.0.0.1", "--port", str(port), "--trust-remote-code",
-         "--dtype", "float32", "--enforce-eager",
-         "--compilation-config", '{"custom_ops": ["none"]}',
-         "--kv-cache-memory-bytes", str(256 * 2**20), "--max-model-len", str(MAX_MODEL_LEN)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ))
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError("server exited:\n" + log_path.read_text()[-6000:])
-            try:
-                urllib.request.urlopen(base + "/health", timeout=5)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise AssertionError("server not healthy:\n"
-                                         + log_path.read_text()[-6000:]) from None
-                time.sleep(2)
+    with openai_server(converted["llama"], log_path, SERVED, MAX_MODEL_LEN) as (base, proc):
         yield base, proc, log_path
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        log.close()
 
 
 def _requests() -> list[tuple[str, dict, int]]:

@@ -27,6 +27,7 @@ from converter.errors import (
     Interrupted,
     describe_os_error,
 )
+from converter.sizes import parse_bytes
 
 log = logging.getLogger(__name__)
 
@@ -39,23 +40,8 @@ VERBATIM_FILES = (
 
 
 def parse_size(text: str) -> int:
-    """'5GB', '500MB', '2GiB' or a plain byte count -> bytes."""
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-             "B": 1}
-    t = str(text).strip().upper()
-    try:
-        for unit, mult in units.items():
-            if t.endswith(unit):
-                value = int(float(t[: -len(unit)]) * mult)
-                break
-        else:
-            value = int(t)
-    except (ValueError, OverflowError):
-        raise ConversionError(f"--max-shard-size {text!r} is not a size like 5GB, 500MB or "
-                              "2GiB") from None
-    if value < 1:
-        raise ConversionError(f"--max-shard-size {text!r} must be positive")
-    return value
+    """--max-shard-size: '5GB', '500MB', '2GiB' or a plain byte count -> bytes."""
+    return parse_bytes(text, "--max-shard-size")
 
 
 # Staging folders are named .NAME.partial-PID@HOST-RANDOM (and a replaced checkpoint is moved to
