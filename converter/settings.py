@@ -142,6 +142,9 @@ def resolve_settings(spec: SourceSpec, rope_dim: int | None, kv_lora_rank: int |
     for note in vllm_serving_notes(rank, r, d):
         log.warning("%s", note)
     out = dtype or spec.torch_dtype
+    if dtype is None and out == "float64":
+        log.info("source weights are float64; writing float32 (pass --dtype to choose)")
+        out = "float32"
     if out not in DTYPES:
         raise ConversionError(f"--dtype {out} is not one of {sorted(DTYPES)}")
     return ResolvedSettings(r, rank, fold, out)

@@ -9,7 +9,14 @@ from converter.math.assemble import GQAAttention, assemble_mla
 from converter.math.kv_pca import balanced_kv_basis, max_rank
 from converter.math.rorope import default_freqfold, key_rotation, valid_freqfolds
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """These references compute in fp64; restore the default so other test modules see fp32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def neox_rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
