@@ -55,9 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="vllm (default): round a budget down to a size vLLM's MLA backends "
                            "serve unpadded (320/512/576); hf: any size")
     size.add_argument("--freqfold", default=None,
-                      help="frequencies pooled per rope PCA: an integer, or 'auto' to pick the "
-                           "best per layer on held-out calibration chunks (default: smallest "
-                           "valid value)")
+                      help="frequencies pooled per rope PCA: an integer, or 'auto' (default) "
+                           "to pick the best per layer on held-out calibration chunks")
     p.add_argument("--method", choices=sorted(METHODS), default=DEFAULT_METHOD,
                    help=f"conversion method (default {DEFAULT_METHOD}); 'transmla' is the "
                         "published method. " + "; ".join(

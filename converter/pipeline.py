@@ -12,7 +12,7 @@ import json
 import logging
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from converter.checkpoint.writer import (
 )
 from converter.errors import ConversionError
 from converter.layer_convert import LayerResult, convert_layer
+from converter.math.rorope import default_freqfold
 from converter.methods import DEFAULT_METHOD, METHODS
 from converter.model_card import write_model_card
 from converter.sequential import SourceLayers, batched
@@ -61,7 +62,7 @@ class ConvertOptions:
     dst: str
     rope_dim: int | None = None
     kv_lora_rank: int | None = None  # None: 512, or what the KV budget leaves
-    freqfold: int | str | None = None  # None: smallest valid; "auto": best per layer
+    freqfold: int | str | None = None  # None or "auto": best per layer on held-out chunks
     kv_budget: float | None = None
     kv_elements: int | None = None
     target: str = "vllm"
@@ -166,7 +167,7 @@ def convert(opts: ConvertOptions) -> Path:
     log.info("source: %s (%s, %d layers, %d heads, %d KV heads, head_dim %d, %.2f GB)", src,
              spec.architecture, spec.num_layers, spec.num_heads, spec.num_kv_heads,
              spec.head_dim, reader.total_bytes() / 1e9)
-    log.info("settings: method %s, rope dim %d, kv_lora_rank %d, freqfold %d, output dtype %s, "
+    log.info("settings: method %s, rope dim %d, kv_lora_rank %d, freqfold %s, output dtype %s, "
              "device %s", method.name, settings.rope_dim, settings.kv_lora_rank,
              settings.freqfold_label, settings.out_dtype, device)
 
@@ -176,8 +177,12 @@ def convert(opts: ConvertOptions) -> Path:
     n_train = chunks.shape[0]
     if settings.freqfold is None:  # hold out 1/8 of the chunks to choose FreqFold on
         if chunks.shape[0] < 2:
-            raise ConversionError("--freqfold auto needs at least 2 calibration chunks")
-        n_train = chunks.shape[0] - max(1, chunks.shape[0] // 8)
+            fold = default_freqfold(spec.head_dim, settings.rope_dim)
+            log.warning("one calibration chunk: nothing to hold out for --freqfold auto; using "
+                        "freqfold %d (the smallest valid)", fold)
+            settings = replace(settings, freqfold=fold)
+        else:
+            n_train = chunks.shape[0] - max(1, chunks.shape[0] // 8)
     log.info("calibration: %s%s: %d chunks x %d tokens = %d tokens%s", calib.describe(),
              " rendered as chat" if calib.chat else "", chunks.shape[0], chunks.shape[1],
              chunks.numel(), f" ({chunks.shape[0] - n_train} held out for --freqfold auto)"

@@ -9,7 +9,7 @@ import torch
 
 from converter.errors import ConversionError
 from converter.math.kv_pca import max_rank
-from converter.math.rorope import check_rope_settings, default_freqfold
+from converter.math.rorope import check_rope_settings, default_freqfold, valid_freqfolds
 from converter.sources.base import SourceSpec
 
 log = logging.getLogger(__name__)
@@ -121,16 +121,14 @@ def resolve_settings(spec: SourceSpec, rope_dim: int | None, kv_lora_rank: int |
                  "%d that is <= 64 and <= budget/4)", r, budget, d)
     else:
         r = min(64, d)
-    auto_fold = freqfold == "auto"
-    fold = None if auto_fold else (int(freqfold) if freqfold is not None else None)
+    # default: "auto", the best FreqFold per layer on held-out chunks (docs/benchmarks.md)
+    fold = None if freqfold in (None, "auto") else int(freqfold)
     try:
         check_rope_settings(d, r, fold if fold is not None else default_freqfold(d, r))
     except ValueError as exc:
         raise ConversionError(str(exc)) from exc
-    if fold is None and not auto_fold:
-        fold = default_freqfold(d, r)
-        log.info("freqfold %d chosen: the smallest value allowed for head_dim %d and rope dim "
-                 "%d (least frequency mixing; --freqfold auto tries them all)", fold, d, r)
+    if fold is None and len(valid_freqfolds(d, r)) == 1:
+        fold = default_freqfold(d, r)  # nothing to choose between
     rank = budget - r if budget is not None else (512 if kv_lora_rank is None else kv_lora_rank)
     if rank < 1:
         raise ConversionError(f"--kv-lora-rank {rank} must be at least 1")

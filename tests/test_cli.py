@@ -100,7 +100,7 @@ def test_sharded_output_loads_and_rank_is_clipped(tiny_src, tmp_path, calib_file
     assert stored == set(index["weight_map"])
     assert "lm_head.weight" in stored and not any("kv_a_layernorm" in k for k in stored)
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["kv_lora_rank"] == 56 and cfg["transmla"]["freqfold"] == 2
+    assert cfg["kv_lora_rank"] == 56 and cfg["transmla"]["freqfold"] == "auto"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
                                                  trust_remote_code=True)
