@@ -158,7 +158,10 @@ def convert(opts: ConvertOptions) -> Path:
     method = METHODS[opts.method]
     src = resolve_source(opts.src, opts.revision)
     spec = inspect_source(read_config(src))
-    settings = resolve_settings(spec, opts.rope_dim, opts.kv_lora_rank, opts.freqfold,
+    freqfold = opts.freqfold
+    if method.name == "transmla" and freqfold is None:
+        freqfold = "smallest"  # the published method picks FreqFold by hand, never on data
+    settings = resolve_settings(spec, opts.rope_dim, opts.kv_lora_rank, freqfold,
                                 opts.dtype, opts.kv_budget, opts.kv_elements, opts.target)
     calib = CalibrationInput(opts.calib_text, opts.calib_jsonl, opts.calib_field,
                              opts.calib_dataset, opts.calib_chat)

@@ -122,6 +122,8 @@ def resolve_settings(spec: SourceSpec, rope_dim: int | None, kv_lora_rank: int |
     else:
         r = min(64, d)
     # default: "auto", the best FreqFold per layer on held-out chunks (docs/benchmarks.md)
+    if freqfold == "smallest":
+        freqfold = default_freqfold(d, r)
     fold = None if freqfold in (None, "auto") else int(freqfold)
     try:
         check_rope_settings(d, r, fold if fold is not None else default_freqfold(d, r))
