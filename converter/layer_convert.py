@@ -46,36 +46,37 @@ def _source_attention(layer: nn.Module) -> GQAAttention:
                         f64(attn.v_proj, "bias"))
 
 
-def _converted_layer(layer: nn.Module, mla: dict[str, torch.Tensor], config: dict, index: int,
+def _converted_layer(layer: nn.Module, mla: dict[str, torch.Tensor], cfg, index: int,
                      device: str) -> nn.Module:
     """The converted decoder layer (our transformers remote code) with this layer's weights."""
-    from transformers import DeepseekV3Config
-
     from converter.remote_code.modeling_transmla import TransMLADecoderLayer
 
-    cfg = DeepseekV3Config(**{k: v for k, v in config.items() if k != "auto_map"})
     with torch.device("meta"):
         conv = TransMLADecoderLayer(cfg, index)
     state = {name: t.to(torch.float32) for name, t in mla.items()}
     for name in DENSE_TENSORS:
         state[name] = layer.state_dict()[name].detach()
     conv.load_state_dict(state, strict=True, assign=True)
-    conv._mla_config = cfg
     return conv.to(device).eval()
+
+
+def converted_rope_and_mask(cfg, seqlen: int, device: str) -> tuple[tuple, torch.Tensor]:
+    """Rope tables and causal mask of the converted layers: the same for every layer."""
+    from converter.remote_code.modeling_transmla import TransMLARotary
+
+    positions = torch.arange(seqlen, device=device)[None]
+    allowed = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).tril()
+    mask = torch.zeros(seqlen, seqlen, device=device).masked_fill(
+        ~allowed, torch.finfo(torch.float32).min)[None, None]
+    return TransMLARotary(cfg)(positions), mask
 
 
 class _ConvertedRunner:
     """Runs the converted layer on [B, T, D] batches with its rope and causal mask."""
 
-    def __init__(self, conv: nn.Module, seqlen: int, device: str) -> None:
-        from converter.remote_code.modeling_transmla import TransMLARotary
-
+    def __init__(self, conv: nn.Module, rope_and_mask: tuple[tuple, torch.Tensor]) -> None:
         self.conv = conv
-        positions = torch.arange(seqlen, device=device)[None]
-        self.rope = TransMLARotary(conv._mla_config)(positions)
-        allowed = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).tril()
-        self.mask = torch.zeros(seqlen, seqlen, device=device).masked_fill(
-            ~allowed, torch.finfo(torch.float32).min)[None, None]
+        self.rope, self.mask = rope_and_mask
 
     def layer(self, h: torch.Tensor) -> torch.Tensor:
         return self.conv(h, self.rope, self.mask, None)
@@ -122,7 +123,7 @@ def _held_out_error(layer: nn.Module, runner: _ConvertedRunner, h: torch.Tensor,
 
 
 def convert_layer(i: int, layers: SourceLayers, spec: SourceSpec, settings: ResolvedSettings,
-                  method: Method, config: dict, h_src: torch.Tensor, h_conv: torch.Tensor | None,
+                  method: Method, mla_config, h_src: torch.Tensor, h_conv: torch.Tensor | None,
                   batch: int, n_train: int | None = None) -> LayerResult:
     """Convert layer ``i``. Chunks [0, n_train) give statistics; the rest (held out) are only
     used to choose FreqFold per layer when it is "auto"."""
@@ -147,15 +148,15 @@ def convert_layer(i: int, layers: SourceLayers, spec: SourceSpec, settings: Reso
     kv_gram = kv_gram.cpu()
 
     # 2. rotation, latent, assembly (fp64); FreqFold "auto": the best on held-out chunks
-    seqlen = h_src.shape[1]
+    rope_and_mask = converted_rope_and_mask(mla_config, h_src.shape[1], device)
     if settings.freqfold is None:
         if h_held.shape[0] == 0:
             raise ConversionError("--freqfold auto needs held-out calibration chunks")
         scores = {}
         for fold in valid_freqfolds(spec.head_dim, settings.rope_dim):
             mla, _ = _build(layer, spec, kv_gram, settings.rope_dim, settings.kv_lora_rank, fold)
-            runner = _ConvertedRunner(_converted_layer(layer, mla, config, i, device), seqlen,
-                                      device)
+            runner = _ConvertedRunner(_converted_layer(layer, mla, mla_config, i, device),
+                                      rope_and_mask)
             scores[fold] = _held_out_error(layer, runner, h_held, rope, batch, device)
         fold = min(scores, key=scores.get)
     else:
@@ -173,8 +174,8 @@ def convert_layer(i: int, layers: SourceLayers, spec: SourceSpec, settings: Reso
     # 3. optional o_proj refit, and the converted stream for the next layer
     next_conv = None
     if method.refit_o or method.inputs == "converted":
-        conv = _converted_layer(layer, mla, config, i, device)
-        runner = _ConvertedRunner(conv, seqlen, device)
+        conv = _converted_layer(layer, mla, mla_config, i, device)
+        runner = _ConvertedRunner(conv, rope_and_mask)
         if method.refit_o:
             src_train = h_src[:n_train]
             conv_train = None if h_conv is None else h_conv[:n_train]

@@ -36,7 +36,7 @@ from converter.layer_convert import LayerResult, convert_layer
 from converter.math.rorope import default_freqfold
 from converter.methods import DEFAULT_METHOD, METHODS
 from converter.model_card import write_model_card
-from converter.sequential import SourceLayers, batched
+from converter.sequential import SourceLayers
 from converter.settings import (
     DTYPES,
     ResolvedSettings,
@@ -117,9 +117,13 @@ def tensor_plan(spec: SourceSpec, shape: MLAShape, out: torch.dtype) -> list[Ten
     return plan
 
 
-def _mla_config(spec: SourceSpec, settings: ResolvedSettings, provenance: dict) -> dict:
-    shape = MLAShape(spec.hidden_size, spec.num_heads, settings.kv_lora_rank,
-                     settings.rope_dim, spec.head_dim, spec.head_dim)
+def _mla_shape(spec: SourceSpec, settings: ResolvedSettings) -> MLAShape:
+    return MLAShape(spec.hidden_size, spec.num_heads, settings.kv_lora_rank, settings.rope_dim,
+                    spec.head_dim, spec.head_dim)
+
+
+def _mla_config(spec: SourceSpec, settings: ResolvedSettings, shape: MLAShape,
+                provenance: dict) -> dict:
     return build_config(
         shape=shape, vocab_size=spec.vocab_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers, rms_norm_eps=spec.rms_norm_eps,
@@ -202,10 +206,14 @@ def convert(opts: ConvertOptions) -> Path:
                         "tokens": int(chunks.numel()), "held_out_chunks":
                             int(chunks.shape[0] - n_train)},
     }
-    config = _mla_config(spec, settings, provenance)
+    shape = _mla_shape(spec, settings)
+    config = _mla_config(spec, settings, shape, provenance)
+    # the converted layers run during calibration read the same config, built once
+    from transformers import DeepseekV3Config
+
+    mla_config = DeepseekV3Config(**{k: v for k, v in config.items() if k != "auto_map"})
     out_dtype = DTYPES[settings.out_dtype]
-    plan = tensor_plan(spec, MLAShape(spec.hidden_size, spec.num_heads, settings.kv_lora_rank,
-                                      settings.rope_dim, spec.head_dim, spec.head_dim), out_dtype)
+    plan = tensor_plan(spec, shape, out_dtype)
     layers = SourceLayers(src, spec, reader, device, chunks.shape[1])
     report: list[dict] = []
 
@@ -218,7 +226,7 @@ def convert(opts: ConvertOptions) -> Path:
         h_conv = h_src if method.inputs == "converted" else None
         bar = tqdm(range(spec.num_layers), desc="converting layers", unit="layer")
         for i in bar:
-            result: LayerResult = convert_layer(i, layers, spec, settings, method, config,
+            result: LayerResult = convert_layer(i, layers, spec, settings, method, mla_config,
                                                 h_src, h_conv, opts.batch_size, n_train)
             for name, tensor in result.tensors.items():
                 writer.write(f"model.layers.{i}.{name}", tensor.to(out_dtype))
@@ -241,7 +249,7 @@ def convert(opts: ConvertOptions) -> Path:
         copied = copy_verbatim(src, tmp)
         copy_remote_code(tmp)
         before = spec.kv_elements_per_token
-        after = settings.kv_lora_rank + settings.rope_dim
+        after = shape.kv_elements_per_token
         seconds = time.time() - started
         summary = {"kv_elements_per_token_per_layer": {"source": before, "converted": after},
                    "kv_reduction": 1 - after / before, "layers": report, "shards": shards,
@@ -259,4 +267,4 @@ def convert(opts: ConvertOptions) -> Path:
     return dst
 
 
-__all__ = ["ConvertOptions", "convert", "pick_device", "tensor_plan", "batched"]
+__all__ = ["ConvertOptions", "convert", "pick_device", "tensor_plan"]
