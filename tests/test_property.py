@@ -19,23 +19,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import AutoModelForCausalLM
 
 from converter.errors import ConversionError
 from converter.pipeline import ConvertOptions, convert
-from tiny import make_tokenizer, play_text
+from tiny import family_classes, make_tokenizer, play_text
 
-CLASSES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-           "mistral": (MistralConfig, MistralForCausalLM)}
-EXTRA = {"llama": {}, "qwen2": {"use_sliding_window": False}, "mistral": {"sliding_window": None}}
+FAMILIES = ("llama", "mistral", "qwen2")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +39,7 @@ def assets(tmp_path_factory):
 
 @st.composite
 def cases(draw):
-    family = draw(st.sampled_from(sorted(CLASSES)))
+    family = draw(st.sampled_from(FAMILIES))
     kv_heads = draw(st.sampled_from([1, 2]))
     heads = kv_heads * draw(st.sampled_from([1, 2])) + draw(
         st.sampled_from([0, 0, 0, 0, 0, 1]))          # sometimes not a multiple: refused
@@ -70,12 +60,12 @@ def write_source(folder: Path, tok: Path, m: dict) -> bool:
     """Save a random model; where transformers itself rejects the geometry (odd head_dim,
     heads not a multiple of KV heads) write only config.json and the tokenizer, and return
     False: the converter must then refuse from config.json alone."""
-    config_cls, model_cls = CLASSES[m["family"]]
+    config_cls, model_cls, extra = family_classes(m["family"])
     kw = dict(vocab_size=512, hidden_size=m["hidden"], intermediate_size=2 * m["hidden"],
               num_hidden_layers=m["layers"], num_attention_heads=m["heads"],
               num_key_value_heads=m["kv_heads"], head_dim=m["head_dim"],
               max_position_embeddings=256, tie_word_embeddings=m["tied"], bos_token_id=1,
-              eos_token_id=2, **EXTRA[m["family"]])
+              eos_token_id=2, **extra)
     if m["family"] == "llama":
         kw.update(attention_bias=m["attention_bias"], mlp_bias=m["mlp_bias"])
     try:
@@ -84,9 +74,7 @@ def write_source(folder: Path, tok: Path, m: dict) -> bool:
         config = None
     folder.mkdir(parents=True)
     if config is None:
-        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "mistral": "MistralForCausalLM"}[m["family"]]
-        raw = {**kw, "model_type": m["family"], "architectures": [arch],
+        raw = {**kw, "model_type": m["family"], "architectures": [model_cls.__name__],
                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
         (folder / "config.json").write_text(json.dumps(raw))
     else:

@@ -35,13 +35,8 @@ def make_tokenizer(folder: Path, vocab_size: int = 512):
     return fast
 
 
-def make_model(folder: Path, family: str = "llama", *, hidden: int = 64, heads: int = 4,
-               kv_heads: int = 2, head_dim: int = 16, layers: int = 2, tied: bool = True,
-               rope_scaling: dict | None = None, shared_keys: bool = False, seed: int = 0,
-               vocab_size: int = 512, dtype: torch.dtype = torch.float32,
-               init: tuple[float, float, float, float] = (1.0, 2.0, 2.0, 2.0)) -> Path:
-    """Save a random model (and tokenizer) in HF format. ``shared_keys`` makes every KV head's
-    key projection a scalar multiple of head 0's, so no key energy falls outside rope dims."""
+def family_classes(family: str) -> tuple[type, type, dict]:
+    """(config class, model class, config fields that keep attention full) of a family."""
     from transformers import (
         LlamaConfig,
         LlamaForCausalLM,
@@ -51,6 +46,18 @@ def make_model(folder: Path, family: str = "llama", *, hidden: int = 64, heads: 
         Qwen2ForCausalLM,
     )
 
+    return {"llama": (LlamaConfig, LlamaForCausalLM, {}),
+            "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"use_sliding_window": False}),
+            "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None})}[family]
+
+
+def make_model(folder: Path, family: str = "llama", *, hidden: int = 64, heads: int = 4,
+               kv_heads: int = 2, head_dim: int = 16, layers: int = 2, tied: bool = True,
+               rope_scaling: dict | None = None, shared_keys: bool = False, seed: int = 0,
+               vocab_size: int = 512, dtype: torch.dtype = torch.float32,
+               init: tuple[float, float, float, float] = (1.0, 2.0, 2.0, 2.0)) -> Path:
+    """Save a random model (and tokenizer) in HF format. ``shared_keys`` makes every KV head's
+    key projection a scalar multiple of head 0's, so no key energy falls outside rope dims."""
     folder.mkdir(parents=True, exist_ok=True)
     make_tokenizer(folder, vocab_size)
     common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
@@ -60,14 +67,10 @@ def make_model(folder: Path, family: str = "llama", *, hidden: int = 64, heads: 
     rope = {"rope_type": "default", "rope_theta": 10000.0}
     if rope_scaling:
         rope = {**rope_scaling, "rope_theta": 10000.0}
-    cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-           "mistral": (MistralConfig, MistralForCausalLM)}[family]
-    extra = {"sliding_window": None} if family == "mistral" else {}
-    if family == "qwen2":
-        extra = {"use_sliding_window": False}
-    config = cls[0](**common, rope_parameters=rope, **extra)
+    config_cls, model_cls, extra = family_classes(family)
+    config = config_cls(**common, rope_parameters=rope, **extra)
     torch.manual_seed(seed)
-    model = cls[1](config)
+    model = model_cls(config)
     emb_std, proj_gain, out_gain, head_gain = init
     with torch.no_grad():
         for name, p in model.named_parameters():
