@@ -147,6 +147,14 @@ def release_memory(reader: SourceReader) -> None:
         pass
 
 
+def _write_layer(writer: StreamingShardWriter, i: int, tensors: dict[str, torch.Tensor],
+                 dtype: torch.dtype) -> None:
+    """Its own function so no loop variable outlives the layer: one left bound to a tensor that
+    views the memory-mapped shard keeps the whole layer resident through the next one."""
+    for name, tensor in tensors.items():
+        writer.write(f"model.layers.{i}.{name}", tensor.to(dtype))
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -223,13 +231,13 @@ def convert(opts: ConvertOptions) -> Path:
                      reader.get("model.embed_tokens.weight", dtype=out_dtype))
         release_memory(reader)
         h_src = layers.embed(chunks)
-        h_conv = h_src if method.inputs == "converted" else None
+        # a copy: convert_layer updates h_src in place
+        h_conv = h_src.clone() if method.inputs == "converted" else None
         bar = tqdm(range(spec.num_layers), desc="converting layers", unit="layer")
         for i in bar:
             result: LayerResult = convert_layer(i, layers, spec, settings, method, mla_config,
                                                 h_src, h_conv, opts.batch_size, n_train)
-            for name, tensor in result.tensors.items():
-                writer.write(f"model.layers.{i}.{name}", tensor.to(out_dtype))
+            _write_layer(writer, i, result.tensors, out_dtype)
             h_src, h_conv = result.h_src, result.h_conv
             report.append(result.report)
             log.info("layer %d: freqfold %d; rope keeps %.2f%% of key energy; latent keeps "

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from converter.blocked_mlp import use_blocked_mlp
 from converter.checkpoint.source_reader import SourceReader
 from converter.sources.base import SourceSpec, adapter_for
 
@@ -53,31 +54,41 @@ class SourceLayers:
         return rows
 
     def layer(self, i: int) -> nn.Module:
+        """Attention and norms in fp32; the MLP (two thirds of the layer) stays as stored,
+        memory-mapped, and runs blocked (converter/blocked_mlp.py)."""
         prefix = f"model.layers.{i}."
-        state = {part: self.reader.get(prefix + part) for part in LAYER_PARTS
-                 if self.reader.has(prefix + part)}
+        state = {part: self.reader.get(prefix + part,
+                                       dtype=None if part.startswith("mlp.") else torch.float32)
+                 for part in LAYER_PARTS if self.reader.has(prefix + part)}
         with torch.device("meta"):
             layer = self.layer_cls(self.config, i)
         layer.load_state_dict(state, strict=True, assign=True)
+        use_blocked_mlp(layer.mlp)
         return layer.to(self.device).eval()
 
 
 def batched(hidden: torch.Tensor, batch: int, device: str,
-            fn: Callable[[torch.Tensor, slice], torch.Tensor | None]) -> torch.Tensor | None:
-    """Apply ``fn`` to device batches of ``hidden`` [N, T, D]; collect outputs on the CPU."""
-    outs = []
+            fn: Callable[[torch.Tensor, slice], torch.Tensor | None],
+            out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Apply ``fn`` to device batches of ``hidden`` [N, T, D]; collect outputs on the CPU in
+    one preallocated tensor (a list + cat would hold the calibration states twice), or in
+    ``out``, which may be ``hidden`` itself: each batch is read before its slot is written."""
     for start in range(0, hidden.shape[0], batch):
         sl = slice(start, start + batch)
-        out = fn(hidden[sl].to(device), sl)
-        if out is not None:
-            outs.append(out.to("cpu"))
-    return torch.cat(outs) if outs else None
+        part = fn(hidden[sl].to(device), sl)
+        if part is None:
+            continue
+        if out is None:
+            out = torch.empty((hidden.shape[0], *part.shape[1:]), dtype=part.dtype)
+        out[sl] = part.to("cpu")
+    return out
 
 
-def gram(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    """x^T x (or y^T x) over all tokens of one batch, in fp64: small eigen-directions of V decide
-    the latent, and an fp32 product already perturbs them enough to break exact conversions
-    (fp64 costs about 2x here, not more)."""
+def accumulate_gram(acc: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+    """acc += y^T x (y = x when None) over all tokens of one batch, in fp64 and in place (no
+    second Gram-sized temporary: 0.5 GB at hidden 8192). fp64 because small eigen-directions of
+    V decide the latent, and an fp32 product already perturbs them enough to break exact
+    conversions (fp64 costs about 2x here, not more)."""
     a = x.reshape(-1, x.shape[-1]).double()
     b = a if y is None else y.reshape(-1, y.shape[-1]).double()
-    return b.T @ a
+    acc.addmm_(b.T, a)

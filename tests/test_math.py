@@ -158,3 +158,28 @@ def test_freqfold_constraints():
     assert default_freqfold(128, 32) == 4
     with pytest.raises(ValueError, match="multiple of 2"):
         key_rotation(torch.eye(32), 2, 16, rope_dim=8, freqfold=1)
+
+
+def test_ridge_refit_matches_direct_least_squares_and_its_residuals():
+    """The in-place Cholesky refit against an augmented least-squares solve, and the residuals
+    it reports (from the normal equations) against ||W A - Y||^2 computed directly."""
+    from converter.math.refit import ridge_refit
+
+    gen = torch.Generator().manual_seed(7)
+    n_in, n_out, tokens, lam_rel = 24, 10, 200, 0.05
+    a = torch.randn(tokens, n_in, generator=gen, dtype=torch.float64)
+    y = a @ torch.randn(n_in, n_out, generator=gen, dtype=torch.float64)
+    y += 0.3 * torch.randn(tokens, n_out, generator=gen, dtype=torch.float64)
+    w0 = torch.randn(n_out, n_in, generator=gen, dtype=torch.float64)
+    g, c = a.T @ a, y.T @ a
+    lam = lam_rel * float(torch.diagonal(g).mean())
+    fit = ridge_refit(g.clone(), c.clone(), w0.float(), lam_rel, float(y.pow(2).sum()))
+    # min ||A W^T - Y||^2 + lam ||W - W0||^2 as one stacked least-squares problem
+    lhs = torch.cat([a, lam ** 0.5 * torch.eye(n_in, dtype=torch.float64)])
+    rhs = torch.cat([y, lam ** 0.5 * w0.float().double().T])
+    want = torch.linalg.lstsq(lhs, rhs).solution.T
+    torch.testing.assert_close(fit.weight, want, rtol=1e-9, atol=1e-9)
+    energy = float(y.pow(2).sum())
+    for got, w in ((fit.rel_error_before, w0.float().double()), (fit.rel_error_after, want)):
+        assert got == pytest.approx(float((a @ w.T - y).pow(2).sum()) / energy, rel=1e-8)
+    assert fit.rel_error_after < fit.rel_error_before

@@ -87,7 +87,8 @@ def make_model(folder: Path, family: str = "llama", *, hidden: int = 64, heads: 
         if shared_keys:
             for layer in model.model.layers:
                 k = layer.self_attn.k_proj
-                scales = torch.linspace(1.0, -0.7, kv_heads).repeat_interleave(head_dim)
+                # powers of two: the keys stay exact multiples after a cast to bf16 / fp16
+                scales = ((-0.5) ** torch.arange(kv_heads)).repeat_interleave(head_dim)
                 k.weight.copy_(k.weight[:head_dim].repeat(kv_heads, 1) * scales[:, None])
                 if k.bias is not None:
                     k.bias.copy_(k.bias[:head_dim].repeat(kv_heads) * scales)

@@ -17,7 +17,8 @@ from converter.math.rorope import KeyRotation
 
 @dataclass(frozen=True)
 class GQAAttention:
-    """One source attention layer in fp64; biases are None when absent."""
+    """One source attention layer (any float dtype; the math upcasts to fp64 piece by piece);
+    biases are None when absent."""
 
     q_weight: torch.Tensor  # (H*d, D)
     k_weight: torch.Tensor  # (G*d, D)
@@ -35,16 +36,19 @@ def _bias_or_zero(bias: torch.Tensor | None, rows: int) -> torch.Tensor:
     return torch.zeros(rows, dtype=torch.float64) if bias is None else bias.to(torch.float64)
 
 
-def assemble_mla(src: GQAAttention, rotation: KeyRotation, latent: LatentBasis
-                 ) -> dict[str, torch.Tensor]:
-    """Return q_proj / kv_a_proj_with_mqa / kv_b_proj / o_proj tensors (fp64) for one layer."""
+def assemble_mla(src: GQAAttention, rotation: KeyRotation, latent: LatentBasis,
+                 out_dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """Return q_proj / kv_a_proj_with_mqa / kv_b_proj / o_proj tensors for one layer.
+
+    Every product is taken in fp64; results are stored in ``out_dtype`` head by head, so the
+    large q_proj never exists in fp64 (for a Llama-3-8B layer that saves 0.4 GB at the peak).
+    o_proj is passed through unchanged (no copy when it already has ``out_dtype``)."""
     heads, groups, d = src.num_heads, src.num_kv_heads, src.head_dim
     per_group = heads // groups
     r = rotation.rope_dim
     width = groups * d
     f64 = torch.float64
-    wq, wk, wv = (w.to(f64) for w in (src.q_weight, src.k_weight, src.v_weight))
-    bq = _bias_or_zero(src.q_bias, heads * d)
+    wk, wv = src.k_weight.to(f64), src.v_weight.to(f64)
     bk, bv = _bias_or_zero(src.k_bias, width), _bias_or_zero(src.v_bias, width)
     rope_map, nope_map = rotation.rope.to(f64), rotation.nope.to(f64)
     s = latent.key_scale
@@ -57,23 +61,30 @@ def assemble_mla(src: GQAAttention, rotation: KeyRotation, latent: LatentBasis
     kv_a_b = torch.cat([latent_b, rope_map @ bk])
 
     alpha = ((d + r) / d) ** 0.5
-    q_rows, q_bias_rows, kv_b_rows = [], [], []
+    rows = d + r  # q rows per head: nope part, then rope part
+    q_w = torch.empty(heads * rows, src.q_weight.shape[1], dtype=out_dtype)
+    q_b = torch.empty(heads * rows, dtype=f64)
+    kv_b = torch.empty(heads * 2 * d, r_key.shape[1], dtype=f64)
     for h in range(heads):
-        g = h // per_group
-        block = slice(g * d, (g + 1) * d)
-        wq_h, bq_h = wq[h * d:(h + 1) * d], bq[h * d:(h + 1) * d]
-        q_rows += [alpha * wq_h, alpha * rope_map[:, block] @ wq_h]
-        q_bias_rows += [alpha * bq_h, alpha * rope_map[:, block] @ bq_h]
-        kv_b_rows += [s * nope_map[:, block].T @ r_key, r_val[block]]
+        block = slice((h // per_group) * d, (h // per_group + 1) * d)
+        wq_h = src.q_weight[h * d:(h + 1) * d].to(f64)
+        bq_h = (torch.zeros(d, dtype=f64) if src.q_bias is None
+                else src.q_bias[h * d:(h + 1) * d].to(f64))
+        q_w[h * rows:h * rows + d] = alpha * wq_h
+        q_w[h * rows + d:(h + 1) * rows] = alpha * rope_map[:, block] @ wq_h
+        q_b[h * rows:h * rows + d] = alpha * bq_h
+        q_b[h * rows + d:(h + 1) * rows] = alpha * rope_map[:, block] @ bq_h
+        kv_b[2 * h * d:(2 * h + 1) * d] = s * nope_map[:, block].T @ r_key
+        kv_b[(2 * h + 1) * d:(2 * h + 2) * d] = r_val[block]
 
     out = {
-        "self_attn.q_proj.weight": torch.cat(q_rows),
-        "self_attn.kv_a_proj_with_mqa.weight": kv_a_w,
-        "self_attn.kv_b_proj.weight": torch.cat(kv_b_rows),
-        "self_attn.o_proj.weight": src.o_weight.to(f64),
+        "self_attn.q_proj.weight": q_w,
+        "self_attn.kv_a_proj_with_mqa.weight": kv_a_w.to(out_dtype),
+        "self_attn.kv_b_proj.weight": kv_b.to(out_dtype),
+        "self_attn.o_proj.weight": src.o_weight.to(out_dtype),
     }
     if src.q_bias is not None:
-        out["self_attn.q_proj.bias"] = torch.cat(q_bias_rows)
+        out["self_attn.q_proj.bias"] = q_b.to(out_dtype)
     if src.k_bias is not None or src.v_bias is not None:
-        out["self_attn.kv_a_proj_with_mqa.bias"] = kv_a_b
+        out["self_attn.kv_a_proj_with_mqa.bias"] = kv_a_b.to(out_dtype)
     return out
