@@ -183,7 +183,11 @@ def convert_layer(i: int, layers: SourceLayers, spec: SourceSpec, settings: Reso
             conv_train = None if h_conv is None else h_conv[:n_train]
             mla["self_attn.o_proj.weight"] = _refit_o(layer, runner, method, src_train,
                                                       conv_train, batch, device, rope, report)
-            conv.self_attn.o_proj.weight.copy_(mla["self_attn.o_proj.weight"].float())
+            # a new tensor, never copy_: before the refit the converted layer's o_proj IS the
+            # source layer's (no copy on CPU), and writing into it would change the source
+            # stream the next layer is calibrated on
+            conv.self_attn.o_proj.weight = nn.Parameter(
+                mla["self_attn.o_proj.weight"].to(device), requires_grad=False)
         if h_conv is not None:
             next_conv = batched(h_conv, batch, device, lambda h, _sl: runner.layer(h))
     # the next layer's source stream overwrites this one in place (nothing reads it after this:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -15,14 +16,17 @@ from converter.pipeline import ConvertOptions, convert
 from tiny import make_model
 
 
+# Both methods take their statistics from the source model's own stream; with "refit" this
+# also checks that refitting layer i's o_proj leaves the stream layer i + 1 is calibrated on
+# untouched (an in-place write once changed it on CPU, caught by benchmarks/gpu_check.py).
+@pytest.mark.parametrize("method", ["transmla", "refit"])
 @torch.no_grad()
-def test_logged_energy_fractions_match_direct_computation(tmp_path, calib_file, caplog):
+def test_logged_energy_fractions_match_direct_computation(tmp_path, calib_file, caplog, method):
     src = make_model(tmp_path / "src", "qwen2", heads=4, kv_heads=2, head_dim=16, seed=3)
     caplog.set_level(logging.INFO, logger="converter.pipeline")
     dst = convert(ConvertOptions(src=str(src), dst=str(tmp_path / "dst"), rope_dim=8,
                                  freqfold=2, kv_lora_rank=24, calib_text=str(calib_file),
-                                 method="transmla",  # statistics of the source stream
-                                 calib_samples=8, calib_seqlen=64))
+                                 method=method, calib_samples=8, calib_seqlen=64))
     report = json.loads((dst / "transmla_report.json").read_text())["layers"]
     weights = load_file(str(dst / "model.safetensors"))
 
