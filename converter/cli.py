@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from converter import __version__
 from converter.errors import ConversionError
@@ -86,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "or your saved login; see `python -m converter upload --help`)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: private repo")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
+    p.add_argument("--resume", action="store_true",
+                   help="build the output in .DST.resume next to --dst and keep it if the run "
+                        "stops (Ctrl-C, kill, crash); the same command with --resume then "
+                        "continues from the last finished layer. Costs one write of the "
+                        "calibration states per layer")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     p.add_argument("--version", action="version", version=f"transmla-vllm {__version__}")
     return p
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         calib_chat=args.calib_chat, calib_samples=args.calib_samples,
         calib_seqlen=args.calib_seqlen, dtype=args.dtype, device=args.device,
         max_shard_size=args.max_shard_size, overwrite=args.overwrite, revision=args.revision,
-        method=args.method)
+        method=args.method, resume=args.resume)
     dst = None
     try:
         with _signals_as_interrupts():
@@ -160,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         if dst is not None or getattr(exc, "committed", False):
             print(f"interrupted ({signal.Signals(signum).name}) after {args.dst} was complete; "
                   "it is kept", file=sys.stderr)
+        elif args.resume:
+            from converter.checkpoint.resume import resume_folder
+
+            print(f"interrupted ({signal.Signals(signum).name}): progress kept in "
+                  f"{resume_folder(Path(args.dst))}; rerun the same command (with --resume) to "
+                  "continue", file=sys.stderr)
         else:
             print(f"interrupted ({signal.Signals(signum).name}): nothing was written to --dst "
                   "(partial output removed)", file=sys.stderr)
@@ -189,8 +201,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _preflight(args: argparse.Namespace) -> None:
     """Refuse flags that cannot work before the source is even opened."""
-    from pathlib import Path
-
     from converter.checkpoint.writer import check_destination, parse_size
     from converter.settings import check_calibration_sizes
 

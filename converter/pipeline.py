@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from converter import __version__
 from converter.calib_sources import CalibrationInput, load_documents
 from converter.calibration import token_chunks
+from converter.checkpoint.resume import ResumeState, digest, resumable_folder, resume_folder
 from converter.checkpoint.source import load_tokenizer, read_config, resolve_source
 from converter.checkpoint.source_reader import SourceReader
 from converter.checkpoint.stream_writer import StreamingShardWriter, TensorSlot
@@ -80,14 +81,29 @@ class ConvertOptions:
     revision: str | None = None
     method: str = DEFAULT_METHOD
     batch_size: int = 8
+    resume: bool = False
 
 
 def pick_device(device: str) -> str:
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConversionError("--device cuda was asked for but torch sees no CUDA device")
+    if device == "cuda":
+        full_fp32_matmuls()
     return device
+
+
+def full_fp32_matmuls() -> None:
+    """Calibration needs true fp32 products on the GPU. TF32 (a 10-bit mantissa), which some
+    CUDA images switch on for every process (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1), would round
+    the source model's rope angles (an outer product of positions and frequencies) by up to
+    ~0.1 rad at position 255 and every projection by ~1e-3."""
+    if torch.get_float32_matmul_precision() != "highest" or torch.backends.cudnn.allow_tf32:
+        log.info("calibration on cuda: TF32 matmuls turned off (precision was %r)",
+                 torch.get_float32_matmul_precision())
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def tensor_plan(spec: SourceSpec, shape: MLAShape, out: torch.dtype) -> list[TensorSlot]:
@@ -147,6 +163,22 @@ def release_memory(reader: SourceReader) -> None:
         pass
 
 
+def _fingerprint(src: Path, reader: SourceReader, config: dict, chunks: torch.Tensor,
+                 n_train: int, opts: ConvertOptions, plan: list[TensorSlot]) -> dict:
+    """What must not change between an interrupted --resume run and the one continuing it."""
+    return {
+        "converter version": __version__,
+        "source": str(src.resolve()),
+        "source files": digest(json.dumps({f: (src / f).stat().st_size
+                                           for f in sorted(set(reader.files.values()))})),
+        "converted config": digest(json.dumps(config, sort_keys=True)),
+        "calibration tokens": digest(chunks.numpy().tobytes()) + f"/{n_train}",
+        "output layout": digest(json.dumps([(s.name, s.shape, str(s.dtype)) for s in plan])
+                                + opts.max_shard_size),
+        "batch size": opts.batch_size,
+    }
+
+
 def _write_layer(writer: StreamingShardWriter, i: int, tensors: dict[str, torch.Tensor],
                  dtype: torch.dtype) -> None:
     """Its own function so no loop variable outlives the layer: one left bound to a tensor that
@@ -164,6 +196,9 @@ def convert(opts: ConvertOptions) -> Path:
     started = time.time()
     dst = Path(opts.dst)
     check_destination(dst, opts.overwrite, opts.src)  # before any heavy work
+    if not opts.resume and resume_folder(dst).is_dir():
+        log.warning("%s holds the progress of an interrupted --resume run; this run does not "
+                    "use it (add --resume to continue it, or delete it)", resume_folder(dst))
     check_calibration_sizes(opts.calib_samples, opts.calib_seqlen)
     if opts.method not in METHODS:
         raise ConversionError(f"--method {opts.method} is not one of {sorted(METHODS)}")
@@ -225,15 +260,29 @@ def convert(opts: ConvertOptions) -> Path:
     layers = SourceLayers(src, spec, reader, device, chunks.shape[1])
     report: list[dict] = []
 
-    with staging_folder(dst, opts.overwrite) as tmp, torch.no_grad():
+    folder = (resumable_folder(dst, opts.overwrite) if opts.resume
+              else staging_folder(dst, opts.overwrite))
+    with folder as tmp, torch.no_grad():
         writer = StreamingShardWriter(tmp, plan, parse_size(opts.max_shard_size))
-        writer.write("model.embed_tokens.weight",
-                     reader.get("model.embed_tokens.weight", dtype=out_dtype))
-        release_memory(reader)
-        h_src = layers.embed(chunks)
-        # a copy: convert_layer updates h_src in place
-        h_conv = h_src.clone() if method.inputs == "converted" else None
-        bar = tqdm(range(spec.num_layers), desc="converting layers", unit="layer")
+        state = ResumeState(tmp, _fingerprint(src, reader, config, chunks, n_train, opts, plan)
+                            ) if opts.resume else None
+        progress = state.load() if state is not None else None
+        if progress is not None:
+            writer.resume_at(progress.tensors_written)
+            h_src, h_conv, report = progress.h_src, progress.h_conv, progress.report
+            first = progress.layers_done
+            log.info("resuming from %s: %d of %d layers were done", tmp, first,
+                     spec.num_layers)
+        else:
+            writer.write("model.embed_tokens.weight",
+                         reader.get("model.embed_tokens.weight", dtype=out_dtype))
+            release_memory(reader)
+            h_src = layers.embed(chunks)
+            # a copy: convert_layer updates h_src in place
+            h_conv = h_src.clone() if method.inputs == "converted" else None
+            first = 0
+        bar = tqdm(range(first, spec.num_layers), desc="converting layers", unit="layer",
+                   initial=first, total=spec.num_layers)
         for i in bar:
             result: LayerResult = convert_layer(i, layers, spec, settings, method, mla_config,
                                                 h_src, h_conv, opts.batch_size, n_train)
@@ -247,6 +296,9 @@ def convert(opts: ConvertOptions) -> Path:
                      result.report.get("refit_note", ""))
             del result
             release_memory(reader)
+            if state is not None:
+                writer.flush()
+                state.save(i + 1, writer.next, report, h_src, h_conv)
         del h_src, h_conv
         writer.write("model.norm.weight", reader.get("model.norm.weight", dtype=out_dtype))
         if not spec.tie_word_embeddings:

@@ -10,6 +10,7 @@ then the raw little-endian data) and are read back with the safetensors library 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from dataclasses import dataclass
@@ -68,20 +69,22 @@ class StreamingShardWriter:
         self.open_shard = -1
 
     def _check_space(self) -> None:
-        """Refuse now, not hours later, when the disk cannot hold the shards."""
+        """Refuse now, not hours later, when the disk cannot hold the shards (shards already in
+        the folder, from a run being resumed, count as written)."""
         try:
             free = shutil.disk_usage(self.folder).free
         except OSError:
             return
-        need = self.total_bytes + SPACE_MARGIN
+        present = sum(p.stat().st_size for name in self.shard_names
+                      if (p := self.folder / name).is_file())
+        need = max(self.total_bytes - present, 0) + SPACE_MARGIN
         if free < need:
             raise ConversionError(
                 f"the converted weights need {_gb(need)} but only {_gb(free)} is free on the "
                 f"disk of {self.folder.parent}; free some space or choose another --dst")
 
-    def _start_shard(self, index: int) -> None:
-        if self.handle is not None:
-            self.handle.close()
+    def _header(self, index: int) -> bytes:
+        """Size prefix and JSON header of shard ``index`` (fixed by the plan)."""
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for slot in self.groups[index]:
@@ -90,9 +93,51 @@ class StreamingShardWriter:
             offset += slot.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
+        return struct.pack("<Q", len(raw)) + raw
+
+    def _shard_bytes(self, index: int) -> int:
+        return len(self._header(index)) + sum(s.nbytes for s in self.groups[index])
+
+    def _start_shard(self, index: int) -> None:
+        if self.handle is not None:
+            self.handle.close()
         self.handle = open(self.folder / self.shard_names[index], "wb")  # noqa: SIM115
-        self.handle.write(struct.pack("<Q", len(raw)) + raw)
+        self.handle.write(self._header(index))
         self.open_shard = index
+
+    def resume_at(self, written: int) -> None:
+        """Continue after the first ``written`` tensors of the plan: check the shards before
+        are complete, cut the shard in progress back to the end of tensor ``written - 1`` and
+        append from there; shards after it are removed (they are rewritten)."""
+        if not 0 < written <= len(self.plan):
+            raise ValueError(f"cannot resume after {written} of {len(self.plan)} tensors")
+        names = [s.name for s in self.plan[:written]]
+        current = self.shard_of[names[-1]]
+        for index in range(current):
+            path = self.folder / self.shard_names[index]
+            if not path.is_file() or path.stat().st_size != self._shard_bytes(index):
+                raise ConversionError(f"{path} is missing or incomplete; the progress cannot be "
+                                      "resumed")
+        group = self.groups[current]
+        done = [slot for slot in group if slot.name in set(names)]
+        end = len(self._header(current)) + sum(slot.nbytes for slot in done)
+        path = self.folder / self.shard_names[current]
+        if not path.is_file() or path.stat().st_size < end:
+            raise ConversionError(f"{path} is shorter than the progress file says; the progress "
+                                  "cannot be resumed")
+        for later in self.shard_names[current + 1:]:
+            (self.folder / later).unlink(missing_ok=True)
+        self.handle = open(path, "r+b")  # noqa: SIM115
+        self.handle.truncate(end)
+        self.handle.seek(end)
+        self.open_shard = current
+        self.next = written
+
+    def flush(self) -> None:
+        """Push everything written so far to the disk (before progress is recorded)."""
+        if self.handle is not None:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         slot = self.plan[self.next]

@@ -1,0 +1,156 @@
+"""``--resume``: a conversion that survives being stopped and continues where it was.
+
+With --resume the output is built in a fixed sibling folder, ``.NAME.resume``, that is kept on
+any failure (Ctrl-C, SIGTERM, SIGKILL, power loss). After every layer the shards are flushed
+to disk, then the calibration hidden states entering the next layer and a small progress file
+are written (each by write-then-rename, so a crash leaves the previous layer's progress
+intact). A later run with the same settings and --resume cuts the shards back to the end of the
+last finished layer and goes on; different settings are refused by name rather than silently
+mixed. A lock keeps two runs out of one folder. When complete, the progress files are removed
+and the folder is renamed into place like any staging folder.
+
+Cost per layer: one write of the calibration states (128 x 256 tokens: 0.5 GB at hidden 4096).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from converter.checkpoint.writer import _publish, _signals_deferred, check_destination
+from converter.errors import ConversionError, Interrupted, describe_os_error
+
+log = logging.getLogger(__name__)
+
+PROGRESS = "progress.json"
+STREAM = "stream.pt"
+LOCK = ".lock"
+_PRIVATE = (PROGRESS, STREAM, LOCK, PROGRESS + ".tmp", STREAM + ".tmp")
+
+
+def resume_folder(dst: Path) -> Path:
+    return dst.absolute().parent / f".{dst.name}.resume"
+
+
+def digest(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()[:16]
+
+
+@dataclass
+class Progress:
+    layers_done: int
+    tensors_written: int
+    report: list[dict]
+    h_src: torch.Tensor
+    h_conv: torch.Tensor | None
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ResumeState:
+    """Progress of one conversion in its resume folder, tied to the settings' fingerprint."""
+
+    def __init__(self, folder: Path, fingerprint: dict) -> None:
+        self.folder, self.fingerprint = folder, fingerprint
+
+    def load(self) -> Progress | None:
+        """The recorded progress, None when there is none; refuses other settings."""
+        path = self.folder / PROGRESS
+        if not path.is_file():
+            return None
+        try:
+            saved = json.loads(path.read_text())
+            stream = torch.load(self.folder / STREAM, map_location="cpu", weights_only=True)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise ConversionError(f"the progress in {self.folder} cannot be read ({exc}); "
+                                  "delete that folder to start over") from exc
+        differ = sorted(k for k in set(saved["fingerprint"]) | set(self.fingerprint)
+                        if saved["fingerprint"].get(k) != self.fingerprint.get(k))
+        if differ:
+            raise ConversionError(
+                f"the progress in {self.folder} ({saved['layers_done']} layers done) was made "
+                f"with a different {', '.join(differ)}; rerun with the same source and "
+                "settings to continue it, or delete that folder to start over")
+        if stream["layers_done"] != saved["layers_done"]:
+            raise ConversionError(f"the progress in {self.folder} is inconsistent (stream after "
+                                  f"layer {stream['layers_done']}, progress after layer "
+                                  f"{saved['layers_done']}); delete that folder to start over")
+        return Progress(saved["layers_done"], saved["tensors_written"], saved["report"],
+                        stream["h_src"], stream["h_conv"])
+
+    def save(self, layers_done: int, tensors_written: int, report: list[dict],
+             h_src: torch.Tensor, h_conv: torch.Tensor | None) -> None:
+        """Record that ``layers_done`` layers are on disk (call after the writer's flush)."""
+        _write_atomic(self.folder / STREAM, lambda f: torch.save(
+            {"layers_done": layers_done, "h_src": h_src, "h_conv": h_conv}, f))
+        body = json.dumps({"layers_done": layers_done, "tensors_written": tensors_written,
+                           "report": report, "fingerprint": self.fingerprint}, indent=1)
+        _write_atomic(self.folder / PROGRESS, lambda f: f.write(body.encode()))
+
+
+@contextmanager
+def resumable_folder(dst: Path, overwrite: bool) -> Iterator[Path]:
+    """Like ``staging_folder`` but fixed-named, locked, and kept when anything fails."""
+    check_destination(dst, overwrite)
+    folder = resume_folder(dst)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / LOCK, "w")  # noqa: SIM115
+    except OSError as exc:
+        raise ConversionError(f"cannot create {folder} for --resume: {exc.strerror or exc}; "
+                              "choose another --dst") from exc
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        lock.close()
+        raise ConversionError(f"another conversion is using {folder} right now; wait for it "
+                              "to finish or stop it") from exc
+    leftover = None
+    try:
+        try:
+            yield folder
+        except BaseException:
+            done = _layers_done(folder)
+            log.warning("progress kept in %s (%s); rerun the same command with --resume to "
+                        "continue", folder, f"{done} layers done" if done else
+                        "no layer finished yet")
+            raise
+        for name in _PRIVATE:
+            (folder / name).unlink(missing_ok=True)
+        with _signals_deferred() as caught:
+            leftover = _publish(folder, dst)
+    except OSError as exc:
+        raise ConversionError(describe_os_error(exc, dst)) from exc
+    finally:
+        lock.close()
+    if leftover is not None:
+        if leftover.is_symlink():
+            leftover.unlink()
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+    if caught:
+        raise Interrupted(caught[0], committed=True)
+
+
+def _layers_done(folder: Path) -> int:
+    try:
+        return int(json.loads((folder / PROGRESS).read_text())["layers_done"])
+    except (OSError, ValueError, KeyError):
+        return 0

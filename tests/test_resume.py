@@ -1,0 +1,126 @@
+"""--resume: a conversion stopped mid-way (Ctrl-C, SIGKILL) continues from its last finished
+layer and produces, bit for bit, the checkpoint an uninterrupted run produces."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from converter.checkpoint.resume import resume_folder
+from tiny import make_model
+
+REPO = Path(__file__).resolve().parent.parent
+LAYERS = 4
+# Runs the CLI and sends itself SIGNAL just before the N-th output tensor is written
+# (1: embeddings, then 9 per layer), i.e. in the middle of a layer.
+HOOK = r'''
+import os, signal, sys
+from converter import cli
+from converter.checkpoint import stream_writer
+
+target, sig, argv = int(sys.argv[1]), getattr(signal, sys.argv[2]), sys.argv[3:]
+seen, write = [0], stream_writer.StreamingShardWriter.write
+
+
+def hooked(self, name, tensor):
+    seen[0] += 1
+    if seen[0] == target:
+        os.kill(os.getpid(), sig)
+    return write(self, name, tensor)
+
+
+stream_writer.StreamingShardWriter.write = hooked
+sys.exit(cli.main(argv))
+'''
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    return make_model(tmp_path_factory.mktemp("resume") / "src", "llama", layers=LAYERS,
+                      tied=False)
+
+
+def run(tmp_path: Path, args: list[str], stop_at: int | None = None, sig: str = "SIGKILL"
+        ) -> subprocess.CompletedProcess:
+    if stop_at is None:
+        cmd = [sys.executable, "-m", "converter", *args]
+    else:
+        script = tmp_path / "hooked.py"
+        script.write_text(HOOK)
+        cmd = [sys.executable, str(script), str(stop_at), sig, *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def tensors(folder: Path) -> dict:
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            out.update({name: f.get_tensor(name) for name in f.keys()})
+    return out
+
+
+def layers_done(dst: Path) -> int:
+    return json.loads((resume_folder(dst) / "progress.json").read_text())["layers_done"]
+
+
+@pytest.mark.parametrize("method", ["refit", "sequential-global"])
+def test_stopped_runs_resume_to_the_same_checkpoint(src, tmp_path, calib_file, method):
+    common = ["--src", str(src), "--calib-text", str(calib_file), "--calib-samples", "6",
+              "--calib-seqlen", "32", "--rope-dim", "8", "--kv-lora-rank", "24",
+              "--method", method, "--max-shard-size", "200KB"]
+    straight = tmp_path / "straight"
+    assert run(tmp_path, [*common, "--dst", str(straight)]).returncode == 0
+
+    dst = tmp_path / "resumed"
+    args = [*common, "--dst", str(dst), "--resume"]
+    # Ctrl-C in layer 1: layer 0 is kept, and the user is told how to continue
+    proc = run(tmp_path, args, stop_at=1 + 9 + 4, sig="SIGINT")
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-2000:]
+    assert "rerun the same command" in proc.stderr and not dst.exists()
+    assert layers_done(dst) == 1
+    # SIGKILL in layer 3 of the continued run: layers 1 and 2 were added
+    proc = run(tmp_path, args, stop_at=2 * 9 + 6)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert "resuming from" in proc.stderr and not dst.exists()
+    assert layers_done(dst) == 3
+    # the last run finishes: same tensors and config as the uninterrupted run, nothing left
+    proc = run(tmp_path, args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "3 of 4 layers were done" in proc.stderr
+    assert not resume_folder(dst).exists()
+    assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in straight.iterdir())
+    want, got = tensors(straight), tensors(dst)
+    assert list(want) == list(got) and len(list(dst.glob("*.safetensors"))) > 1
+    for name, tensor in want.items():
+        assert got[name].equal(tensor), name
+    assert (dst / "config.json").read_text() == (straight / "config.json").read_text()
+    report = json.loads((dst / "transmla_report.json").read_text())
+    assert report["layers"] == json.loads((straight / "transmla_report.json").read_text()
+                                          )["layers"]
+
+
+def test_resume_refuses_other_settings_and_plain_runs_leave_progress_alone(src, tmp_path,
+                                                                          calib_file):
+    common = ["--src", str(src), "--calib-text", str(calib_file), "--calib-samples", "4",
+              "--calib-seqlen", "32", "--kv-lora-rank", "24"]
+    dst = tmp_path / "out"
+    proc = run(tmp_path, [*common, "--dst", str(dst), "--rope-dim", "8", "--resume"],
+               stop_at=1 + 9 + 2)
+    assert proc.returncode == -signal.SIGKILL
+    assert layers_done(dst) == 1
+    proc = run(tmp_path, [*common, "--dst", str(dst), "--rope-dim", "16", "--resume"])
+    assert proc.returncode == 2
+    assert "different converted config" in proc.stderr and "delete that folder" in proc.stderr
+    assert layers_done(dst) == 1  # refused, progress untouched
+    # a run without --resume says the progress is there, converts from scratch, keeps it
+    proc = run(tmp_path, [*common, "--dst", str(dst), "--rope-dim", "16"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "add --resume to continue it" in proc.stderr
+    assert layers_done(dst) == 1
+    assert json.loads((dst / "config.json").read_text())["qk_rope_head_dim"] == 16
