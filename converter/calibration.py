@@ -33,15 +33,27 @@ def read_calibration_text(path: str | Path) -> tuple[str, list[str]]:
     return "\n\n".join(parts), [str(f) for f in files]
 
 
-def token_chunks(tokenizer, text: str | list[str], samples: int, seqlen: int) -> torch.Tensor:
-    """Up to ``samples`` non-overlapping chunks of ``seqlen`` tokens spread over the text.
+def body_length(tokenizer, seqlen: int) -> int:
+    """Text tokens per chunk of ``seqlen``: one fewer when a BOS token leads it."""
+    return seqlen - (1 if getattr(tokenizer, "bos_token_id", None) is not None else 0)
 
-    Each chunk starts with BOS when the tokenizer has one, as the model saw text in training.
-    """
+
+def bos_chunks(tokenizer, ids: list[int], seqlen: int, count: int, stride: int = 1
+               ) -> torch.Tensor:
+    """[count, seqlen] token rows; row i is BOS (when the tokenizer has one, as the model saw
+    text in training) + the body_length tokens from ``i * stride`` bodies into ``ids``."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    body = body_length(tokenizer, seqlen)
+    head = [bos] if bos is not None else []
+    return torch.tensor([head + ids[i * stride * body:(i * stride + 1) * body]
+                         for i in range(count)], dtype=torch.long)
+
+
+def token_chunks(tokenizer, text: str | list[str], samples: int, seqlen: int) -> torch.Tensor:
+    """Up to ``samples`` non-overlapping chunks of ``seqlen`` tokens spread over the text."""
     docs = [text] if isinstance(text, str) else text
     ids = [t for d in docs for t in tokenizer(d + "\n\n", add_special_tokens=False)["input_ids"]]
-    bos = getattr(tokenizer, "bos_token_id", None)
-    body = seqlen - (1 if bos is not None else 0)
+    body = body_length(tokenizer, seqlen)
     available = len(ids) // body if body > 0 else 0
     if available < 1:
         raise ConversionError(f"calibration text is too short: {len(ids)} tokens found, at least "
@@ -51,10 +63,4 @@ def token_chunks(tokenizer, text: str | list[str], samples: int, seqlen: int) ->
     if count < samples:
         log.warning("calibration text gives only %d chunks of %d tokens (asked for %d); "
                     "using %d", available, seqlen, samples, count)
-    stride = available // count
-    rows = []
-    for i in range(count):
-        start = i * stride * body
-        chunk = ids[start:start + body]
-        rows.append(([bos] if bos is not None else []) + chunk)
-    return torch.tensor(rows, dtype=torch.long)
+    return bos_chunks(tokenizer, ids, seqlen, count, stride=available // count)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from converter.calibration import body_length, bos_chunks
 from converter.errors import ConversionError
 
 
@@ -39,14 +40,11 @@ def load_model(folder: str | Path):
 def windows(tokenizer, text: str, ctx: int, max_tokens: int) -> torch.Tensor:
     """[n, ctx] token windows covering the first ``max_tokens`` tokens of the text."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = getattr(tokenizer, "bos_token_id", None)
-    body = ctx - (1 if bos is not None else 0)
+    body = body_length(tokenizer, ctx)
     count = min(len(ids), max_tokens) // body
     if count < 1:
         raise ConversionError(f"evaluation text has {len(ids)} tokens; need at least {body}")
-    rows = [([bos] if bos is not None else []) + ids[i * body:(i + 1) * body]
-            for i in range(count)]
-    return torch.tensor(rows, dtype=torch.long)
+    return bos_chunks(tokenizer, ids, ctx, count)
 
 
 @torch.no_grad()

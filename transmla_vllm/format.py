@@ -22,6 +22,21 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclass(frozen=True)
+class LatentDims:
+    """Per-layer MLA dims, of a checkpoint or of what a backend serves (the plugin pads)."""
+
+    kv_lora_rank: int
+    qk_rope_head_dim: int
+    qk_nope_head_dim: int
+    v_head_dim: int
+
+    @property
+    def kv_elements_per_token(self) -> int:
+        """Cache elements per token per layer: one latent plus one shared rope key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
 class MLAShape:
     """Attention geometry of a converted model."""
 
@@ -37,9 +52,13 @@ class MLAShape:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
+    def latent_dims(self) -> LatentDims:
+        return LatentDims(self.kv_lora_rank, self.qk_rope_head_dim, self.qk_nope_head_dim,
+                          self.v_head_dim)
+
+    @property
     def kv_elements_per_token(self) -> int:
-        """Cache elements per token per layer: one latent plus one shared rope key."""
-        return self.kv_lora_rank + self.qk_rope_head_dim
+        return self.latent_dims.kv_elements_per_token
 
 
 def layer_prefix(i: int) -> str:

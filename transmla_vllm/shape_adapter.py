@@ -43,12 +43,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from transmla_vllm.format import ARCHITECTURE, FORMAT_VERSION, SUPPORTED_ROPE_TYPES
+from transmla_vllm.format import (
+    ARCHITECTURE,
+    FORMAT_VERSION,
+    SUPPORTED_ROPE_TYPES,
+    LatentDims,
+)
 
 if TYPE_CHECKING:
     from vllm.config import ModelConfig, VllmConfig
 
-__all__ = ["ARCHITECTURE", "MLA_HEAD_SIZES", "AttnDims", "ServePlan", "ensure_served_shape"]
+__all__ = ["ARCHITECTURE", "MLA_HEAD_SIZES", "ServePlan", "ensure_served_shape"]
 
 # kv_lora_rank + qk_rope_head_dim sizes accepted by every vLLM MLA backend.
 MLA_HEAD_SIZES: tuple[int, ...] = (320, 512, 576)
@@ -81,26 +86,11 @@ def _logger():
 
 
 @dataclass(frozen=True)
-class AttnDims:
-    """Per-layer attention dims of a checkpoint or of what is served."""
-
-    kv_lora_rank: int
-    qk_rope_head_dim: int
-    qk_nope_head_dim: int
-    v_head_dim: int
-
-    @property
-    def kv_cache_dim(self) -> int:
-        """Elements per token per layer in the MLA cache (latent + rope key)."""
-        return self.kv_lora_rank + self.qk_rope_head_dim
-
-
-@dataclass(frozen=True)
 class ServePlan:
     """Source shape, served (padded) shape, and the backends that drove it."""
 
-    source: AttnDims
-    served: AttnDims
+    source: LatentDims
+    served: LatentDims
     use_mla: bool
     decode_backend: str | None = None
     prefill_backend: str | None = None
@@ -120,8 +110,8 @@ class ServePlan:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServePlan:
         return cls(
-            source=AttnDims(**data["source"]),
-            served=AttnDims(**data["served"]),
+            source=LatentDims(**data["source"]),
+            served=LatentDims(**data["served"]),
             use_mla=data["use_mla"],
             decode_backend=data.get("decode_backend"),
             prefill_backend=data.get("prefill_backend"),
@@ -148,7 +138,7 @@ def _raw_config(model_config: ModelConfig | None) -> dict[str, Any] | None:
         return json.load(f)
 
 
-def validate_config(hf_config: Any, raw: dict[str, Any] | None = None) -> AttnDims:
+def validate_config(hf_config: Any, raw: dict[str, Any] | None = None) -> LatentDims:
     """Refuse configs this architecture cannot serve; return the source dims.
 
     ``raw`` is the unparsed config.json when available: transformers'
@@ -203,7 +193,7 @@ def validate_config(hf_config: Any, raw: dict[str, Any] | None = None) -> AttnDi
     if not isinstance(heads, int) or heads <= 0:
         raise ValueError(f"TransMLA config field 'num_attention_heads' is invalid ({heads!r}).")
     rope_parameters_for(hf_config)  # raises on an unsupported rope_type
-    return AttnDims(
+    return LatentDims(
         kv_lora_rank=hf_config.kv_lora_rank,
         qk_rope_head_dim=rope,
         qk_nope_head_dim=hf_config.qk_nope_head_dim,
@@ -255,7 +245,7 @@ def rope_parameters_for(hf_config: Any) -> dict[str, Any]:
 # Planning: which shape to serve
 # --------------------------------------------------------------------------
 @contextlib.contextmanager
-def _dims_on_config(hf_config: Any, shape: AttnDims) -> Iterator[None]:
+def _dims_on_config(hf_config: Any, shape: LatentDims) -> Iterator[None]:
     """Temporarily show ``shape`` to vLLM selectors that read the HF config."""
     names = tuple(asdict(shape))
     saved = {n: getattr(hf_config, n) for n in names}
@@ -268,14 +258,14 @@ def _dims_on_config(hf_config: Any, shape: AttnDims) -> Iterator[None]:
             setattr(hf_config, n, v)
 
 
-def _probe_decode(vllm_config: VllmConfig, shape: AttnDims) -> str | None:
+def _probe_decode(vllm_config: VllmConfig, shape: LatentDims) -> str | None:
     """Name of the MLA decode backend vLLM would pick for ``shape`` (None: none)."""
     from vllm.config import set_current_vllm_config
     from vllm.v1.attention.selector import get_attn_backend
 
     model_config = vllm_config.model_config
     heads = model_config.get_num_attention_heads(vllm_config.parallel_config)
-    head_size = shape.kv_cache_dim
+    head_size = shape.kv_elements_per_token
     try:
         with (
             _dims_on_config(model_config.hf_text_config, shape),
@@ -295,7 +285,7 @@ def _probe_decode(vllm_config: VllmConfig, shape: AttnDims) -> str | None:
     return backend.get_name()
 
 
-def _probe_prefill(vllm_config: VllmConfig, shape: AttnDims) -> str | None:
+def _probe_prefill(vllm_config: VllmConfig, shape: LatentDims) -> str | None:
     """Name of the MLA prefill backend vLLM would pick for ``shape`` (None: none)."""
     from vllm.v1.attention.backends.mla.prefill.selector import get_mla_prefill_backend
 
@@ -314,7 +304,7 @@ def _rope_candidates(rope: int) -> list[int]:
     return out
 
 
-def _prefill_candidates(src: AttnDims, rope: int) -> list[tuple[int, int]]:
+def _prefill_candidates(src: LatentDims, rope: int) -> list[tuple[int, int]]:
     """(nope, v) to try with ``rope``: unpadded first, then padded by cost."""
     out = [(src.qk_nope_head_dim, src.v_head_dim)]
     padded = sorted(
@@ -336,15 +326,15 @@ def _forced_v() -> int | None:
         raise ValueError(f"{FORCE_PAD_V_ENV} must be an integer, not {value!r}.") from exc
 
 
-def plan_served_shape(vllm_config: VllmConfig, src: AttnDims) -> ServePlan:
+def plan_served_shape(vllm_config: VllmConfig, src: LatentDims) -> ServePlan:
     """Pick the smallest exact padding of ``src`` the selected backends accept."""
     if not vllm_config.model_config.use_mla:
         # VLLM_MLA_DISABLE=1: ordinary attention, any shape, no padding.
         return ServePlan(source=src, served=src, use_mla=False)
-    if src.kv_cache_dim > MAX_MLA_HEAD_SIZE:
+    if src.kv_elements_per_token > MAX_MLA_HEAD_SIZE:
         raise ValueError(
             f"TransMLA checkpoint has kv_lora_rank + qk_rope_head_dim = "
-            f"{src.kv_lora_rank} + {src.qk_rope_head_dim} = {src.kv_cache_dim} > "
+            f"{src.kv_lora_rank} + {src.qk_rope_head_dim} = {src.kv_elements_per_token} > "
             f"{MAX_MLA_HEAD_SIZE}: no vLLM MLA backend can serve it. Set "
             "VLLM_MLA_DISABLE=1 (ordinary attention, full per-head KV cache) or "
             "reconvert with kv_lora_rank + qk_rope_head_dim <= 576."
@@ -360,7 +350,7 @@ def plan_served_shape(vllm_config: VllmConfig, src: AttnDims) -> ServePlan:
         for nope, v in _prefill_candidates(src, rope):
             if forced_v is not None:
                 v = max(v, forced_v)
-            shape = AttnDims(src.kv_lora_rank, rope, nope, v)
+            shape = LatentDims(src.kv_lora_rank, rope, nope, v)
             prefill = _probe_prefill(vllm_config, shape)
             if prefill is not None:
                 break
@@ -371,7 +361,7 @@ def plan_served_shape(vllm_config: VllmConfig, src: AttnDims) -> ServePlan:
             rank = head_size - rope
             if rank < src.kv_lora_rank:
                 continue
-            shape = AttnDims(rank, rope, nope, v)
+            shape = LatentDims(rank, rope, nope, v)
             decode = _probe_decode(vllm_config, shape)
             if decode is None:
                 tried.append(f"decode head {head_size}: no backend")
@@ -398,7 +388,7 @@ def _log_plan(plan: ServePlan, dtype: torch.dtype) -> None:
         return
     elem = torch.empty((), dtype=dtype).element_size()
     src, dst = plan.source, plan.served
-    before, after = src.kv_cache_dim * elem, dst.kv_cache_dim * elem
+    before, after = src.kv_elements_per_token * elem, dst.kv_elements_per_token * elem
     if not plan.is_padded:
         log.info(
             "TransMLA: serving latent %d + rope %d unpadded on %s (KV cache %d bytes/token/layer).",
@@ -457,7 +447,7 @@ def ensure_served_shape(vllm_config: VllmConfig) -> ServePlan:
         hf_config.qk_head_dim = served.qk_nope_head_dim + served.qk_rope_head_dim
     setattr(hf_config, PLAN_ATTR, plan.to_dict())
     if plan.use_mla:
-        model_config.model_arch_config.head_size = served.kv_cache_dim
+        model_config.model_arch_config.head_size = served.kv_elements_per_token
     _log_plan(plan, model_config.dtype)
     return plan
 

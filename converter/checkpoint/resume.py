@@ -85,7 +85,7 @@ class ResumeState:
                         if saved["fingerprint"].get(k) != self.fingerprint.get(k))
         if differ:
             raise ConversionError(
-                f"the progress in {self.folder} ({saved['layers_done']} layers done) was made "
+                f"the progress in {self.folder} ({_layers(saved['layers_done'])} done) was made "
                 f"with a different {', '.join(differ)}; rerun with the same source and "
                 "settings to continue it, or delete that folder to start over")
         if stream["layers_done"] != saved["layers_done"]:
@@ -129,7 +129,7 @@ def resumable_folder(dst: Path, overwrite: bool) -> Iterator[Path]:
         except BaseException:
             done = _layers_done(folder)
             log.warning("progress kept in %s (%s); rerun the same command with --resume to "
-                        "continue", folder, f"{done} layers done" if done else
+                        "continue", folder, f"{_layers(done)} done" if done else
                         "no layer finished yet")
             raise
         for name in _PRIVATE:
@@ -154,3 +154,7 @@ def _layers_done(folder: Path) -> int:
         return int(json.loads((folder / PROGRESS).read_text())["layers_done"])
     except (OSError, ValueError, KeyError):
         return 0
+
+
+def _layers(n: int) -> str:
+    return f"{n} layer{'' if n == 1 else 's'}"
