@@ -124,3 +124,19 @@ def test_resume_refuses_other_settings_and_plain_runs_leave_progress_alone(src, 
     assert "add --resume to continue it" in proc.stderr
     assert layers_done(dst) == 1
     assert json.loads((dst / "config.json").read_text())["qk_rope_head_dim"] == 16
+
+
+def test_a_run_stopped_before_its_first_layer_leaves_nothing_behind(src, tmp_path, calib_file):
+    """No progress recorded: the next --resume run starts clean, so shards of the stopped run's
+    layout (here 200 KB shards) cannot end up next to the new ones."""
+    common = ["--src", str(src), "--calib-text", str(calib_file), "--calib-samples", "4",
+              "--calib-seqlen", "32", "--rope-dim", "8", "--kv-lora-rank", "24", "--resume"]
+    dst = tmp_path / "out"
+    proc = run(tmp_path, [*common, "--dst", str(dst), "--max-shard-size", "200KB"], stop_at=4)
+    assert proc.returncode == -signal.SIGKILL
+    stale = sorted(p.name for p in resume_folder(dst).glob("*.safetensors"))
+    assert stale and not (resume_folder(dst) / "progress.json").exists()
+    proc = run(tmp_path, [*common, "--dst", str(dst)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in dst.glob("*.safetensors")) == ["model.safetensors"]
+    assert not (dst / "model.safetensors.index.json").exists()

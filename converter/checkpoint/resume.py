@@ -71,9 +71,14 @@ class ResumeState:
         self.folder, self.fingerprint = folder, fingerprint
 
     def load(self) -> Progress | None:
-        """The recorded progress, None when there is none; refuses other settings."""
+        """The recorded progress; refuses other settings. With none recorded (a run stopped
+        before its first layer finished) the folder is emptied and None returned, so no file of
+        that run (a shard of another layout, say) can end up in the checkpoint."""
         path = self.folder / PROGRESS
         if not path.is_file():
+            for entry in self.folder.iterdir():
+                if entry.name != LOCK:
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
             return None
         try:
             saved = json.loads(path.read_text())
