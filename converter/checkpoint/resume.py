@@ -33,9 +33,8 @@ from converter.errors import ConversionError, Interrupted, describe_os_error
 log = logging.getLogger(__name__)
 
 PROGRESS = "progress.json"
-STREAM = "stream.pt"
 LOCK = ".lock"
-_PRIVATE = (PROGRESS, STREAM, LOCK, PROGRESS + ".tmp", STREAM + ".tmp")
+_PRIVATE = ("progress.json*", "stream-*.pt*", LOCK)
 
 
 def resume_folder(dst: Path) -> Path:
@@ -82,7 +81,8 @@ class ResumeState:
             return None
         try:
             saved = json.loads(path.read_text())
-            stream = torch.load(self.folder / STREAM, map_location="cpu", weights_only=True)
+            stream = torch.load(self.folder / saved["stream"], map_location="cpu",
+                                weights_only=True)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise ConversionError(f"the progress in {self.folder} cannot be read ({exc}); "
                                   "delete that folder to start over") from exc
@@ -93,21 +93,24 @@ class ResumeState:
                 f"the progress in {self.folder} ({_layers(saved['layers_done'])} done) was made "
                 f"with a different {', '.join(differ)}; rerun with the same source and "
                 "settings to continue it, or delete that folder to start over")
-        if stream["layers_done"] != saved["layers_done"]:
-            raise ConversionError(f"the progress in {self.folder} is inconsistent (stream after "
-                                  f"layer {stream['layers_done']}, progress after layer "
-                                  f"{saved['layers_done']}); delete that folder to start over")
         return Progress(saved["layers_done"], saved["tensors_written"], saved["report"],
                         stream["h_src"], stream["h_conv"])
 
     def save(self, layers_done: int, tensors_written: int, report: list[dict],
              h_src: torch.Tensor, h_conv: torch.Tensor | None) -> None:
-        """Record that ``layers_done`` layers are on disk (call after the writer's flush)."""
-        _write_atomic(self.folder / STREAM, lambda f: torch.save(
+        """Record that ``layers_done`` layers are on disk (call after the writer's flush). The
+        stream gets a new file per layer and the old one goes only after progress.json points
+        to the new one, so a crash at any moment leaves a consistent pair."""
+        stream = f"stream-{layers_done:05d}.pt"
+        _write_atomic(self.folder / stream, lambda f: torch.save(
             {"layers_done": layers_done, "h_src": h_src, "h_conv": h_conv}, f))
         body = json.dumps({"layers_done": layers_done, "tensors_written": tensors_written,
-                           "report": report, "fingerprint": self.fingerprint}, indent=1)
+                           "stream": stream, "report": report,
+                           "fingerprint": self.fingerprint}, indent=1)
         _write_atomic(self.folder / PROGRESS, lambda f: f.write(body.encode()))
+        for old in self.folder.glob("stream-*.pt"):
+            if old.name != stream:
+                old.unlink()
 
 
 @contextmanager
@@ -137,8 +140,9 @@ def resumable_folder(dst: Path, overwrite: bool) -> Iterator[Path]:
                         "continue", folder, f"{_layers(done)} done" if done else
                         "no layer finished yet")
             raise
-        for name in _PRIVATE:
-            (folder / name).unlink(missing_ok=True)
+        for pattern in _PRIVATE:
+            for path in folder.glob(pattern):
+                path.unlink()
         with _signals_deferred() as caught:
             leftover = _publish(folder, dst)
     except OSError as exc:
