@@ -270,9 +270,9 @@ def convert(opts: ConvertOptions) -> Path:
         if progress is not None:
             writer.resume_at(progress.tensors_written)
             h_src, h_conv, report = progress.h_src, progress.h_conv, progress.report
-            first = progress.layers_done
-            log.info("resuming from %s: %d of %d layers were done", tmp, first,
-                     spec.num_layers)
+            first, earlier = progress.layers_done, progress.seconds
+            log.info("resuming from %s: %d of %d layers were done (in %.0f s)", tmp, first,
+                     spec.num_layers, earlier)
         else:
             writer.write("model.embed_tokens.weight",
                          reader.get("model.embed_tokens.weight", dtype=out_dtype))
@@ -280,7 +280,7 @@ def convert(opts: ConvertOptions) -> Path:
             h_src = layers.embed(chunks)
             # a copy: convert_layer updates h_src in place
             h_conv = h_src.clone() if method.inputs == "converted" else None
-            first = 0
+            first, earlier = 0, 0.0
         bar = tqdm(range(first, spec.num_layers), desc="converting layers", unit="layer",
                    initial=first, total=spec.num_layers)
         for i in bar:
@@ -298,7 +298,8 @@ def convert(opts: ConvertOptions) -> Path:
             release_memory(reader)
             if state is not None:
                 writer.flush()
-                state.save(i + 1, writer.next, report, h_src, h_conv)
+                state.save(i + 1, writer.next, report, h_src, h_conv,
+                           earlier + time.time() - started)
         del h_src, h_conv
         writer.write("model.norm.weight", reader.get("model.norm.weight", dtype=out_dtype))
         if not spec.tie_word_embeddings:
@@ -310,7 +311,7 @@ def convert(opts: ConvertOptions) -> Path:
         copy_remote_code(tmp)
         before = spec.kv_elements_per_token
         after = shape.kv_elements_per_token
-        seconds = time.time() - started
+        seconds = earlier + time.time() - started  # earlier runs of a --resume included
         summary = {"kv_elements_per_token_per_layer": {"source": before, "converted": after},
                    "kv_reduction": 1 - after / before, "layers": report, "shards": shards,
                    "method": method.name, "seconds": round(seconds, 1),
@@ -318,11 +319,12 @@ def convert(opts: ConvertOptions) -> Path:
         (tmp / REPORT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         write_model_card(tmp, spec, config, summary, opts.src, src)
         log.info("copied %s", ", ".join(copied) if copied else "no tokenizer files (none found)")
-    seconds = time.time() - started
+    seconds = earlier + time.time() - started
     log.info("KV cache per token per layer: %d -> %d elements (%.1f%% %s); %d layers -> %s",
              before, after, 100 * abs(1 - after / before),
              "smaller" if after < before else "LARGER", spec.num_layers, dst)
-    log.info("done in %.1f s, peak RSS %.2f GB, %.3f GB/s of source weights", seconds,
+    log.info("done in %.1f s%s, peak RSS %.2f GB, %.3f GB/s of source weights", seconds,
+             " (with the interrupted runs)" if earlier else "",
              peak_rss_bytes() / 1e9, reader.total_bytes() / 1e9 / max(seconds, 1e-9))
     return dst
 

@@ -89,10 +89,12 @@ def test_stopped_runs_resume_to_the_same_checkpoint(src, tmp_path, calib_file, m
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert "resuming from" in proc.stderr and not dst.exists()
     assert layers_done(dst) == 3
+    earlier = json.loads((resume_folder(dst) / "progress.json").read_text())["seconds"]
     # the last run finishes: same tensors and config as the uninterrupted run, nothing left
     proc = run(tmp_path, args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "3 of 4 layers were done" in proc.stderr
+    assert "(with the interrupted runs)" in proc.stderr
     assert not resume_folder(dst).exists()
     assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in straight.iterdir())
     want, got = tensors(straight), tensors(dst)
@@ -101,6 +103,7 @@ def test_stopped_runs_resume_to_the_same_checkpoint(src, tmp_path, calib_file, m
         assert got[name].equal(tensor), name
     assert (dst / "config.json").read_text() == (straight / "config.json").read_text()
     report = json.loads((dst / "transmla_report.json").read_text())
+    assert report["seconds"] > earlier > 0  # the time of all runs
     assert report["layers"] == json.loads((straight / "transmla_report.json").read_text()
                                           )["layers"]
 

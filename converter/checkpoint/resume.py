@@ -52,6 +52,7 @@ class Progress:
     report: list[dict]
     h_src: torch.Tensor
     h_conv: torch.Tensor | None
+    seconds: float  # spent converting in the earlier runs
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -94,10 +95,10 @@ class ResumeState:
                 f"with a different {', '.join(differ)}; rerun with the same source and "
                 "settings to continue it, or delete that folder to start over")
         return Progress(saved["layers_done"], saved["tensors_written"], saved["report"],
-                        stream["h_src"], stream["h_conv"])
+                        stream["h_src"], stream["h_conv"], float(saved.get("seconds", 0.0)))
 
     def save(self, layers_done: int, tensors_written: int, report: list[dict],
-             h_src: torch.Tensor, h_conv: torch.Tensor | None) -> None:
+             h_src: torch.Tensor, h_conv: torch.Tensor | None, seconds: float) -> None:
         """Record that ``layers_done`` layers are on disk (call after the writer's flush). The
         stream gets a new file per layer and the old one goes only after progress.json points
         to the new one, so a crash at any moment leaves a consistent pair."""
@@ -105,7 +106,7 @@ class ResumeState:
         _write_atomic(self.folder / stream, lambda f: torch.save(
             {"layers_done": layers_done, "h_src": h_src, "h_conv": h_conv}, f))
         body = json.dumps({"layers_done": layers_done, "tensors_written": tensors_written,
-                           "stream": stream, "report": report,
+                           "stream": stream, "seconds": round(seconds, 1), "report": report,
                            "fingerprint": self.fingerprint}, indent=1)
         _write_atomic(self.folder / PROGRESS, lambda f: f.write(body.encode()))
         for old in self.folder.glob("stream-*.pt"):
