@@ -134,8 +134,9 @@ def tensor_plan(spec: SourceSpec, shape: MLAShape, out: torch.dtype) -> list[Ten
 
 
 def _mla_shape(spec: SourceSpec, settings: ResolvedSettings) -> MLAShape:
-    return MLAShape(spec.hidden_size, spec.num_heads, settings.kv_lora_rank, settings.rope_dim,
-                    spec.head_dim, spec.head_dim)
+    return MLAShape(kv_lora_rank=settings.kv_lora_rank, qk_rope_head_dim=settings.rope_dim,
+                    qk_nope_head_dim=spec.head_dim, v_head_dim=spec.head_dim,
+                    hidden_size=spec.hidden_size, num_heads=spec.num_heads)
 
 
 def _mla_config(spec: SourceSpec, settings: ResolvedSettings, shape: MLAShape,

@@ -37,28 +37,15 @@ class LatentDims:
 
 
 @dataclass(frozen=True)
-class MLAShape:
-    """Attention geometry of a converted model."""
+class MLAShape(LatentDims):
+    """Attention geometry of a converted model: its latent dims plus width and heads."""
 
     hidden_size: int
     num_heads: int
-    kv_lora_rank: int
-    qk_rope_head_dim: int
-    qk_nope_head_dim: int
-    v_head_dim: int
 
     @property
     def q_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
-
-    @property
-    def latent_dims(self) -> LatentDims:
-        return LatentDims(self.kv_lora_rank, self.qk_rope_head_dim, self.qk_nope_head_dim,
-                          self.v_head_dim)
-
-    @property
-    def kv_elements_per_token(self) -> int:
-        return self.latent_dims.kv_elements_per_token
 
 
 def layer_prefix(i: int) -> str:
@@ -152,5 +139,6 @@ def shape_from_config(cfg: Any) -> MLAShape:
     if missing:
         raise ValueError(f"config is missing MLA field(s) {missing}; this is not a converted "
                          "TransMLA checkpoint or its config.json was damaged")
-    return MLAShape(get("hidden_size"), get("num_attention_heads"), get("kv_lora_rank"),
-                    get("qk_rope_head_dim"), get("qk_nope_head_dim"), get("v_head_dim"))
+    return MLAShape(kv_lora_rank=get("kv_lora_rank"), qk_rope_head_dim=get("qk_rope_head_dim"),
+                    qk_nope_head_dim=get("qk_nope_head_dim"), v_head_dim=get("v_head_dim"),
+                    hidden_size=get("hidden_size"), num_heads=get("num_attention_heads"))
