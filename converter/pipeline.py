@@ -99,7 +99,7 @@ def full_fp32_matmuls() -> None:
     CUDA images switch on for every process (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1), would round
     the source model's rope angles (an outer product of positions and frequencies) by up to
     ~0.1 rad at position 255 and every projection by ~1e-3."""
-    if torch.get_float32_matmul_precision() != "highest" or torch.backends.cudnn.allow_tf32:
+    if torch.get_float32_matmul_precision() != "highest":  # cudnn's flag is on by default
         log.info("calibration on cuda: TF32 matmuls turned off (precision was %r)",
                  torch.get_float32_matmul_precision())
     torch.set_float32_matmul_precision("highest")

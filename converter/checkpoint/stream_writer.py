@@ -111,15 +111,15 @@ class StreamingShardWriter:
         append from there; shards after it are removed (they are rewritten)."""
         if not 0 < written <= len(self.plan):
             raise ValueError(f"cannot resume after {written} of {len(self.plan)} tensors")
-        names = [s.name for s in self.plan[:written]]
-        current = self.shard_of[names[-1]]
+        done_names = {s.name for s in self.plan[:written]}
+        current = self.shard_of[self.plan[written - 1].name]
         for index in range(current):
             path = self.folder / self.shard_names[index]
             if not path.is_file() or path.stat().st_size != self._shard_bytes(index):
                 raise ConversionError(f"{path} is missing or incomplete; the progress cannot be "
                                       "resumed")
         group = self.groups[current]
-        done = [slot for slot in group if slot.name in set(names)]
+        done = [slot for slot in group if slot.name in done_names]
         end = len(self._header(current)) + sum(slot.nbytes for slot in done)
         path = self.folder / self.shard_names[current]
         if not path.is_file() or path.stat().st_size < end:
