@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks.report import publish  # noqa: E402
 
 SHAPE = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
              intermediate_size=14336, vocab_size=32000)
@@ -201,11 +201,9 @@ def main() -> int:
         f"per layer, fixed cost {fixed:.1f} s.",
         projection(args.shape, machine, fixed, per_layer, args.calib_samples),
     ]
-    print("\n".join(lines))
-    if not args.no_write:
-        section = args.section or ("convert_scaling" if args.device == "cpu"
-                                   else f"convert_scaling_{args.device}")
-        write_section(section, "\n".join(lines))
+    section = args.section or ("convert_scaling" if args.device == "cpu"
+                               else f"convert_scaling_{args.device}")
+    publish(section, lines, write=not args.no_write)
     return 0
 
 

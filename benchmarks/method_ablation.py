@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.quality import plays  # noqa: E402
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks.report import publish  # noqa: E402
 
 
 def main() -> int:
@@ -76,9 +76,7 @@ def main() -> int:
         rel = (ppl - ppl_src) / (base - ppl_src) if base and base > ppl_src else float("nan")
         lines.append(f"| {method} | {ppl:.3f} | {ppl - ppl_src:+.3f} | {rel:.3f} | "
                      f"{seconds:.0f} |")
-    print("\n".join(lines))
-    if not args.no_write:
-        write_section("method_ablation", "\n".join(lines))
+    publish("method_ablation", lines, write=not args.no_write)
     return 0
 
 

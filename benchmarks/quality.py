@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks.report import publish  # noqa: E402
 
 
 def plays(kind: str) -> Path:
@@ -125,9 +125,7 @@ def main() -> int:
                                                   else "") + "; transmla = the published "
               "method (RoRoPE + FreqFold + balanced KV PCA, source activations). Increase ratio "
               "= (PPL ours - PPL source) / (PPL transmla - PPL source)."]
-    print("\n".join(lines))
-    if not args.no_write:
-        write_section("quality", "\n".join(lines))
+    publish("quality", lines, write=not args.no_write)
     return 0
 
 

@@ -24,3 +24,11 @@ def write_section(name: str, markdown: str, doc: Path = DOC) -> None:
         text = text.rstrip() + "\n\n" + block + "\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
+
+
+def publish(name: str, lines: list[str], write: bool = True) -> None:
+    """Print a benchmark's section and, unless ``write`` is False (--no-write), store it."""
+    markdown = "\n".join(lines)
+    print(markdown)
+    if write:
+        write_section(name, markdown)
