@@ -6,38 +6,16 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
 from converter.checkpoint.resume import resume_folder
+from hooked import run_cli, run_hooked
 from tiny import make_model
 
-REPO = Path(__file__).resolve().parent.parent
 LAYERS = 4
-# Runs the CLI and sends itself SIGNAL just before the N-th output tensor is written
-# (1: embeddings, then 9 per layer), i.e. in the middle of a layer.
-HOOK = r'''
-import os, signal, sys
-from converter import cli
-from converter.checkpoint import stream_writer
-
-target, sig, argv = int(sys.argv[1]), getattr(signal, sys.argv[2]), sys.argv[3:]
-seen, write = [0], stream_writer.StreamingShardWriter.write
-
-
-def hooked(self, name, tensor):
-    seen[0] += 1
-    if seen[0] == target:
-        os.kill(os.getpid(), sig)
-    return write(self, name, tensor)
-
-
-stream_writer.StreamingShardWriter.write = hooked
-sys.exit(cli.main(argv))
-'''
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +26,11 @@ def src(tmp_path_factory) -> Path:
 
 def run(tmp_path: Path, args: list[str], stop_at: int | None = None, sig: str = "SIGKILL"
         ) -> subprocess.CompletedProcess:
+    """The CLI; with ``stop_at`` it sends itself ``sig`` just before the stop_at-th output tensor
+    is written (1: embeddings, then 9 per layer), i.e. in the middle of a layer."""
     if stop_at is None:
-        cmd = [sys.executable, "-m", "converter", *args]
-    else:
-        script = tmp_path / "hooked.py"
-        script.write_text(HOOK)
-        cmd = [sys.executable, str(script), str(stop_at), sig, *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+        return run_cli(args)
+    return run_hooked(tmp_path, f"write:{stop_at}", sig, args)
 
 
 def tensors(folder: Path) -> dict:

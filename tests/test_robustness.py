@@ -31,6 +31,7 @@ from converter.checkpoint.writer import check_destination
 from converter.cli import main as cli_main
 from converter.settings import resolve_settings
 from converter.sources.base import inspect_source
+from hooked import run_hooked
 from tiny import make_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -386,57 +387,6 @@ def test_too_small_disk_is_refused_before_the_layers(src, tmp_path, calib_file, 
 # ---------------------------------------------------------------------------------------------
 # interruption and disk full in a real conversion process
 # ---------------------------------------------------------------------------------------------
-# Runs the CLI and acts at one point of the conversion: SIGKILL / SIGINT / SIGTERM sent by the
-# process to itself, or "full": RLIMIT_FSIZE drops to 1 byte, so the next write really fails with
-# EFBIG (what a full disk looks like to the writer).
-HOOK = r'''
-import os, resource, signal, sys
-from converter import cli, pipeline
-from converter.checkpoint import stream_writer, writer
-
-point, action, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
-
-
-def act():
-    if action == "full":
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1, resource.RLIM_INFINITY))
-    else:
-        os.kill(os.getpid(), getattr(signal, action))
-
-
-if point.startswith("write:"):  # before the N-th output tensor (1: embeddings, 9 per layer)
-    target, seen, write = int(point[6:]), [0], stream_writer.StreamingShardWriter.write
-
-    def hooked(self, name, tensor):
-        seen[0] += 1
-        if seen[0] == target:
-            act()
-        return write(self, name, tensor)
-
-    stream_writer.StreamingShardWriter.write = hooked
-elif point == "copy":  # shards and config.json written, tokenizer not yet copied
-    copy = pipeline.copy_verbatim
-    pipeline.copy_verbatim = lambda a, b: (act(), copy(a, b))[1]
-elif point == "published":  # just after the finished folder was moved into place
-    publish = writer._publish
-    writer._publish = lambda tmp, dst: (publish(tmp, dst), act())[0]
-sys.exit(cli.main(argv))
-'''
-
-
-def run_hooked(tmp_path: Path, point: str, action: str, args: list[str]):
-    script = tmp_path / "hooked_convert.py"
-    script.write_text(HOOK)
-    return subprocess.run([sys.executable, str(script), point, action, *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-
-
-def run_cli(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "converter", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-
-
 def signal_when_converting(args: list[str], sig: int, delay: float = 0.0):
     """Start a real conversion, wait for its progress bar to appear, send ``sig``."""
     proc = subprocess.Popen([sys.executable, "-m", "converter", *args], cwd=REPO,

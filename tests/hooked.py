@@ -1,0 +1,62 @@
+"""Run the converter CLI in a subprocess that acts at a chosen point of the conversion: a
+signal sent to itself, or a full disk. Shared by the interruption and --resume tests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Runs the CLI and acts at one point of the conversion: SIGKILL / SIGINT / SIGTERM sent by the
+# process to itself, or "full": RLIMIT_FSIZE drops to 1 byte, so the next write really fails with
+# EFBIG (what a full disk looks like to the writer).
+HOOK = r'''
+import os, resource, signal, sys
+from converter import cli, pipeline
+from converter.checkpoint import stream_writer, writer
+
+point, action, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+
+
+def act():
+    if action == "full":
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1, resource.RLIM_INFINITY))
+    else:
+        os.kill(os.getpid(), getattr(signal, action))
+
+
+if point.startswith("write:"):  # before the N-th output tensor (1: embeddings, 9 per layer)
+    target, seen, write = int(point[6:]), [0], stream_writer.StreamingShardWriter.write
+
+    def hooked(self, name, tensor):
+        seen[0] += 1
+        if seen[0] == target:
+            act()
+        return write(self, name, tensor)
+
+    stream_writer.StreamingShardWriter.write = hooked
+elif point == "copy":  # shards and config.json written, tokenizer not yet copied
+    copy = pipeline.copy_verbatim
+    pipeline.copy_verbatim = lambda a, b: (act(), copy(a, b))[1]
+elif point == "published":  # just after the finished folder was moved into place
+    publish = writer._publish
+    writer._publish = lambda tmp, dst: (publish(tmp, dst), act())[0]
+sys.exit(cli.main(argv))
+'''
+
+
+def run_hooked(tmp_path: Path, point: str, action: str, args: list[str]
+               ) -> subprocess.CompletedProcess:
+    script = tmp_path / "hooked_convert.py"
+    script.write_text(HOOK)
+    return subprocess.run([sys.executable, str(script), point, action, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def run_cli(args: list[str]) -> subprocess.CompletedProcess:
+    """The converter CLI, plain."""
+    return subprocess.run([sys.executable, "-m", "converter", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
