@@ -36,11 +36,11 @@ def main() -> int:
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
 
-    from converter.bundled import materialize_smollm2
-    from converter.calibration import read_calibration_text
+    from converter.calibration.text import read_calibration_text
     from converter.checkpoint.source import load_tokenizer
-    from converter.evaluate import load_model, perplexity, windows
-    from converter.pipeline import ConvertOptions, convert
+    from converter.conversion.pipeline import ConvertOptions, convert
+    from converter.measure.perplexity import load_model, perplexity, windows
+    from converter.sources.bundled import materialize_smollm2
 
     work = Path(args.workdir)
     src = materialize_smollm2(work / "SmolLM2-135M-Instruct")

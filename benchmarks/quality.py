@@ -57,10 +57,10 @@ def main() -> int:
 
     import torch
 
-    from converter.bundled import materialize_smollm2
-    from converter.calibration import read_calibration_text
+    from converter.calibration.text import read_calibration_text
     from converter.checkpoint.source import load_tokenizer
-    from converter.evaluate import load_model, perplexity, windows
+    from converter.measure.perplexity import load_model, perplexity, windows
+    from converter.sources.bundled import materialize_smollm2
 
     torch.manual_seed(0)
     work = Path(args.workdir)

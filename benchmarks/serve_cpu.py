@@ -87,7 +87,7 @@ def prepare_smollm2(models: Path) -> tuple[Path, Path, list[str]]:
     src, dst = models / "SmolLM2-135M-Instruct", models / "smollm2-mla"
     cmd = convert_cmd(src, dst, "--kv-lora-rank", "256")
     if not (src / "config.json").is_file():
-        run([sys.executable, "-m", "converter.bundled", "--dst", str(src)])
+        run([sys.executable, "-m", "converter.sources.bundled", "--dst", str(src)])
     if not (dst / "config.json").is_file():
         run(cmd)
     return src, dst, cmd
@@ -368,9 +368,9 @@ def served_bytes_per_token(folder: Path, dtype_bytes: int = 4) -> int:
     """KV bytes per token on vLLM CPU (CPU_MLA row for a converted folder), fp32."""
     import logging
 
-    from converter.kv_budget import kv_budget
+    from converter.measure.kv_cache import kv_budget
 
-    logging.getLogger("converter.settings").setLevel(logging.ERROR)  # no preview notices
+    logging.getLogger("converter.conversion.settings").setLevel(logging.ERROR)  # no preview notices
     b = kv_budget(folder, dtype="float32", kv_memory=1, context=1)
     name = "CPU_MLA" if b.kind == "converted" else "original"
     row = next(r for r in b.rows if r.name == name)
@@ -446,7 +446,7 @@ DENSE_PREFILL_OPS = ("aten::bmm", "aten::mul", "aten::_softmax", "aten::masked_f
 
 def padding_note(converted: Path) -> str:
     """Why a compact latent costs more than the original on CPU (from inspect's arithmetic)."""
-    from converter.kv_budget import kv_budget
+    from converter.measure.kv_cache import kv_budget
 
     rows = {r.name: r for r in kv_budget(converted, kv_memory=1, context=1).rows}
     orig, comp, cpu, triton = (rows[n] for n in ("original", "converted", "CPU_MLA",

@@ -57,9 +57,9 @@ def main() -> int:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
 
-    from converter.bundled import materialize_smollm2
     from converter.cli import main as cli_main  # noqa: F401  (same code path as the CLI)
-    from converter.pipeline import ConvertOptions, convert
+    from converter.conversion.pipeline import ConvertOptions, convert
+    from converter.sources.bundled import materialize_smollm2
 
     src = materialize_smollm2(work / "SmolLM2-135M-Instruct")
     import importlib.util

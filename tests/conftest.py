@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from converter.pipeline import ConvertOptions, convert
+from converter.conversion.pipeline import ConvertOptions, convert
 from tiny import make_model, play_text
 
 

@@ -330,7 +330,7 @@ def tiny_checkpoint(root: Path, calib: Path) -> tuple[Path, Path]:
     session's base temp folder). The source is an untied Qwen2 (q / kv_a biases, lm_head) laid
     out as a huggingface_hub cache snapshot of ``acme/tiny-qwen`` with a licensed card, and the
     output is sharded so the index is exercised."""
-    from converter.pipeline import ConvertOptions, convert
+    from converter.conversion.pipeline import ConvertOptions, convert
     from tiny import make_model
 
     owner, name = SOURCE_HUB_ID.split("/")

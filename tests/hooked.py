@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parent.parent
 # EFBIG (what a full disk looks like to the writer).
 HOOK = r'''
 import os, resource, signal, sys
-from converter import cli, pipeline
+from converter import cli
+from converter.conversion import pipeline
 from converter.checkpoint import stream_writer, writer
 
 point, action, argv = sys.argv[1], sys.argv[2], sys.argv[3:]

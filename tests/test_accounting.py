@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from converter.calibration import read_calibration_text, token_chunks
-from converter.pipeline import ConvertOptions, convert
+from converter.calibration.chunks import token_chunks
+from converter.calibration.text import read_calibration_text
+from converter.conversion.pipeline import ConvertOptions, convert
 from tiny import make_model
 
 
@@ -23,7 +24,7 @@ from tiny import make_model
 @torch.no_grad()
 def test_logged_energy_fractions_match_direct_computation(tmp_path, calib_file, caplog, method):
     src = make_model(tmp_path / "src", "qwen2", heads=4, kv_heads=2, head_dim=16, seed=3)
-    caplog.set_level(logging.INFO, logger="converter.pipeline")
+    caplog.set_level(logging.INFO, logger="converter.conversion.pipeline")
     dst = convert(ConvertOptions(src=str(src), dst=str(tmp_path / "dst"), rope_dim=8,
                                  freqfold=2, kv_lora_rank=24, calib_text=str(calib_file),
                                  method=method, calib_samples=8, calib_seqlen=64))

@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from converter.calib_sources import BUNDLED, CalibrationInput, load_documents
+from converter.calibration.text import BUNDLED, CalibrationInput, load_documents
 from converter.cli import main as cli_main
+from converter.conversion.pipeline import ConvertOptions, convert
+from converter.conversion.settings import resolve_settings
 from converter.errors import ConversionError
-from converter.pipeline import ConvertOptions, convert
-from converter.settings import resolve_settings
 from converter.sources.base import inspect_source
 from tiny import make_model, play_text
 

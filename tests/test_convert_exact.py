@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from converter.pipeline import ConvertOptions, convert
+from converter.conversion.pipeline import ConvertOptions, convert
 from tiny import make_model
 
 CASES = {

@@ -13,7 +13,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.repocard import metadata_load
 
 from converter.checkpoint.source import read_config
-from converter.model_card import (
+from converter.hub.card import (
     BASE_MODEL_RELATION,
     LOCAL_MODEL_REF,
     TAGS,

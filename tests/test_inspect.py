@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from converter.conversion.pipeline import ConvertOptions, convert
 from converter.errors import ConversionError
-from converter.kv_budget import kv_budget, parse_memory
-from converter.pipeline import ConvertOptions, convert
+from converter.measure.kv_cache import kv_budget, parse_memory
 from tiny import make_model
 
 MIB = 2**20

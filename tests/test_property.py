@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
+from converter.conversion.pipeline import ConvertOptions, convert
 from converter.errors import ConversionError
-from converter.pipeline import ConvertOptions, convert
 from tiny import family_classes, make_tokenizer, play_text
 
 FAMILIES = ("llama", "mistral", "qwen2")

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM
 
 from converter.checkpoint.writer import check_destination
 from converter.cli import main as cli_main
-from converter.settings import resolve_settings
+from converter.conversion.settings import resolve_settings
 from converter.sources.base import inspect_source
 from hooked import run_hooked
 from tiny import make_model
@@ -211,9 +211,9 @@ LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidde
 ])
 def test_unservable_latents_are_flagged_with_the_backends(caplog, cfg, rope, rank, expected):
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="converter.settings"):
+    with caplog.at_level(logging.WARNING, logger="converter.conversion.settings"):
         resolve_settings(inspect_source(cfg), rope, rank, None, None)
-    notes = [r.getMessage() for r in caplog.records if r.name == "converter.settings"]
+    notes = [r.getMessage() for r in caplog.records if r.name == "converter.conversion.settings"]
     if expected is None:
         assert not notes, notes
     else:

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM
 from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from converter.blocked_mlp import blocked_mlp_forward, use_blocked_mlp
 from converter.checkpoint.source_reader import SourceReader
-from converter.pipeline import ConvertOptions, convert
+from converter.conversion.blocked_mlp import blocked_mlp_forward, use_blocked_mlp
+from converter.conversion.pipeline import ConvertOptions, convert
 from tiny import make_model
 
 

@@ -14,7 +14,7 @@ def register() -> None:
     """Register the TransMLA architecture and its config hook with vLLM."""
     from vllm import ModelRegistry
 
-    from transmla_vllm.format import ARCHITECTURE
+    from transmla_vllm.checkpoint_format import ARCHITECTURE
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS_PATH)

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from transmla_vllm.format import (
+from transmla_vllm.checkpoint_format import (
     ARCHITECTURE,
     FORMAT_VERSION,
     SUPPORTED_ROPE_TYPES,

@@ -8,9 +8,9 @@ import json
 
 import torch
 
-from converter.calibration import read_calibration_text
+from converter.calibration.text import read_calibration_text
 from converter.checkpoint.source import load_tokenizer
-from converter.evaluate import load_model, perplexity, windows
+from converter.measure.perplexity import load_model, perplexity, windows
 
 
 def main(argv: list[str]) -> int:

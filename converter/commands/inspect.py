@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from converter.kv_budget import DTYPE_BYTES, format_table, kv_budget, parse_memory
+from converter.measure.kv_cache import DTYPE_BYTES, format_table, kv_budget, parse_memory
 
 EPILOG = """\
 For a source folder (LLaMA / Qwen2 / Mistral) the converted rows preview a conversion with

@@ -9,10 +9,10 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from converter.calibration import read_calibration_text
+from converter.calibration.text import read_calibration_text
 from converter.checkpoint.source import load_tokenizer
 from converter.errors import ConversionError
-from converter.evaluate import agreement, load_model, windows
+from converter.measure.perplexity import agreement, load_model, windows
 
 
 def main(argv: list[str]) -> int:
@@ -50,6 +50,6 @@ def record_verification(dst: Path, data: dict) -> None:
     report = json.loads(report_path.read_text())
     report["verification"] = data
     report_path.write_text(json.dumps(report, indent=2) + "\n")
-    from converter.model_card import refresh_model_card
+    from converter.hub.card import refresh_model_card
 
     refresh_model_card(dst)

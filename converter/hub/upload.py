@@ -18,8 +18,8 @@ from typing import Any
 
 from converter import __version__
 from converter.errors import ConversionError
+from converter.hub.card import LOCAL_MODEL_REF
 from converter.hub.validate import CARD_FILE, HUB_ID, validate_folder
-from converter.model_card import LOCAL_MODEL_REF
 
 log = logging.getLogger(__name__)
 # Above this, huggingface_hub 1.x's resumable multi-commit ``upload_large_folder`` is used where

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from transmla_vllm.format import (
+from transmla_vllm.checkpoint_format import (
     ARCHITECTURE,
     ATTN_TENSORS,
     DENSE_TENSORS,

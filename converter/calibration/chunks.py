@@ -1,38 +1,15 @@
-"""Calibration text: files or folders of UTF-8 text -> fixed-length token chunks."""
+"""Token chunks: tokenised text cut into fixed-length rows that start with BOS (calibration and
+evaluation share it, so both see text the way the model saw it in training)."""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 
 from converter.errors import ConversionError
 
 log = logging.getLogger(__name__)
-TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
-
-
-def read_calibration_text(path: str | Path) -> tuple[str, list[str]]:
-    """UTF-8 text of a file, or of every text file under a folder (sorted, for reproducibility)."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        if not files:
-            raise ConversionError(f"calibration folder {path} holds no {TEXT_SUFFIXES} files")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise ConversionError(f"calibration text {path} does not exist")
-    parts = []
-    for f in files:
-        try:
-            parts.append(f.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as exc:
-            raise ConversionError(f"calibration file {f} is not UTF-8 text ({exc.reason})") from exc
-    return "\n\n".join(parts), [str(f) for f in files]
-
-
 def body_length(tokenizer, seqlen: int) -> int:
     """Text tokens per chunk of ``seqlen``: one fewer when a BOS token leads it."""
     return seqlen - (1 if getattr(tokenizer, "bos_token_id", None) is not None else 0)

@@ -19,8 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from converter import __version__
-from converter.calib_sources import CalibrationInput, load_documents
-from converter.calibration import token_chunks
+from converter.calibration.chunks import token_chunks
+from converter.calibration.text import CalibrationInput, load_documents
 from converter.checkpoint.resume import ResumeState, digest, resumable_folder, resume_folder
 from converter.checkpoint.source import load_tokenizer, read_config, resolve_source
 from converter.checkpoint.source_reader import SourceReader
@@ -32,20 +32,20 @@ from converter.checkpoint.writer import (
     parse_size,
     staging_folder,
 )
-from converter.errors import ConversionError
-from converter.layer_convert import LayerResult, convert_layer
-from converter.math.rorope import default_freqfold
-from converter.methods import DEFAULT_METHOD, METHODS
-from converter.model_card import write_model_card
-from converter.sequential import SourceLayers
-from converter.settings import (
+from converter.conversion.layer import LayerResult, convert_layer
+from converter.conversion.methods import DEFAULT_METHOD, METHODS
+from converter.conversion.settings import (
     DTYPES,
     ResolvedSettings,
     check_calibration_sizes,
     resolve_settings,
 )
+from converter.conversion.source_layers import SourceLayers
+from converter.errors import ConversionError
+from converter.hub.card import write_model_card
+from converter.math.rorope import default_freqfold
 from converter.sources.base import SourceSpec, inspect_source
-from transmla_vllm.format import (
+from transmla_vllm.checkpoint_format import (
     DENSE_TENSORS,
     KV_A_BIAS,
     Q_BIAS,

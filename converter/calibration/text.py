@@ -10,11 +10,33 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from converter.calibration import read_calibration_text
 from converter.errors import ConversionError
 
 log = logging.getLogger(__name__)
-BUNDLED = Path(__file__).resolve().parent / "data" / "calibration"
+BUNDLED = Path(__file__).resolve().parent / "data"
+TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
+
+
+def read_calibration_text(path: str | Path) -> tuple[str, list[str]]:
+    """UTF-8 text of a file, or of every text file under a folder (sorted, for reproducibility)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise ConversionError(f"calibration folder {path} holds no {TEXT_SUFFIXES} files")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise ConversionError(f"calibration text {path} does not exist")
+    parts = []
+    for f in files:
+        try:
+            parts.append(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConversionError(f"calibration file {f} is not UTF-8 text ({exc.reason})") from exc
+    return "\n\n".join(parts), [str(f) for f in files]
+
+
 
 
 @dataclass(frozen=True)

@@ -8,17 +8,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from converter.blocked_mlp import use_blocked_mlp
+from converter.conversion.blocked_mlp import use_blocked_mlp
+from converter.conversion.methods import Method
+from converter.conversion.settings import ResolvedSettings
+from converter.conversion.source_layers import SourceLayers, accumulate_gram, batched
 from converter.errors import ConversionError
 from converter.math.assemble import GQAAttention, assemble_mla
 from converter.math.kv_pca import balanced_kv_basis
 from converter.math.refit import ridge_refit
 from converter.math.rorope import key_rotation, valid_freqfolds
-from converter.methods import Method
-from converter.sequential import SourceLayers, accumulate_gram, batched
-from converter.settings import ResolvedSettings
 from converter.sources.base import SourceSpec
-from transmla_vllm.format import DENSE_TENSORS, KV_A_BIAS, Q_BIAS
+from transmla_vllm.checkpoint_format import DENSE_TENSORS, KV_A_BIAS, Q_BIAS
 
 ATTN_ORDER = ("self_attn.q_proj.weight", Q_BIAS, "self_attn.kv_a_proj_with_mqa.weight",
               KV_A_BIAS, "self_attn.kv_b_proj.weight", "self_attn.o_proj.weight")

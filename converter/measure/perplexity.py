@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from converter.calibration import body_length, bos_chunks
+from converter.calibration.chunks import body_length, bos_chunks
 from converter.errors import ConversionError
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from converter.errors import ConversionError
 from converter.sizes import parse_bytes
-from transmla_vllm.format import ARCHITECTURE, MODEL_TYPE, shape_from_config
+from transmla_vllm.checkpoint_format import ARCHITECTURE, MODEL_TYPE, shape_from_config
 from transmla_vllm.shape_adapter import (
     DEEPSEEK_KV_LORA_RANK,
     DEEPSEEK_ROPE_DIM,
@@ -162,7 +162,7 @@ def _geometry(cfg: dict[str, Any], rope_dim: int | None, kv_lora_rank: int) -> _
         arch = (cfg.get("architectures") or [ARCHITECTURE])[0]
         return _Geometry("converted", arch, layers, kv_heads, head_dim, rho, r,
                          f"converted latent {rho} + rope {r}")
-    from converter.settings import resolve_settings
+    from converter.conversion.settings import resolve_settings
     from converter.sources.base import inspect_source
 
     spec = inspect_source(cfg)

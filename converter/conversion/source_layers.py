@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from converter.blocked_mlp import use_blocked_mlp
 from converter.checkpoint.source_reader import SourceReader
+from converter.conversion.blocked_mlp import use_blocked_mlp
 from converter.sources.base import SourceSpec, adapter_for
 
 LAYER_PARTS = ("input_layernorm.weight", "post_attention_layernorm.weight",
