@@ -128,5 +128,6 @@ def what_serves_it() -> str:
     return (
         f"reconvert with --rope-dim {GPU_PREFILL_ROPE_DIM} (or a divisor of it) and "
         f"--kv-lora-rank at most {DEEPSEEK_KV_LORA_RANK}, or keep it for transformers only "
-        "(--target hf), or serve it with VLLM_MLA_DISABLE=1 (ordinary attention, full per-head KV cache)"
+        "(--target hf), or serve it with VLLM_MLA_DISABLE=1 (ordinary attention, full "
+        "per-head KV cache)"
     )
