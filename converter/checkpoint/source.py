@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from converter.errors import ConversionError
+from transmla_vllm.checkpoint_format import CARD_FILE, CONFIG_FILE
 
 log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "LICENSE*", "README.md"]
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "LICENSE*", CARD_FILE]
 
 
 def resolve_source(src: str, revision: str | None = None) -> Path:
@@ -35,7 +36,7 @@ def resolve_source(src: str, revision: str | None = None) -> Path:
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
+    path = folder / CONFIG_FILE
     if not path.is_file():
         raise ConversionError(f"{folder} has no config.json; pass a transformers model folder")
     try:

@@ -18,36 +18,14 @@ import torch
 from safetensors import safe_open
 
 from converter.errors import ConversionError
-from converter.sources.base import SourceSpec
+from converter.sources.base import SourceSpec, source_tensors
+from transmla_vllm.checkpoint_format import INDEX_FILE as INDEX
+from transmla_vllm.checkpoint_format import LM_HEAD
+from transmla_vllm.checkpoint_format import SINGLE_FILE as SINGLE
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 # safetensors dtype codes the converter reads (anything else is quantized or not a weight)
 FLOAT_CODES = ("F16", "BF16", "F32", "F64")
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def expected_tensors(spec: SourceSpec) -> dict[str, tuple[int, ...]]:
-    """Every tensor a source with this config must hold, with its shape."""
-    D, H, G, d = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
-    inter = spec.intermediate_size
-    per_layer = {
-        "input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,),
-        "self_attn.q_proj.weight": (H * d, D), "self_attn.k_proj.weight": (G * d, D),
-        "self_attn.v_proj.weight": (G * d, D), "self_attn.o_proj.weight": (D, H * d),
-        "mlp.gate_proj.weight": (inter, D), "mlp.up_proj.weight": (inter, D),
-        "mlp.down_proj.weight": (D, inter),
-    }
-    for proj, flag, rows in (("q", spec.q_bias, H * d), ("k", spec.k_bias, G * d),
-                             ("v", spec.v_bias, G * d)):
-        if flag:
-            per_layer[f"self_attn.{proj}_proj.bias"] = (rows,)
-    out = {"model.embed_tokens.weight": (spec.vocab_size, D), "model.norm.weight": (D,)}
-    if not spec.tie_word_embeddings:
-        out["lm_head.weight"] = (spec.vocab_size, D)
-    for i in range(spec.num_layers):
-        out.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
-    return out
 
 
 def _few(names: list[str]) -> str:
@@ -124,14 +102,14 @@ class SourceReader:
 
     def check_against(self, spec: SourceSpec) -> None:
         """Refuse a checkpoint whose tensors do not match its config.json."""
-        want = expected_tensors(spec)
+        want = source_tensors(spec)
         have = {n: s for n, (_, s) in self.headers.items()
                 if not n.endswith(IGNORED_SUFFIXES)
-                and not (spec.tie_word_embeddings and n == "lm_head.weight")}
+                and not (spec.tie_word_embeddings and n == LM_HEAD)}
         missing = sorted(set(want) - set(have), key=_natural)
         if missing:
             hint = (" (config.json has tie_word_embeddings false)"
-                    if "lm_head.weight" in missing else "")
+                    if LM_HEAD in missing else "")
             raise ConversionError(f"the source checkpoint lacks {len(missing)} tensor(s) its "
                                   f"config.json needs: {_few(missing)}{hint}; download the "
                                   "model again or fix config.json")

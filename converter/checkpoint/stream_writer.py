@@ -20,6 +20,7 @@ from typing import BinaryIO
 import torch
 
 from converter.errors import ConversionError
+from transmla_vllm.checkpoint_format import INDEX_FILE, SINGLE_FILE
 
 DTYPE_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 SPACE_MARGIN = 1 << 16  # config, report, card; the tokenizer copy may need more (caught then)
@@ -57,7 +58,7 @@ class StreamingShardWriter:
             groups[-1].append(slot)
             size += slot.nbytes
         count = len(groups)
-        self.shard_names = ["model.safetensors" if count == 1
+        self.shard_names = [SINGLE_FILE if count == 1
                             else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
                             for i in range(count)]
         self.shard_of = {s.name: i for i, g in enumerate(groups) for s in g}
@@ -161,5 +162,5 @@ class StreamingShardWriter:
             index = {"metadata": {"total_size": sum(s.nbytes for s in self.plan)},
                      "weight_map": {s.name: self.shard_names[self.shard_of[s.name]]
                                     for s in sorted(self.plan, key=lambda s: s.name)}}
-            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
         return list(self.shard_names)

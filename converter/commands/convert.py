@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="upload the converted folder to this Hub repo when done (uses HF_TOKEN "
                         "or your saved login; see `python -m converter upload --help`)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: private repo")
+    p.add_argument("--base-model", metavar="OWNER/NAME", default=None,
+                   help="Hub id of the source, recorded in config.json and the card's "
+                        "base_model so the Hub links the conversion to it (automatic when "
+                        "--src is a Hub id; needed for a local folder)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
     p.add_argument("--resume", action="store_true",
                    help="build the output in .DST.resume next to --dst and keep it if the run "
@@ -121,7 +125,7 @@ def main(argv: list[str]) -> int:
         calib_chat=args.calib_chat, calib_samples=args.calib_samples,
         calib_seqlen=args.calib_seqlen, dtype=args.dtype, device=args.device,
         max_shard_size=args.max_shard_size, overwrite=args.overwrite, revision=args.revision,
-        method=args.method, resume=args.resume)
+        method=args.method, resume=args.resume, base_model=args.base_model)
     dst = None
     try:
         with _signals_as_interrupts():
@@ -188,6 +192,10 @@ def _preflight(args: argparse.Namespace) -> None:
 
     check_calibration_sizes(args.calib_samples, args.calib_seqlen)
     parse_size(args.max_shard_size)
+    if args.base_model is not None:
+        from converter.hub.ids import check_base_model
+
+        check_base_model(args.base_model)
     check_destination(Path(args.dst), args.overwrite, src=args.src)
 
 

@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "prefer HF_TOKEN, a flag is visible in the process list")
     p.add_argument("--exist-ok", action=argparse.BooleanOptionalAction, default=True,
                    help="upload into an existing repo (default); --no-exist-ok refuses")
+    p.add_argument("--base-model", metavar="OWNER/NAME", default=None,
+                   help="Hub id of the source model, written into the uploaded card's "
+                        "base_model so the Hub links the conversion to it (needed when the "
+                        "folder was converted from a local --src)")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     return p
 
@@ -47,6 +51,6 @@ def main(argv: list[str]) -> int:
     from converter.hub.upload import push_folder
 
     url = push_folder(folder, args.repo_id, private=args.private, revision=args.revision,
-                      token=args.token, exist_ok=args.exist_ok)
+                      token=args.token, exist_ok=args.exist_ok, base_model=args.base_model)
     print(url)
     return 0

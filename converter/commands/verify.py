@@ -13,6 +13,7 @@ from converter.calibration.text import read_calibration_text
 from converter.checkpoint.source import load_tokenizer
 from converter.errors import ConversionError
 from converter.measure.perplexity import agreement, load_model, windows
+from transmla_vllm.checkpoint_format import REPORT_FILE
 
 
 def main(argv: list[str]) -> int:
@@ -44,9 +45,9 @@ def main(argv: list[str]) -> int:
 
 
 def record_verification(dst: Path, data: dict) -> None:
-    report_path = dst / "transmla_report.json"
+    report_path = dst / REPORT_FILE
     if not report_path.is_file():
-        raise ConversionError(f"{dst} has no transmla_report.json; is it a converted folder?")
+        raise ConversionError(f"{dst} has no {REPORT_FILE}; is it a converted folder?")
     report = json.loads(report_path.read_text())
     report["verification"] = data
     report_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""Conversion methods: what the calibration sees and what is refit after the PCA.
+"""Conversion methods: which calibration stream a method reads, and its list of stages.
 
 ``transmla`` is the method as published: statistics from the source model's own hidden states,
 plain RoRoPE + balanced PCA, no compensation. ``refit`` (the default) adds a closed-form
@@ -11,6 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from converter.conversion.stages import (
+    RefitOProj,
+    Stage,
+    assemble,
+    choose_freqfold,
+    kv_statistics,
+    propagate_converted,
+)
+
 
 @dataclass(frozen=True)
 class Method:
@@ -18,26 +27,48 @@ class Method:
     # "source": calibrate layer i on the source model's hidden states (published);
     # "converted": on the converted model's, so each layer sees the errors of the ones before.
     inputs: str
-    # o_proj least-squares refit target: None (no refit); "local": the source attention on the
-    # same inputs; "global": the source attention on the source stream plus the drift of the
-    # converted stream, so the refit also pulls the residual stream back toward the source.
-    refit_o: str | None
-    ridge: float = 1e-3
+    stages: tuple[Stage, ...]
     description: str = ""
 
+    @property
+    def carries_converted_stream(self) -> bool:
+        return self.inputs == "converted"
 
+
+_CLOSED_FORM = (kv_statistics, choose_freqfold, assemble)
 METHODS = {
-    m.name: m for m in (
-        Method("transmla", "source", None,
-               description="the published method: RoRoPE + balanced KV PCA on source activations"),
-        Method("sequential", "converted", None,
-               description="calibrate each layer on the converted model's hidden states"),
-        Method("refit", "source", "local",
-               description="published statistics + least-squares o_proj refit per layer"),
-        Method("sequential-refit", "converted", "local",
-               description="converted-stream calibration + local o_proj refit"),
-        Method("sequential-global", "converted", "global",
-               description="converted-stream calibration + o_proj refit toward the source stream"),
+    m.name: m
+    for m in (
+        Method(
+            "transmla",
+            "source",
+            _CLOSED_FORM,
+            "the published method: RoRoPE + balanced KV PCA on source activations",
+        ),
+        Method(
+            "sequential",
+            "converted",
+            (*_CLOSED_FORM, propagate_converted),
+            "calibrate each layer on the converted model's hidden states",
+        ),
+        Method(
+            "refit",
+            "source",
+            (*_CLOSED_FORM, RefitOProj("local")),
+            "published statistics + least-squares o_proj refit per layer",
+        ),
+        Method(
+            "sequential-refit",
+            "converted",
+            (*_CLOSED_FORM, RefitOProj("local"), propagate_converted),
+            "converted-stream calibration + local o_proj refit",
+        ),
+        Method(
+            "sequential-global",
+            "converted",
+            (*_CLOSED_FORM, RefitOProj("global"), propagate_converted),
+            "converted-stream calibration + o_proj refit toward the source stream",
+        ),
     )
 }
 DEFAULT_METHOD = "refit"

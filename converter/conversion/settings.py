@@ -11,13 +11,17 @@ from converter.errors import ConversionError
 from converter.math.kv_pca import max_rank
 from converter.math.rorope import check_rope_settings, default_freqfold, valid_freqfolds
 from converter.sources.base import SourceSpec
+from transmla_vllm.backends import (
+    FLASH_ATTN_PREFILL_SHAPES,
+    MLA_HEAD_SIZES,
+    gpu_prefill_rope,
+    gpu_serving_problem,
+    prefill_fits,
+    what_serves_it,
+)
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# rho + r sizes vLLM's MLA backends accept; smaller latents are zero-padded up at load time.
-VLLM_LATENT_SIZES = (320, 512, 576)
-# the (latent, rope) split DeepSeek-shaped kernels (CPU, FlashMLA, FA-MLA) are compiled for
-DEEPSEEK_SPLIT = (512, 64)
 
 
 @dataclass(frozen=True)
@@ -41,32 +45,35 @@ def check_calibration_sizes(samples: int, seqlen: int) -> None:
                               "one token of text)")
 
 
-def vllm_serving_notes(rank: int, rope: int, head_dim: int) -> list[str]:
-    """Which vLLM MLA backends can serve latent ``rank`` + rope ``rope`` once the plugin
-    zero-pads it at load (see transmla_vllm/shape_adapter.py); empty when all of them can."""
-    top = max(VLLM_LATENT_SIZES)
-    if rank + rope > top:
-        return [f"latent {rank} + rope {rope} = {rank + rope} exceeds {top}: no vLLM MLA backend "
-                "can serve it, even padded; serve with VLLM_MLA_DISABLE=1 (full per-head KV "
-                f"cost) or lower --kv-lora-rank to at most {top - rope}"]
-    notes = []
-    if rank > DEEPSEEK_SPLIT[0] or DEEPSEEK_SPLIT[1] % rope:
-        notes.append(
-            f"latent {rank} + rope {rope} cannot be padded to the {DEEPSEEK_SPLIT[0]} + "
-            f"{DEEPSEEK_SPLIT[1]} split that the CPU, FlashMLA and FlashAttention-MLA backends "
-            "need (that takes rope dividing 64 and latent <= 512); only TRITON_MLA (GPU, "
-            "--attention-backend TRITON_MLA) can serve it, or VLLM_MLA_DISABLE=1")
-    if head_dim > 192:
-        notes.append(f"head_dim {head_dim} is above 192, the largest nope size of vLLM's Hopper "
-                     "MLA prefill kernels with a rope key; on H100/H200 serve with "
-                     "VLLM_MLA_DISABLE=1")
-    return notes
+def check_vllm_servable(rank: int, rope: int, head_dim: int, target: str) -> None:
+    """With ``--target vllm``, refuse a shape no GPU can serve as MLA (the prefill kernels of
+    every NVIDIA GPU need rope 64; see transmla_vllm/backends.py); warn about the rest."""
+    problem = gpu_serving_problem(rank, rope)
+    if problem is not None:
+        if target == "vllm":
+            raise ConversionError(f"{problem}; {what_serves_it()}")
+        log.warning("--target hf: %s (fine for transformers)", problem)
+    if not prefill_fits(head_dim, FLASH_ATTN_PREFILL_SHAPES):
+        log.warning(
+            "head_dim %d is above the nope/v sizes of vLLM's GPU MLA prefill kernels with a "
+            "rope key (at most 192): on NVIDIA GPUs serve with VLLM_MLA_DISABLE=1",
+            head_dim,
+        )
 
 
-def _auto_rope_dim(head_dim: int, elements: int) -> int:
-    """Largest even divisor of head_dim that is <= 64 and <= a quarter of the budget: the rope
-    key needs enough pairs for positions, the latent needs most of the budget for content."""
+def _rope_options(head_dim: int, target: str) -> list[int]:
+    """Even divisors of head_dim up to 64; with --target vllm only those a GPU prefill can
+    serve (dividing 64, zero-padded to it at load)."""
     options = [r for r in range(2, min(64, head_dim) + 1, 2) if head_dim % r == 0]
+    if target == "vllm":
+        options = [r for r in options if gpu_prefill_rope(r) is not None]
+    return options
+
+
+def _auto_rope_dim(head_dim: int, elements: int, target: str) -> int:
+    """Largest rope option that is <= a quarter of the budget: the rope key needs enough pairs
+    for positions, the latent needs most of the budget for content."""
+    options = _rope_options(head_dim, target)
     fitting = [r for r in options if 4 * r <= elements]
     return max(fitting) if fitting else min(options)
 
@@ -84,11 +91,11 @@ def _budget_elements(spec: SourceSpec, kv_budget: float | None, kv_elements: int
     if wanted < 2:
         raise ConversionError(f"a KV budget of {wanted} elements per token is too small")
     if target == "vllm":
-        sizes = [n for n in VLLM_LATENT_SIZES if n <= wanted]
+        sizes = [n for n in MLA_HEAD_SIZES if n <= wanted]
         if not sizes:
             raise ConversionError(
                 f"a budget of {wanted} elements per token per layer is below the smallest size "
-                f"vLLM's MLA backends serve ({min(VLLM_LATENT_SIZES)}); raise the budget, or "
+                f"vLLM's MLA backends serve ({min(MLA_HEAD_SIZES)}); raise the budget, or "
                 "pass --target hf for a free size (vLLM then zero-pads it at load)")
         if sizes[-1] != wanted:
             log.info("--target vllm: budget %d elements -> %d, the largest size vLLM's MLA "
@@ -116,11 +123,15 @@ def resolve_settings(spec: SourceSpec, rope_dim: int | None, kv_lora_rank: int |
     if rope_dim is not None:
         r = rope_dim
     elif budget is not None:
-        r = _auto_rope_dim(d, budget)
+        r = _auto_rope_dim(d, budget, target)
         log.info("rope dim %d chosen for a budget of %d elements (largest divisor of head_dim "
-                 "%d that is <= 64 and <= budget/4)", r, budget, d)
+                 "%d that is <= 64%s and <= budget/4)", r, budget, d,
+                 ", divides 64" if target == "vllm" else "")
     else:
-        r = min(64, d)
+        r = max(_rope_options(d, target))
+        if r != min(64, d):
+            log.info("rope dim %d: the largest divisor of head_dim %d that divides 64, the rope "
+                     "size vLLM's GPU prefill kernels serve (--target hf: any)", r, d)
     # default: "auto", the best FreqFold per layer on held-out chunks (docs/benchmarks.md)
     if freqfold == "smallest":
         freqfold = default_freqfold(d, r)
@@ -139,8 +150,7 @@ def resolve_settings(spec: SourceSpec, rope_dim: int | None, kv_lora_rank: int |
         log.warning("kv_lora_rank %d exceeds 2L - r = %d for this model (L = %d); clipped to "
                     "%d, which keeps [K_nope; V] whole", rank, limit, spec.kv_width, limit)
         rank = limit
-    for note in vllm_serving_notes(rank, r, d):
-        log.warning("%s", note)
+    check_vllm_servable(rank, r, d, target)
     out = dtype or spec.torch_dtype
     if dtype is None and out == "float64":
         log.info("source weights are float64; writing float32 (pass --dtype to choose)")

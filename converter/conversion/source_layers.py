@@ -18,13 +18,8 @@ from torch import nn
 
 from converter.checkpoint.source_reader import SourceReader
 from converter.conversion.blocked_mlp import use_blocked_mlp
-from converter.sources.base import SourceSpec, adapter_for
-
-LAYER_PARTS = ("input_layernorm.weight", "post_attention_layernorm.weight",
-               "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
-               "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-               "self_attn.o_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.bias",
-               "self_attn.v_proj.bias")
+from converter.sources.base import SourceSpec, adapter_for, source_layer_tensors
+from transmla_vllm.checkpoint_format import EMBED, layer_prefix
 
 
 class SourceLayers:
@@ -47,7 +42,7 @@ class SourceLayers:
 
     def embed(self, chunks: torch.Tensor) -> torch.Tensor:
         """Rows of the embedding table, in fp32 (the table itself stays in its own dtype)."""
-        table = self.reader.get("model.embed_tokens.weight", dtype=None)
+        table = self.reader.get(EMBED, dtype=None)
         rows = table[chunks].to(torch.float32)
         del table
         self.reader.release()
@@ -56,10 +51,10 @@ class SourceLayers:
     def layer(self, i: int) -> nn.Module:
         """Attention and norms in fp32; the MLP (two thirds of the layer) stays as stored,
         memory-mapped, and runs blocked (converter/blocked_mlp.py)."""
-        prefix = f"model.layers.{i}."
+        prefix = layer_prefix(i)
         state = {part: self.reader.get(prefix + part,
                                        dtype=None if part.startswith("mlp.") else torch.float32)
-                 for part in LAYER_PARTS if self.reader.has(prefix + part)}
+                 for part in source_layer_tensors(self.spec)}
         with torch.device("meta"):
             layer = self.layer_cls(self.config, i)
         layer.load_state_dict(state, strict=True, assign=True)

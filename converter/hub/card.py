@@ -10,15 +10,15 @@ plain Markdown written from config.json's ``transmla`` block and the conversion 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from converter.hub.ids import source_hub_id
 from converter.sources.base import SourceSpec
+from transmla_vllm.backends import BACKENDS, served_elements, what_serves_it
+from transmla_vllm.checkpoint_format import CARD_FILE, CONFIG_FILE, REPORT_FILE
 
-CARD_FILE = "README.md"
-REPORT_FILE = "transmla_report.json"
 TAGS = ["mla", "transmla", "vllm", "deepseek_v3"]
 # The Hub accepts base_model_relation adapter / merge / quantized / finetune. A TransMLA
 # conversion is a calibration-based, post-training compression of the source's own weights (no
@@ -29,8 +29,6 @@ TAGS = ["mla", "transmla", "vllm", "deepseek_v3"]
 BASE_MODEL_RELATION = "quantized"
 # Usage snippets name the model by this until its Hub id is known; push_folder swaps in the id.
 LOCAL_MODEL_REF = "path/to/this-model"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-CACHE_DIR = re.compile(r"^models--(?P<owner>.+?)--(?P<name>.+)$")  # huggingface_hub cache
 LICENSE_KEYS = ("license", "license_name", "license_link")
 LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md")
 # Keys of the ``verification`` dict (``python -m converter verify --write-card`` stores it in
@@ -44,7 +42,6 @@ VERIFICATION_ROWS = (
     ("ctx", "context per window", "{:,}"),
     ("text", "evaluation text", "`{}`"),
 )
-MLA_SERVED_SIZE = 576  # kv_lora_rank + rope that most vLLM MLA backends (CPU included) require
 
 
 @dataclass(frozen=True)
@@ -66,20 +63,6 @@ class SourceInfo:
         return f"the local folder `{self.name}`"
 
 
-def source_hub_id(src_arg: str, src_path: Path | str) -> str | None:
-    """The source's Hub id, or None for a local folder that is not a Hub cache snapshot.
-
-    The Hub rejects a base_model that is not a model id, so a local path never goes in the YAML.
-    """
-    if not Path(src_arg).expanduser().exists() and HUB_ID.match(src_arg):
-        return src_arg
-    for part in Path(src_path).expanduser().resolve().parts:  # models--owner--name/snapshots
-        m = CACHE_DIR.match(part)
-        if m:
-            return f"{m['owner']}/{m['name']}"
-    return None
-
-
 def _name(hub_id: str | None, src_arg: str) -> str:
     return hub_id.split("/")[-1] if hub_id else Path(src_arg.rstrip("/")).name or "model"
 
@@ -99,7 +82,7 @@ def source_license(src_path: Path) -> dict[str, str]:
         found = {k: str(meta[k]) for k in LICENSE_KEYS if meta.get(k)}
         if "license" in found:
             return found
-    config = Path(src_path) / "config.json"
+    config = Path(src_path) / CONFIG_FILE
     try:
         value = json.loads(config.read_text()).get("license")
     except (OSError, ValueError, AttributeError):
@@ -135,11 +118,21 @@ def _kv_section(config: dict[str, Any], summary: dict[str, Any]) -> str:
         "",
         f"Reduction: **{100 * reduction:.1f}%** ({before / after:.2f}x less KV cache per token).",
     ]
-    if after < MLA_SERVED_SIZE:
-        lines += ["", f"vLLM's MLA kernels need kv_lora_rank + rope in 320 / 512 / 576 and most "
-                  f"backends (CPU included) only 512 + 64, so vLLM zero-pads this {after}-wide "
-                  f"cache entry when loading (exactly, no quality change) and allocates up to "
-                  f"{MLA_SERVED_SIZE} elements per token and layer."]
+    rank, rope = int(config["kv_lora_rank"]), int(config["qk_rope_head_dim"])
+    served: dict[int | None, list[str]] = {}
+    for backend in BACKENDS:
+        served.setdefault(served_elements(rank, rope, backend.name), []).append(backend.name)
+    if set(served) != {after}:
+        where = "; ".join(
+            f"{n} on {', '.join(names)}" for n, names in sorted(served.items(), key=str) if n
+        )
+        lines += ["", f"vLLM's MLA kernels take only a few cache-entry sizes, so the plugin "
+                  f"zero-pads this {after}-wide cache entry when loading (exactly, no quality "
+                  f"change) to what the chosen backend serves: {where} elements per token and "
+                  "layer."]
+        if None in served:
+            lines += ["", f"Not served as MLA by {', '.join(served[None])}: "
+                      f"{what_serves_it()}."]
     return "\n".join(lines) + "\n"
 
 
@@ -268,7 +261,7 @@ def build_model_card(spec: SourceSpec, config: dict[str, Any], summary: dict[str
                      src_arg: str, src_path: Path, *, verification: dict[str, Any] | None = None,
                      repo_id: str | None = None, folder: Path | None = None):
     """The card as a ``huggingface_hub.ModelCard`` (metadata validated by its parser)."""
-    hub_id = source_hub_id(src_arg, src_path)
+    hub_id = (config.get("transmla") or {}).get("base_model") or source_hub_id(src_arg, src_path)
     source = SourceInfo(hub_id, _name(hub_id, src_arg), spec.architecture, spec.num_heads,
                         spec.num_kv_heads, spec.head_dim)
     meta: dict[str, Any] = {"base_model": hub_id, **source_license(src_path)}
@@ -296,14 +289,16 @@ def write_model_card(folder: Path, spec: SourceSpec, config: dict[str, Any],
     card.save(Path(folder) / CARD_FILE)
 
 
-def refresh_model_card(folder: Path, *, repo_id: str | None = None) -> None:
-    """Rewrite ``folder``'s README.md from its config.json and transmla_report.json (e.g. after
-    ``verify`` stored figures in the report), keeping the card's metadata (base model, license,
-    anything a user added). The body is regenerated: edits to it are lost."""
+def render_model_card(folder: Path, *, repo_id: str | None = None,
+                      base_model: str | None = None):
+    """``folder``'s card rebuilt from its config.json and transmla_report.json, keeping the
+    current card's metadata (license, anything a user added). ``base_model`` (a Hub id) names
+    the source; otherwise the card's, the config's ``transmla.base_model`` or a Hub id given as
+    --src is used."""
     from huggingface_hub.repocard import metadata_load
 
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / CONFIG_FILE).read_text())
     report = folder / REPORT_FILE
     summary = json.loads(report.read_text()) if report.is_file() else {}
     card = folder / CARD_FILE
@@ -313,15 +308,22 @@ def refresh_model_card(folder: Path, *, repo_id: str | None = None) -> None:
         meta = {}
     tm = config.get("transmla") or {}
     bases = meta.get("base_model")
-    hub_id = bases if isinstance(bases, str) else (bases[0] if bases else None)
+    hub_id = base_model or (bases if isinstance(bases, str) else (bases[0] if bases else None))
     src_arg = str(tm.get("source") or "")
-    if hub_id is None and src_arg:
-        hub_id = source_hub_id(src_arg, src_arg)
-        if hub_id:
-            meta.update(base_model=hub_id, base_model_relation=BASE_MODEL_RELATION)
+    if hub_id is None:
+        hub_id = tm.get("base_model") or (source_hub_id(src_arg, src_arg) if src_arg else None)
+    if hub_id and (base_model or not bases):
+        meta.update(base_model=hub_id, base_model_relation=BASE_MODEL_RELATION)
     source = SourceInfo(hub_id, _name(hub_id, src_arg or "model"),
                         str(tm.get("source_architecture", "the source architecture")),
                         config.get("num_attention_heads"), tm.get("source_kv_heads"),
                         tm.get("source_head_dim"))
-    _render(source, config, summary, meta, summary.get("verification"), repo_id,
-            _licence_file(folder)).save(card)
+    return _render(source, config, summary, meta, summary.get("verification"), repo_id,
+                   _licence_file(folder))
+
+
+def refresh_model_card(folder: Path, *, repo_id: str | None = None) -> None:
+    """Rewrite ``folder``'s README.md from its config.json and transmla_report.json (e.g. after
+    ``verify`` stored figures in the report), keeping the card's metadata (base model, license,
+    anything a user added). The body is regenerated: edits to it are lost."""
+    render_model_card(folder, repo_id=repo_id).save(Path(folder) / CARD_FILE)

@@ -18,8 +18,10 @@ from typing import Any
 
 from converter import __version__
 from converter.errors import ConversionError
-from converter.hub.card import LOCAL_MODEL_REF
-from converter.hub.validate import CARD_FILE, HUB_ID, validate_folder
+from converter.hub.card import LOCAL_MODEL_REF, render_model_card
+from converter.hub.ids import HUB_ID, check_base_model
+from converter.hub.validate import validate_folder
+from transmla_vllm.checkpoint_format import CARD_FILE
 
 log = logging.getLogger(__name__)
 # Above this, huggingface_hub 1.x's resumable multi-commit ``upload_large_folder`` is used where
@@ -64,12 +66,15 @@ def _offline() -> bool:
 
 
 @contextmanager
-def upload_view(folder: Path, repo_id: str) -> Iterator[Path]:
-    """``folder`` itself, or a temporary mirror of links with the card's placeholder model
-    reference replaced by ``repo_id`` (so the Hub card's usage snippets are copy-paste ready)."""
+def upload_view(folder: Path, repo_id: str, base_model: str | None = None) -> Iterator[Path]:
+    """``folder`` itself, or a temporary mirror of links whose card names ``repo_id`` instead of
+    the local placeholder (so the Hub card's usage snippets are copy-paste ready) and, when
+    given, ``base_model`` as the source (so the Hub links the conversion to it)."""
     card = folder / CARD_FILE
     text = card.read_text(encoding="utf-8") if card.is_file() else ""
-    if LOCAL_MODEL_REF not in text:
+    if base_model:
+        text = str(render_model_card(folder, base_model=base_model))
+    elif LOCAL_MODEL_REF not in text:
         yield folder
         return
     with tempfile.TemporaryDirectory(prefix="transmla-upload-") as tmp:
@@ -118,19 +123,22 @@ def _describe(exc: BaseException, token: str) -> str:
 
 def push_folder(folder: Path, repo_id: str, *, private: bool = False,
                 revision: str | None = None, token: str | None = None,
-                exist_ok: bool = True) -> str:
+                exist_ok: bool = True, base_model: str | None = None) -> str:
     """Validate ``folder``, create ``repo_id`` (a model repo) and upload the folder; return the
     repo URL.
 
     ``private`` only applies when the repo is created (False keeps the namespace default);
     ``revision`` is a branch, created from main when absent; ``exist_ok=False`` refuses to
-    upload into an existing repo. The endpoint is HF_ENDPOINT when set.
+    upload into an existing repo; ``base_model`` (a Hub id) names the source in the uploaded
+    card. The endpoint is HF_ENDPOINT when set.
     """
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     folder = Path(folder)
     check_repo_id(repo_id)
+    if base_model is not None:
+        check_base_model(base_model)
     token = resolve_token(token)
     if _offline():
         raise ConversionError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it")
@@ -147,7 +155,7 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False,
             step = f"creating branch {revision}"
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         step = "uploading the files"
-        with upload_view(folder, repo_id) as view:
+        with upload_view(folder, repo_id, base_model) as view:
             size = _folder_bytes(view)
             log.info("uploading %s (%.2f GB) to %s", folder, size / 1e9, url)
             _upload(api, view, repo_id, revision=revision, private=private, size=size)

@@ -9,26 +9,22 @@ tokenizer files and the card.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
+from converter.hub.ids import HUB_ID
 from transmla_vllm.checkpoint_format import (
     ARCHITECTURE,
-    ATTN_TENSORS,
-    DENSE_TENSORS,
+    CARD_FILE,
+    CONFIG_FILE,
     FORMAT_VERSION,
-    KV_A_BIAS,
+    INDEX_FILE,
     MODEL_TYPE,
-    Q_BIAS,
     REMOTE_CODE_FILE,
-    layer_prefix,
+    SINGLE_FILE,
+    CheckpointLayout,
 )
 
-CONFIG_FILE = "config.json"
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-CARD_FILE = "README.md"
 # Fields the vLLM plugin and the remote code read; transformers fills defaults for some of them
 # (kv_lora_rank=512, ...), so they are checked in the raw JSON, not in the loaded config.
 REQUIRED_CONFIG_FIELDS = ("hidden_size", "num_attention_heads", "num_hidden_layers",
@@ -37,7 +33,6 @@ REQUIRED_CONFIG_FIELDS = ("hidden_size", "num_attention_heads", "num_hidden_laye
 REQUIRED_TRANSMLA_FIELDS = ("format_version", "q_bias", "kv_a_bias", "latent_norm", "method",
                             "rope_dim", "kv_lora_rank")
 BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def validate_folder(folder: Path | str) -> list[str]:
@@ -170,40 +165,10 @@ def _check_weights(folder: Path, problems: list[str]
     return set(weight_map) | set(shapes), shapes
 
 
-def expected_tensors(config: dict[str, Any]) -> set[str]:
-    """The tensor names a converted checkpoint with this config.json must hold, no more."""
-    tm = config.get("transmla") or {}
-    names = {"model.embed_tokens.weight", "model.norm.weight"}
-    for i in range(int(config["num_hidden_layers"])):
-        per_layer = list(ATTN_TENSORS) + list(DENSE_TENSORS)
-        if tm.get("q_bias"):
-            per_layer.append(Q_BIAS)
-        if tm.get("kv_a_bias"):
-            per_layer.append(KV_A_BIAS)
-        names |= {layer_prefix(i) + t for t in per_layer}
-    if not config.get("tie_word_embeddings"):
-        names.add("lm_head.weight")
-    return names
-
-
-def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Shapes per layer-relative attention tensor name (kept compact: padding is at load)."""
-    heads, hidden = config["num_attention_heads"], config["hidden_size"]
-    rank, rope = config["kv_lora_rank"], config["qk_rope_head_dim"]
-    nope, v = config["qk_nope_head_dim"], config["v_head_dim"]
-    return {
-        "self_attn.q_proj.weight": (heads * (nope + rope), hidden),
-        "self_attn.kv_a_proj_with_mqa.weight": (rank + rope, hidden),
-        "self_attn.kv_b_proj.weight": (heads * (nope + v), rank),
-        "self_attn.o_proj.weight": (hidden, heads * v),
-        Q_BIAS: (heads * (nope + rope),),
-        KV_A_BIAS: (rank + rope,),
-    }
-
-
 def _check_tensors(config: dict[str, Any], names: set[str],
                    shapes: dict[str, tuple[int, ...]], problems: list[str]) -> None:
-    expected = expected_tensors(config)
+    want = CheckpointLayout.from_config(config).tensors()
+    expected = set(want)
     missing, extra = expected - names, names - expected
     if missing:
         problems.append(f"{len(missing)} tensor(s) the config implies are missing: "
@@ -211,16 +176,8 @@ def _check_tensors(config: dict[str, Any], names: set[str],
     if extra:
         problems.append(f"{len(extra)} tensor(s) the config does not imply (vLLM's strict "
                         f"load would refuse them): {_preview(extra)}")
-    want = _expected_shapes(config)
-    wrong = []
-    for name, shape in shapes.items():
-        suffix = name.split(".", 3)[-1] if name.startswith("model.layers.") else None
-        if suffix in want and shape != want[suffix]:
-            wrong.append(f"{name} {list(shape)} (config implies {list(want[suffix])})")
-    embed = shapes.get("model.embed_tokens.weight")
-    if embed is not None and embed != (config["vocab_size"], config["hidden_size"]):
-        wrong.append(f"model.embed_tokens.weight {list(embed)} (config implies "
-                     f"{[config['vocab_size'], config['hidden_size']]})")
+    wrong = [f"{name} {list(shape)} (config implies {list(want[name])})"
+             for name, shape in shapes.items() if name in want and shape != want[name]]
     if wrong:
         problems.append(f"{len(wrong)} tensor(s) disagree with config.json: "
                         + "; ".join(wrong[:4]) + (" ..." if len(wrong) > 4 else ""))

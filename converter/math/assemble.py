@@ -13,6 +13,7 @@ import torch
 
 from converter.math.kv_pca import LatentBasis
 from converter.math.rorope import KeyRotation
+from transmla_vllm.checkpoint_format import KV_A_BIAS, KV_A_PROJ, KV_B_PROJ, O_PROJ, Q_BIAS, Q_PROJ
 
 
 @dataclass(frozen=True)
@@ -78,13 +79,13 @@ def assemble_mla(src: GQAAttention, rotation: KeyRotation, latent: LatentBasis,
         kv_b[(2 * h + 1) * d:(2 * h + 2) * d] = r_val[block]
 
     out = {
-        "self_attn.q_proj.weight": q_w,
-        "self_attn.kv_a_proj_with_mqa.weight": kv_a_w.to(out_dtype),
-        "self_attn.kv_b_proj.weight": kv_b.to(out_dtype),
-        "self_attn.o_proj.weight": src.o_weight.to(out_dtype),
+        Q_PROJ: q_w,
+        KV_A_PROJ: kv_a_w.to(out_dtype),
+        KV_B_PROJ: kv_b.to(out_dtype),
+        O_PROJ: src.o_weight.to(out_dtype),
     }
     if src.q_bias is not None:
-        out["self_attn.q_proj.bias"] = q_b.to(out_dtype)
+        out[Q_BIAS] = q_b.to(out_dtype)
     if src.k_bias is not None or src.v_bias is not None:
-        out["self_attn.kv_a_proj_with_mqa.bias"] = kv_a_b.to(out_dtype)
+        out[KV_A_BIAS] = kv_a_b.to(out_dtype)
     return out

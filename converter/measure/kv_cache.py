@@ -1,10 +1,10 @@
 """KV cache arithmetic for ``python -m converter inspect``: bytes per token and what fits.
 
 Pure functions over config.json dicts, no vLLM import, so the numbers can be checked anywhere
-(and before a GPU is rented). The served sizes mirror the load-time padding of
-``transmla_vllm.shape_adapter`` by importing its constants: fixed-shape MLA kernels (CPU_MLA,
-FlashMLA, FlashAttention-MLA) serve only latent 512 + rope 64; TRITON_MLA takes the smallest
-accepted head size >= latent + rope.
+(and before a GPU is rented). What each backend serves comes from ``transmla_vllm.backends``
+(the plugin pads to the same sizes at load): fixed-shape kernels serve only latent 512 + rope
+64; TRITON_MLA takes the smallest accepted head size, with the rope padded to 64 as every GPU
+prefill kernel needs.
 """
 
 from __future__ import annotations
@@ -16,20 +16,11 @@ from typing import Any
 
 from converter.errors import ConversionError
 from converter.sizes import parse_bytes
-from transmla_vllm.checkpoint_format import ARCHITECTURE, MODEL_TYPE, shape_from_config
-from transmla_vllm.shape_adapter import (
-    DEEPSEEK_KV_LORA_RANK,
-    DEEPSEEK_ROPE_DIM,
-    FLEXIBLE_SPLIT_BACKENDS,
-    MLA_HEAD_SIZES,
-)
+from transmla_vllm.backends import BACKENDS, GPU_PREFILL_ROPE_DIM, served_split
+from transmla_vllm.checkpoint_format import ARCHITECTURE, CONFIG_FILE, MODEL_TYPE, shape_from_config
 
 # Bytes per cache element for the dtypes vLLM can hold a KV cache in (fp8: --kv-cache-dtype).
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
-# Backends listed by inspect: the fixed 512 + 64 kernels (Hopper's first two picks, CPU), then
-# the flexible one.
-FIXED_SPLIT_BACKENDS = ("FLASH_ATTN_MLA", "FLASHMLA", "CPU_MLA")
-BACKENDS = (*FIXED_SPLIT_BACKENDS, *sorted(FLEXIBLE_SPLIT_BACKENDS))
 
 
 @dataclass(frozen=True)
@@ -78,22 +69,6 @@ def dtype_bytes(dtype: str) -> int:
         raise ConversionError(f"--dtype {dtype!r} is not one of {sorted(DTYPE_BYTES)}") from None
 
 
-def served_elements(kv_lora_rank: int, rope_dim: int, backend: str) -> int | None:
-    """Cache elements per token per layer after the plugin's zero padding, or None.
-
-    Fixed-split kernels are compiled for 512 + 64: a smaller latent gets zero rows and a rope
-    dividing 64 is slot-interleaved up to 64. TRITON_MLA keeps the split and only pads the
-    latent to the smallest accepted head size.
-    """
-    if backend in FLEXIBLE_SPLIT_BACKENDS:
-        fits = [h for h in MLA_HEAD_SIZES if h >= kv_lora_rank + rope_dim]
-        return fits[0] if fits else None
-    if kv_lora_rank <= DEEPSEEK_KV_LORA_RANK and rope_dim <= DEEPSEEK_ROPE_DIM and \
-            DEEPSEEK_ROPE_DIM % rope_dim == 0:
-        return DEEPSEEK_KV_LORA_RANK + DEEPSEEK_ROPE_DIM
-    return None
-
-
 def capacity(elements: int, layers: int, bytes_per_element: int, kv_memory: int,
              context: int) -> tuple[int, int]:
     """(tokens, whole requests of ``context`` tokens) that fit in ``kv_memory`` bytes.
@@ -118,7 +93,7 @@ def _row(name: str, label: str, elements: int | None, budget: KVBudget,
 
 
 def read_folder_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
+    path = folder / CONFIG_FILE
     if not path.is_file():
         raise ConversionError(f"{folder} has no config.json; pass a model folder")
     try:
@@ -166,7 +141,8 @@ def _geometry(cfg: dict[str, Any], rope_dim: int | None, kv_lora_rank: int) -> _
     from converter.sources.base import inspect_source
 
     spec = inspect_source(cfg)
-    settings = resolve_settings(spec, rope_dim, kv_lora_rank, None, "float32")
+    # target hf: preview any shape, and show per backend what serves it (None where none does)
+    settings = resolve_settings(spec, rope_dim, kv_lora_rank, None, "float32", target="hf")
     rho, r = settings.kv_lora_rank, settings.rope_dim
     return _Geometry("source", spec.architecture, layers, spec.num_kv_heads, spec.head_dim,
                      rho, r, f"if converted: latent {rho} + rope {r}")
@@ -191,17 +167,16 @@ def kv_budget(folder: Path, *, dtype: str | None = None, kv_memory: int = 8 * 2*
             _row("converted", geo.label, rho + r, budget, gqa,
                            note="checkpoint size, before backend padding")]
     for backend in BACKENDS:
-        elements = served_elements(rho, r, backend)
-        if elements is None:
-            rows.append(_row(backend, f"served on {backend}", None, budget, gqa,
+        split = served_split(rho, r, backend.name)
+        if split is None:
+            rows.append(_row(backend.name, f"served on {backend.name}", None, budget, gqa,
                              note="no kernel of this backend serves this shape"))
             continue
-        rope = r if backend in FLEXIBLE_SPLIT_BACKENDS else DEEPSEEK_ROPE_DIM
         note = ""
-        if backend in FLEXIBLE_SPLIT_BACKENDS and r != DEEPSEEK_ROPE_DIM:
-            note = "on Hopper the FLASH_ATTN prefill may also pad rope to 64"
-        rows.append(_row(backend, f"served on {backend}: {elements - rope} + {rope}", elements,
-                         budget, gqa, note=note))
+        if backend.gpu and not backend.fixed_split and r != GPU_PREFILL_ROPE_DIM:
+            note = f"rope {r} zero-padded to {GPU_PREFILL_ROPE_DIM}, as every GPU prefill needs"
+        rows.append(_row(backend.name, f"served on {backend.name}: {split[0]} + {split[1]}",
+                         sum(split), budget, gqa, note=note))
     return replace(budget, rows=rows)
 
 

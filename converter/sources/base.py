@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from converter.errors import ConversionError, UnsupportedModelError
+from transmla_vllm.checkpoint_format import EMBED, FINAL_NORM, LM_HEAD, layer_prefix
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,47 @@ class SourceSpec:
     def kv_elements_per_token(self) -> int:
         return 2 * self.kv_width
 
-    def attn_name(self, layer: int, proj: str, kind: str = "weight") -> str:
-        return f"model.layers.{layer}.self_attn.{proj}.{kind}"
+
+# Source tensor names (HF LLaMA layout, shared by every supported family), relative to
+# model.layers.{i}.; biases only where the config has them.
+SOURCE_LAYER_TENSORS = (
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "self_attn.q_proj.bias",
+    "self_attn.k_proj.bias",
+    "self_attn.v_proj.bias",
+)
+
+
+def source_layer_tensors(spec: SourceSpec) -> dict[str, tuple[int, ...]]:
+    """Layer-relative tensors a source with this config must hold, with their shapes."""
+    D, H, G, d = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    inter = spec.intermediate_size
+    shapes = dict(zip(SOURCE_LAYER_TENSORS, [
+        (D,), (D,), (inter, D), (inter, D), (D, inter), (H * d, D), (G * d, D), (G * d, D),
+        (D, H * d), (H * d,), (G * d,), (G * d,)], strict=True))
+    absent = {f"self_attn.{p}_proj.bias" for p, has in (
+        ("q", spec.q_bias), ("k", spec.k_bias), ("v", spec.v_bias)) if not has}
+    return {n: s for n, s in shapes.items() if n not in absent}
+
+
+def source_tensors(spec: SourceSpec) -> dict[str, tuple[int, ...]]:
+    """Every tensor a source with this config must hold, with its shape."""
+    D = spec.hidden_size
+    out = {EMBED: (spec.vocab_size, D), FINAL_NORM: (D,)}
+    if not spec.tie_word_embeddings:
+        out[LM_HEAD] = (spec.vocab_size, D)
+    per_layer = source_layer_tensors(spec)
+    for i in range(spec.num_layers):
+        out.update({layer_prefix(i) + k: v for k, v in per_layer.items()})
+    return out
 
 
 class FamilyAdapter:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from converter.errors import ConversionError
+from transmla_vllm.checkpoint_format import CONFIG_FILE, SINGLE_FILE
 
 log = logging.getLogger(__name__)
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,7 +46,7 @@ def materialize_smollm2(dst: Path, dtype: str = "bfloat16") -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if (dst / "config.json").is_file() and (dst / "model.safetensors").is_file():
+    if (dst / CONFIG_FILE).is_file() and (dst / SINGLE_FILE).is_file():
         return dst
     gguf = smollm2_gguf()
     if _sha256(gguf) != GGUF_SHA256:
@@ -63,9 +64,9 @@ def materialize_smollm2(dst: Path, dtype: str = "bfloat16") -> Path:
     tmp = dst.with_name(dst.name + ".partial")
     model.to(getattr(torch, dtype)).save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    cfg = json.loads((tmp / "config.json").read_text())
+    cfg = json.loads((tmp / CONFIG_FILE).read_text())
     cfg["dtype"] = dtype
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
     tmp.rename(dst)
     return dst
 
