@@ -28,7 +28,7 @@ demo: setup
 	$(PY) examples/demo.py --workdir $(DEMO_DIR)
 
 test: setup
-	$(PY) -m ruff check converter transmla_vllm tests examples benchmarks
+	$(PY) -m ruff check converter transmla_vllm transmla_testing tests examples benchmarks
 	$(PY) -m pytest -q --durations=15
 
 lint: setup

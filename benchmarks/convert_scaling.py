@@ -20,10 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from transmla_testing.report import publish
 
-from benchmarks.report import publish  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SHAPE = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
              intermediate_size=14336, vocab_size=32000)
@@ -33,33 +32,21 @@ SHAPES = {"8b": SHAPE, "70b": SHAPE_70B}
 LABELS = {"8b": "Llama-3-8B", "70b": "Llama-3.1-70B"}
 
 
-def make_tokenizer(folder: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from converter.calibration.text import BUNDLED
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=8000, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([p.read_text() for p in sorted(BUNDLED.glob("*.txt"))], trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(folder)
-
-
 def make_checkpoint(folder: Path, layers: int, seed: int = 0, shape: dict | None = None) -> int:
     """Random bf16 Llama-3-8B-shaped layers (or ``shape``), one shard per layer (never all in
     memory)."""
     import torch
     from safetensors.torch import save_file
 
+    from converter.calibration.text import BUNDLED
+    from transmla_testing.models import make_tokenizer
+
     shape = SHAPE if shape is None else shape
     if (folder / "config.json").is_file():
         return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     folder.mkdir(parents=True, exist_ok=True)
-    make_tokenizer(folder)
+    make_tokenizer(folder, 8000, texts=[p.read_text() for p in sorted(BUNDLED.glob("*.txt"))],
+                   chat_template=False)
     D, H, G, d, F, V = (shape[k] for k in ("hidden_size", "num_attention_heads",
                                            "num_key_value_heads", "head_dim",
                                            "intermediate_size", "vocab_size"))

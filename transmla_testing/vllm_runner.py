@@ -1,7 +1,8 @@
 """Run a converted checkpoint in vLLM (CPU) in a fresh process and dump greedy outputs as JSON.
 
-Tests call this as a subprocess so every engine starts the way a user's does: vLLM finds our
-plugin through the ``vllm.general_plugins`` entry point in each of its own processes.
+Tests call this as a subprocess (``python -m transmla_testing.vllm_runner``) so every engine
+starts the way a user's does: vLLM finds our plugin through the ``vllm.general_plugins`` entry
+point in each of its own processes.
 """
 
 from __future__ import annotations

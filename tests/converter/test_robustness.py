@@ -4,8 +4,8 @@ visible from the config, the flags or the file headers are refused before calibr
 
 Interruptions are real signals sent to real conversion processes (from outside, or by the
 process itself at a chosen point through a small hook script); disk-full is a real EFBIG from
-RLIMIT_FSIZE or a real small tmpfs. The plugin half starts a real vLLM engine on damaged
-checkpoints and expects it to refuse by tensor name.
+RLIMIT_FSIZE or a real small tmpfs. (Damaged checkpoints refused by a real vLLM engine:
+tests/plugin/test_engine_load.py.)
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from transformers import AutoModelForCausalLM
 from converter.checkpoint.writer import check_destination
 from converter.cli import main as cli_main
 from converter.conversion.settings import resolve_settings
+from converter.errors import ConversionError
 from converter.sources.base import inspect_source
-from hooked import run_hooked
-from tiny import make_model
+from transmla_testing.hooked import REPO, run_hooked
+from transmla_testing.models import edit_tensors, make_model
 
-REPO = Path(__file__).resolve().parent.parent
 SMALL = ("--calib-samples", "2", "--calib-seqlen", "32")
 S1, S2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -77,15 +77,6 @@ def linked_copy(src: Path, dst: Path, **config_changes) -> Path:
         (dst / "config.json").unlink()
         (dst / "config.json").write_text(json.dumps(cfg))
     return dst
-
-
-def edit_tensors(folder: Path, file: str, edit) -> None:
-    """Rewrite one safetensors file of a real (copied) checkpoint with ``edit(state)``."""
-    path = folder / file
-    state = load_file(path)
-    edit(state)
-    path.unlink()  # may be a symlink into the module fixture
-    save_file(state, path, metadata={"format": "pt"})
 
 
 def run_in_process(capsys, caplog, *args: str) -> tuple[int, str]:
@@ -201,23 +192,44 @@ LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidde
             "intermediate_size": 14336, "vocab_size": 128256}
 
 
-@pytest.mark.parametrize("cfg,rope,rank,expected", [
+@pytest.mark.parametrize("cfg,rope,rank,refused", [
     (LLAMA_8B, 64, 512, None),                 # the DeepSeek split: every backend
-    (LLAMA_8B, 32, 200, None),                 # padded to 512 + 64 at load
-    (LLAMA_8B, 64, 600, "no vLLM MLA backend can serve it, even padded"),
-    (LLAMA_8B, 128, 384, "only TRITON_MLA"),   # rope 128 cannot become 64
-    (LLAMA_8B, 32, 520, "only TRITON_MLA"),    # latent above 512
-    ({**LLAMA_8B, "head_dim": 256}, 64, 448, "Hopper MLA prefill"),
+    (LLAMA_8B, 32, 200, None),                 # rope padded to 64 at load, latent to 256/512
+    (LLAMA_8B, 64, 600, "latent 600 + rope 64 cannot be served as MLA on a GPU"),
+    (LLAMA_8B, 128, 384, "rope 128 cannot be served as MLA on a GPU"),  # prefill needs 64
+    (LLAMA_8B, 32, 520, "latent 520 + rope 32 cannot be served as MLA on a GPU"),
+    ({**LLAMA_8B, "head_dim": 96}, 48, 256, "rope 48 cannot be served as MLA on a GPU"),
 ])
-def test_unservable_latents_are_flagged_with_the_backends(caplog, cfg, rope, rank, expected):
+def test_gpu_unservable_shapes_are_refused_for_vllm_and_flagged_for_hf(caplog, cfg, rope, rank,
+                                                                      refused):
+    """Every NVIDIA MLA prefill kernel needs rope 64 (TRITON_MLA included: the attention
+    backend flag changes decode only), so --target vllm refuses what no GPU serves, naming what
+    would; --target hf converts it with a warning."""
+    spec = inspect_source(cfg)
+    if refused is None:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="converter.conversion.settings"):
+            resolve_settings(spec, rope, rank, None, None)
+        assert not [r for r in caplog.records if r.name == "converter.conversion.settings"]
+        return
+    with pytest.raises(ConversionError) as exc:
+        resolve_settings(spec, rope, rank, None, None, target="vllm")
+    assert refused in str(exc.value)
+    assert "--rope-dim 64" in str(exc.value) and "--target hf" in str(exc.value)
+    assert "VLLM_MLA_DISABLE=1" in str(exc.value)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="converter.conversion.settings"):
-        resolve_settings(inspect_source(cfg), rope, rank, None, None)
+        resolve_settings(spec, rope, rank, None, None, target="hf")
     notes = [r.getMessage() for r in caplog.records if r.name == "converter.conversion.settings"]
-    if expected is None:
-        assert not notes, notes
-    else:
-        assert any(expected in n for n in notes), notes
+    assert any(refused in n for n in notes), notes
+
+
+def test_head_dim_above_gpu_prefill_is_flagged(caplog):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="converter.conversion.settings"):
+        resolve_settings(inspect_source({**LLAMA_8B, "head_dim": 256}), 64, 448, None, None)
+    notes = [r.getMessage() for r in caplog.records if r.name == "converter.conversion.settings"]
+    assert any("MLA prefill" in n for n in notes), notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,51 +505,3 @@ def test_disk_full_while_writing_cleans_up(src, tmp_path, calib_file):
                           preexec_fn=limit)
     assert proc.returncode == 2 and "ran out of space" in proc.stderr, proc.stderr[-2000:]
     assert_nothing_left(dst)
-
-
-# ---------------------------------------------------------------------------------------------
-# the plugin: damaged tensors stop a real vLLM engine at load, by name
-# ---------------------------------------------------------------------------------------------
-START_ENGINE = """
-import sys
-from vllm import LLM
-LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, trust_remote_code=True,
-    compilation_config={"custom_ops": ["none"]}, kv_cache_memory_bytes=256 * 2**20,
-    max_model_len=256)
-print("ENGINE STARTED")
-"""
-
-
-def _narrow_kv_b(state):
-    name = "model.layers.1.self_attn.kv_b_proj.weight"
-    state[name] = state[name][:, :-8].contiguous()
-
-
-def _add_latent_norm(state):
-    state["model.layers.0.self_attn.kv_a_layernorm.weight"] = torch.ones(96)
-
-
-def _drop_lm_head(state):
-    del state["lm_head.weight"]
-
-
-@pytest.mark.parametrize("family,damage,message", [
-    ("llama", _narrow_kv_b, "Checkpoint tensor 'model.layers.1.self_attn.kv_b_proj.weight' has "
-                            "shape (512, 88), expected (512, 96) from config.json"),
-    ("llama", _add_latent_norm, "'model.layers.0.self_attn.kv_a_layernorm.weight' is a latent "
-                                "RMSNorm"),
-    ("qwen2", _drop_lm_head, "missing tensor(s) ['lm_head.weight'] (config has "
-                             "tie_word_embeddings false)"),
-])
-def test_damaged_checkpoint_fails_at_engine_load_by_name(converted, tmp_path, family, damage,
-                                                         message):
-    bad = tmp_path / "bad"
-    shutil.copytree(converted[family], bad)
-    edit_tensors(bad, "model.safetensors", damage)
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    started = time.time()
-    proc = subprocess.run([sys.executable, "-c", START_ENGINE, str(bad)], capture_output=True,
-                          text=True, timeout=300, env=env)
-    assert proc.returncode != 0 and "ENGINE STARTED" not in proc.stdout
-    assert message in proc.stderr, proc.stderr[-4000:]
-    assert time.time() - started < 240  # fails at weight loading, never reaches serving

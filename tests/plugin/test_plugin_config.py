@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.vllm
+
 
 def engine_config(model: Path):
     from vllm.engine.arg_utils import EngineArgs

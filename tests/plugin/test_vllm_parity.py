@@ -1,5 +1,7 @@
 """Test 3 of the spine: vLLM (our plugin, MLA backend, paged latent cache) and transformers (our
-remote code) produce the same greedy tokens and logprobs for the same converted checkpoint."""
+remote code) produce the same greedy tokens and logprobs for the same converted checkpoint: on
+each exact zero padding the plugin applies at load (latent 96 -> 512 for every test checkpoint
+on CPU, rope 32 -> 64 slot-interleaving, nope/v padding) and with MLA switched off."""
 
 from __future__ import annotations
 
@@ -13,24 +15,31 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tiny import play_text
+from converter.conversion.pipeline import ConvertOptions, convert
+from transmla_testing.text import play_text
+from transmla_vllm.serve_plan import FORCE_PAD_V_ENV
 
-RUNNER = Path(__file__).with_name("vllm_runner.py")
+pytestmark = pytest.mark.vllm
+
+RUNNER = "transmla_testing.vllm_runner"  # run as python -m RUNNER
 MAX_TOKENS = 32
 
 
-def run_vllm(model: Path, prompts: list[list[int]], tmp: Path, tp: int = 1) -> dict:
+def run_vllm(model: Path, prompts: list[list[int]], tmp: Path, tp: int = 1,
+             env: dict[str, str] | None = None) -> dict:
+    """Greedy outputs and engine info from a fresh vLLM process; ``log`` holds its output."""
     (tmp / "prompts.json").write_text(json.dumps(prompts))
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     if tp > 1:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
     proc = subprocess.run(
-        [sys.executable, str(RUNNER), "--model", str(model), "--prompts", str(tmp / "prompts.json"),
-         "--out", str(tmp / "out.json"), "--tp", str(tp), "--max-tokens", str(MAX_TOKENS)],
+        [sys.executable, "-m", RUNNER, "--model", str(model), "--prompts",
+         str(tmp / "prompts.json"), "--out", str(tmp / "out.json"), "--tp", str(tp),
+         "--max-tokens", str(MAX_TOKENS)],
         env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode:
         raise AssertionError(f"vLLM run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return json.loads((tmp / "out.json").read_text())
+    return {**json.loads((tmp / "out.json").read_text()), "log": proc.stdout + proc.stderr}
 
 
 @torch.no_grad()
@@ -56,26 +65,86 @@ def prompts_for(model_dir: Path) -> list[list[int]]:
     return [tok(text[i:i + 300])["input_ids"][:n] for i, n in ((5000, 40), (90000, 17))]
 
 
-def assert_parity(got: list[dict], want: list[dict]) -> None:
+def assert_parity(got: list[dict], want: list[dict]) -> float:
+    """Same greedy tokens, logprobs within 1e-3; returns the largest logprob difference."""
+    worst = 0.0
     for g, w in zip(got, want, strict=True):
         assert g["tokens"] == w["tokens"]
         assert len(set(w["tokens"])) >= 8  # a real continuation, not one token repeated
         diff = max(abs(a - b) for a, b in zip(g["logprobs"], w["logprobs"], strict=True))
         assert diff <= 1e-3, diff
+        worst = max(worst, diff)
+    print(f"max |logprob difference| {worst:.2e}")
+    return worst
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """transformers' greedy outputs per checkpoint, computed once for the module's tests."""
+    cache: dict[Path, tuple[list[list[int]], list[dict]]] = {}
+
+    def get(model: Path) -> tuple[list[list[int]], list[dict]]:
+        if model not in cache:
+            prompts = prompts_for(model)
+            cache[model] = prompts, transformers_greedy(model, prompts)
+        return cache[model]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def rope32(converted, calib_file, tmp_path_factory) -> Path:
+    """The llama source (llama3 rope scaling) converted with a rope of 32: CPU_MLA serves 64."""
+    source = json.loads((converted["llama"] / "config.json").read_text())["transmla"]["source"]
+    dst = tmp_path_factory.mktemp("rope32") / "llama-mla-rope32"
+    return convert(ConvertOptions(src=source, dst=str(dst), rope_dim=32, kv_lora_rank=96,
+                                  calib_text=str(calib_file), calib_samples=8, calib_seqlen=64))
+
+
+# The rope / v / MLA-off tests run the engine in-process (~10 s less per engine on 2 cores): they
+# test the load-time paths; the first two tests cover the multi-process start a user gets.
+IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
-def test_vllm_matches_transformers(name, converted, tmp_path):
+def test_vllm_matches_transformers(name, converted, reference, tmp_path):
     model = converted[name]
-    prompts = prompts_for(model)
+    prompts, want = reference(model)
     got = run_vllm(model, prompts, tmp_path)
     assert got["info"]["use_mla"] is True
     assert got["info"]["architecture"] == ["TransMLAForCausalLM"]
-    assert_parity(got["results"], transformers_greedy(model, prompts))
+    assert_parity(got["results"], want)
 
 
-def test_vllm_tensor_parallel_matches_transformers(converted, tmp_path):
+def test_vllm_tensor_parallel_matches_transformers(converted, reference, tmp_path):
     model = converted["qwen2"]
-    prompts = prompts_for(model)
+    prompts, want = reference(model)
     got = run_vllm(model, prompts, tmp_path, tp=2)
-    assert_parity(got["results"], transformers_greedy(model, prompts))
+    assert got["info"]["use_mla"] is True
+    assert_parity(got["results"], want)
+
+
+def test_rope_slot_interleaving_is_exact(rope32, reference, tmp_path):
+    prompts, want = reference(rope32)  # transformers runs the rope-32 checkpoint unpadded
+    got = run_vllm(rope32, prompts, tmp_path, env=IN_PROCESS)
+    assert got["info"]["use_mla"] is True
+    assert "rope 32 -> 64" in got["log"], got["log"][-4000:]
+    assert_parity(got["results"], want)
+
+
+def test_nope_v_padding_is_exact(converted, reference, tmp_path):
+    model = converted["qwen2"]  # head_dim 64, q/kv_a biases
+    prompts, want = reference(model)
+    got = run_vllm(model, prompts, tmp_path, env={**IN_PROCESS, FORCE_PAD_V_ENV: "128"})
+    assert got["info"]["use_mla"] is True
+    assert "v 64 -> 128" in got["log"], got["log"][-4000:]
+    assert_parity(got["results"], want)
+
+
+def test_mla_disabled_runs_ordinary_attention_exactly(converted, reference, tmp_path):
+    model = converted["llama"]
+    prompts, want = reference(model)
+    got = run_vllm(model, prompts, tmp_path, env={**IN_PROCESS, "VLLM_MLA_DISABLE": "1"})
+    assert got["info"]["use_mla"] is False
+    assert "MLA disabled" in got["log"], got["log"][-4000:]
+    assert_parity(got["results"], want)

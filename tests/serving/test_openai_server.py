@@ -11,7 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from serving import openai_server
+from transmla_testing.serving import openai_server
+
+pytestmark = pytest.mark.vllm
 
 MAX_TOKENS = 16
 

@@ -19,7 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from serving import openai_server
+from transmla_testing.serving import openai_server
+
+pytestmark = pytest.mark.vllm
 
 MAX_MODEL_LEN = 256
 VOCAB = 512

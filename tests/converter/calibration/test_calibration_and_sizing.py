@@ -16,7 +16,8 @@ from converter.conversion.pipeline import ConvertOptions, convert
 from converter.conversion.settings import resolve_settings
 from converter.errors import ConversionError
 from converter.sources.base import inspect_source
-from tiny import make_model, play_text
+from transmla_testing.models import make_model
+from transmla_testing.text import play_text
 
 SMOLLM2 = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
            "num_attention_heads": 9, "num_key_value_heads": 3, "num_hidden_layers": 30,
@@ -117,7 +118,27 @@ def test_eval_and_verify_commands(tmp_path, calib_file, capsys):
     assert ver["ppl_source"] == pytest.approx(got["ppl"], rel=1e-4)
     assert ver["ppl_converted"] != ver["ppl_source"] and 0.3 < ver["top1_agreement"] < 1
     assert ver["mean_kl"] > 0
+    # independent: both models in transformers on the same windows, KL by torch's kl_div
+    conv = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32, trust_remote_code=True)
+    agree = count = 0
+    kl = nll_c = 0.0
+    with torch.no_grad():
+        for i in range(1024 // 63):
+            row = torch.tensor([[tok.bos_token_id] + ids[i * 63:(i + 1) * 63]])
+            ls = model(row).logits[0, :-1].log_softmax(-1)
+            lc = conv(row).logits[0, :-1].log_softmax(-1)
+            agree += int((ls.argmax(-1) == lc.argmax(-1)).sum())
+            kl += float(torch.nn.functional.kl_div(lc, ls, log_target=True, reduction="sum"))
+            nll_c += float(conv(row, labels=row).loss) * 63
+            count += 63
+    assert ver["tokens"] == count
+    assert ver["top1_agreement"] == pytest.approx(agree / count, abs=1e-12)
+    assert ver["mean_kl"] == pytest.approx(kl / count, rel=1e-4)
+    assert ver["ppl_converted"] == pytest.approx(math.exp(nll_c / count), rel=1e-4)
     report = json.loads((dst / "transmla_report.json").read_text())
     assert report["verification"]["top1_agreement"] == ver["top1_agreement"]
-    assert "Top-1 agreement" in (dst / "README.md").read_text() or \
-        "top-1" in (dst / "README.md").read_text().lower()
+    # the card shows the verified figures themselves, not just a heading
+    card = (dst / "README.md").read_text()
+    for figure in (f"{ver['ppl_source']:.3f}", f"{ver['ppl_converted']:.3f}",
+                   f"{ver['top1_agreement']:.2%}", f"{ver['mean_kl']:.4f}"):
+        assert figure in card, figure

@@ -12,8 +12,8 @@ import pytest
 from safetensors import safe_open
 
 from converter.checkpoint.resume import resume_folder
-from hooked import run_cli, run_hooked
-from tiny import make_model
+from transmla_testing.hooked import run_cli, run_hooked
+from transmla_testing.models import make_model
 
 LAYERS = 4
 

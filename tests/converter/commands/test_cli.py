@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from tiny import make_model
+from transmla_testing.models import make_model
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ import pytest
 from converter.conversion.pipeline import ConvertOptions, convert
 from converter.errors import ConversionError
 from converter.measure.kv_cache import kv_budget, parse_memory
-from tiny import make_model
+from transmla_testing.models import make_model
 
 MIB = 2**20
 
@@ -53,7 +53,8 @@ def test_llama3_8b_source_preview(tmp_path):
     assert got["original"]["tokens"] == 8 * 2**30 // 131072 == 65536
     assert got["original"]["requests"] == 16
     # converted 512 + 64 = 576 elements x 2 B x 32 layers = 36864 B per token
-    for name in ("converted", "CPU_MLA", "FLASHMLA", "FLASH_ATTN_MLA", "TRITON_MLA"):
+    for name in ("converted", "CPU_MLA", "FLASHMLA", "FLASH_ATTN_MLA", "FLASHINFER_MLA",
+                 "TRITON_MLA"):
         assert got[name]["bytes_per_token"] == 36864, name
         assert got[name]["tokens"] == 8 * 2**30 // 36864 == 233016
         assert got[name]["requests"] == 56
@@ -61,7 +62,8 @@ def test_llama3_8b_source_preview(tmp_path):
 
 
 def test_source_preview_with_rope_not_dividing_64(tmp_path):
-    # head_dim 96, rope 96: fixed-split kernels (512 + 64) cannot hold a 96-dim rope key.
+    # head_dim 96, rope 96: fixed-split kernels (512 + 64) cannot hold a 96-dim rope key, and
+    # no GPU prefill kernel takes it either (they need rope 64), so TRITON_MLA cannot serve it.
     folder = write_config(tmp_path / "m", **{**LLAMA3_8B_ATTN, "head_dim": 96,
                                              "num_key_value_heads": 1, "num_hidden_layers": 3})
     b = kv_budget(folder, dtype="float32", kv_memory=MIB, context=64, rope_dim=96,
@@ -70,12 +72,24 @@ def test_source_preview_with_rope_not_dividing_64(tmp_path):
     assert got["original"]["elements_per_token_per_layer"] == 192
     assert got["original"]["tokens"] == MIB // (192 * 4 * 3) == 455
     assert got["converted"]["elements_per_token_per_layer"] == 64 + 96
-    for name in ("CPU_MLA", "FLASHMLA", "FLASH_ATTN_MLA"):
+    for name in ("CPU_MLA", "FLASHMLA", "FLASH_ATTN_MLA", "FLASHINFER_MLA", "TRITON_MLA"):
         assert got[name]["elements_per_token_per_layer"] is None
         assert got[name]["tokens"] is None
-    assert got["TRITON_MLA"]["elements_per_token_per_layer"] == 320
-    assert got["TRITON_MLA"]["tokens"] == MIB // (320 * 4 * 3) == 273
-    assert got["TRITON_MLA"]["requests"] == 4
+
+
+def test_rope_32_is_padded_to_64_on_every_gpu_backend(tmp_path):
+    # latent 288 + rope 32 = 320 in the checkpoint; every GPU prefill needs rope 64, so
+    # TRITON_MLA serves 288 + 64 rounded up to a head size: 448 + 64 = 512, not 320.
+    folder = write_config(tmp_path / "m", **LLAMA3_8B_ATTN)
+    got = rows(kv_budget(folder, dtype="bfloat16", kv_memory=MIB, context=64, rope_dim=32,
+                         kv_lora_rank=288).to_dict())
+    assert got["converted"]["elements_per_token_per_layer"] == 320
+    assert got["TRITON_MLA"]["elements_per_token_per_layer"] == 512
+    assert got["TRITON_MLA"]["label"].endswith("448 + 64")
+    assert "zero-padded to 64" in got["TRITON_MLA"]["note"]
+    for name in ("CPU_MLA", "FLASHMLA", "FLASH_ATTN_MLA", "FLASHINFER_MLA"):
+        assert got[name]["elements_per_token_per_layer"] == 576, name
+        assert got[name]["label"].endswith("512 + 64")
 
 
 def test_converted_checkpoint_against_hand_computation(tiny_converted):
@@ -92,7 +106,7 @@ def test_converted_checkpoint_against_hand_computation(tiny_converted):
     assert (got["converted"]["tokens"], got["converted"]["requests"]) == (8192, 81)
     assert got["converted"]["capacity_vs_original"] == 2.0
     # CPU / FlashMLA: padded to 512 + 64 = 576 -> 2304 B per token -> 455 tokens, 4 requests.
-    for name in ("CPU_MLA", "FLASHMLA", "FLASH_ATTN_MLA"):
+    for name in ("CPU_MLA", "FLASHMLA", "FLASH_ATTN_MLA", "FLASHINFER_MLA"):
         assert got[name]["elements_per_token_per_layer"] == 576
         assert (got[name]["tokens"], got[name]["requests"]) == (455, 4)
         assert got[name]["capacity_vs_original"] == pytest.approx(64 / 576, abs=1e-4)

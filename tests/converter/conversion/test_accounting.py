@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from converter.calibration.chunks import token_chunks
 from converter.calibration.text import read_calibration_text
 from converter.conversion.pipeline import ConvertOptions, convert
-from tiny import make_model
+from transmla_testing.models import make_model
 
 
 # Both methods take their statistics from the source model's own stream; with "refit" this

@@ -23,7 +23,8 @@ from transformers import AutoModelForCausalLM
 
 from converter.conversion.pipeline import ConvertOptions, convert
 from converter.errors import ConversionError
-from tiny import family_classes, make_tokenizer, play_text
+from transmla_testing.models import family_classes, make_tokenizer
+from transmla_testing.text import play_text
 
 FAMILIES = ("llama", "mistral", "qwen2")
 

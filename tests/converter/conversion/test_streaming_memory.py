@@ -17,7 +17,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from converter.checkpoint.source_reader import SourceReader
 from converter.conversion.blocked_mlp import blocked_mlp_forward, use_blocked_mlp
 from converter.conversion.pipeline import ConvertOptions, convert
-from tiny import make_model
+from transmla_testing.models import make_model
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

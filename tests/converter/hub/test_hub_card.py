@@ -22,7 +22,7 @@ from converter.hub.card import (
     write_model_card,
 )
 from converter.sources.base import inspect_source
-from fake_hub import SOURCE_HUB_ID, SOURCE_LICENSE, tiny_checkpoint
+from transmla_testing.fake_hub import SOURCE_HUB_ID, SOURCE_LICENSE, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +148,32 @@ def test_refresh_after_verify_keeps_metadata(checkpoint, tmp_path):
         assert row in text, row
     assert "Qwen2ForCausalLM: 4 query heads, 2 KV heads x head_dim 16" in text
     assert f"| source | [{SOURCE_HUB_ID}](https://huggingface.co/{SOURCE_HUB_ID}) |" in text
+
+
+def test_base_model_flag_links_a_local_source(tmp_path, calib_file, capsys):
+    """--base-model gives a conversion of a local folder the Hub id of its source: recorded in
+    config.json and written as the card's base_model (with the relation); a malformed id is
+    refused before anything is written."""
+    from converter.cli import main as cli_main
+    from converter.hub import validate_folder
+    from transmla_testing.models import make_model
+
+    src = make_model(tmp_path / "my-llama", "llama", layers=1)
+    args = ["--src", str(src), "--rope-dim", "8", "--kv-lora-rank", "24", "--calib-text",
+            str(calib_file), "--calib-samples", "4", "--calib-seqlen", "32"]
+    bad = tmp_path / "bad"
+    assert cli_main([*args, "--dst", str(bad), "--base-model", "/home/me/llama"]) == 2
+    assert "--base-model '/home/me/llama' is not a Hub model id" in capsys.readouterr().err
+    assert not bad.exists()
+    dst = tmp_path / "mla"
+    assert cli_main([*args, "--dst", str(dst), "--base-model", "acme/llama-7b"]) == 0
+    assert json.loads((dst / "config.json").read_text())["transmla"]["base_model"] == \
+        "acme/llama-7b"
+    meta = metadata_load(dst / "README.md")
+    assert meta["base_model"] == "acme/llama-7b"
+    assert meta["base_model_relation"] == BASE_MODEL_RELATION
+    text = ModelCard.load(dst / "README.md").text
+    assert "[acme/llama-7b](https://huggingface.co/acme/llama-7b)" in text
+    assert validate_folder(dst) == []
+    refresh_model_card(dst)  # a later refresh keeps it
+    assert metadata_load(dst / "README.md")["base_model"] == "acme/llama-7b"

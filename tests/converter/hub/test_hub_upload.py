@@ -23,7 +23,7 @@ from converter.cli import main as cli_main
 from converter.errors import ConversionError
 from converter.hub import push_folder, validate_folder
 from converter.hub.card import LOCAL_MODEL_REF
-from fake_hub import FakeHub, Repo, folder_digest, tiny_checkpoint
+from transmla_testing.fake_hub import FakeHub, Repo, folder_digest, tiny_checkpoint
 
 REPO_ID = "user/tiny-mla"
 # huggingface_hub's LFS PUT passes a file as data=, which its HTTP client deprecates; not ours
@@ -222,7 +222,7 @@ def _convert_args(src: Path, dst: Path, calib: Path) -> list[str]:
 
 
 def test_convert_with_push_to_hub(hub, monkeypatch, tmp_path, calib_file):
-    from tiny import make_model
+    from transmla_testing.models import make_model
 
     monkeypatch.setenv("HF_TOKEN", hub.token)
     src = make_model(tmp_path / "src", "llama", seed=4)
@@ -234,10 +234,28 @@ def test_convert_with_push_to_hub(hub, monkeypatch, tmp_path, calib_file):
 
 
 def test_push_to_hub_without_token_fails_before_converting(hub, tmp_path, calib_file, capsys):
-    from tiny import make_model
+    from transmla_testing.models import make_model
 
     src = make_model(tmp_path / "src", "llama", seed=4)
     out = tmp_path / "out"
     assert cli_main(_convert_args(src, out, calib_file) + ["--push-to-hub", "user/x"]) == 2
     assert "token" in capsys.readouterr().err.lower()
     assert not out.exists() and hub.requests == []
+
+
+def test_upload_base_model_names_the_source_in_the_hub_card(converted, hub, monkeypatch):
+    """upload --base-model puts the source's Hub id in the uploaded card (the local folder is
+    only read); a malformed id is refused before anything is sent."""
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    before = folder_digest(converted)
+    with pytest.raises(ConversionError, match="is not a Hub model id"):
+        push_folder(converted, REPO_ID, base_model="not an id")
+    assert hub.routes_called() == []
+    assert cli_main(["upload", str(converted), "--repo-id", REPO_ID, "--base-model",
+                     "acme/tiny-qwen-base"]) == 0
+    card = ModelCard(hub.files(REPO_ID)["README.md"].decode())
+    assert card.data.base_model == "acme/tiny-qwen-base"
+    assert card.data.base_model_relation == "quantized"
+    assert "[acme/tiny-qwen-base](https://huggingface.co/acme/tiny-qwen-base)" in card.text
+    assert f"vllm serve {REPO_ID} --trust-remote-code" in card.text
+    assert folder_digest(converted) == before
