@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from transmla_testing.report import publish
+from transmla_vllm.checkpoint_format import CONFIG_FILE, INDEX_FILE, REPORT_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +43,7 @@ def make_checkpoint(folder: Path, layers: int, seed: int = 0, shape: dict | None
     from transmla_testing.models import make_tokenizer
 
     shape = SHAPE if shape is None else shape
-    if (folder / "config.json").is_file():
+    if (folder / CONFIG_FILE).is_file():
         return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     folder.mkdir(parents=True, exist_ok=True)
     make_tokenizer(folder, 8000, texts=[p.read_text() for p in sorted(BUNDLED.glob("*.txt"))],
@@ -73,13 +74,13 @@ def make_checkpoint(folder: Path, layers: int, seed: int = 0, shape: dict | None
             p + "post_attention_layernorm.weight": torch.ones(D, dtype=torch.bfloat16)})
     save("head.safetensors", {"model.norm.weight": torch.ones(D, dtype=torch.bfloat16),
                               "lm_head.weight": rnd(V, D)})
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
+    (folder / INDEX_FILE).write_text(json.dumps(
         {"metadata": {}, "weight_map": weight_map}, indent=1))
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **shape,
               "num_hidden_layers": layers, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
               "max_position_embeddings": 8192, "tie_word_embeddings": False,
               "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2}
-    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
@@ -94,7 +95,7 @@ def run_conversion(src: Path, dst: Path, extra: list[str]) -> tuple[float, int, 
     seconds = time.time() - started
     if status != 0:
         raise SystemExit(f"conversion failed ({status}): rerun the command above to see why")
-    report = json.loads((dst / "transmla_report.json").read_text())
+    report = json.loads((dst / REPORT_FILE).read_text())
     return seconds, usage.ru_maxrss * 1024, report
 
 

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from transmla_vllm.checkpoint_format import REPORT_FILE
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -60,7 +62,7 @@ def main() -> int:
     for label, device in (("cpu", "cpu"), ("other", args.against)):
         dst = work / label
         runs[label] = convert(src, dst, device, args.method, args.calib_samples)
-        reports[label] = json.loads((dst / "transmla_report.json").read_text())["layers"]
+        reports[label] = json.loads((dst / REPORT_FILE).read_text())["layers"]
     from transformers import AutoModelForCausalLM
 
     ids = torch.randint(3, 8000, (2, 128), generator=torch.Generator().manual_seed(0))

@@ -32,6 +32,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from transmla_vllm.checkpoint_format import CONFIG_FILE, REPORT_FILE
+
 ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_ROWS = ("transmla:smallest,refit:smallest,sequential:smallest,sequential-refit:smallest,"
@@ -52,7 +54,7 @@ def parse_rows(text: str) -> list[tuple[str, str]]:
 
 
 def head_dim(src: Path) -> int:
-    cfg = json.loads((src / "config.json").read_text())
+    cfg = json.loads((src / CONFIG_FILE).read_text())
     return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
 
 
@@ -125,8 +127,8 @@ def main() -> int:
         print("$", shlex.join(cmd[1:]), flush=True)
         with (work / f"ablation-{name}.log").open("w") as log:
             subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        report = json.loads((dst / "transmla_report.json").read_text())
-        held_out = json.loads((dst / "config.json").read_text()).get("transmla", {}).get(
+        report = json.loads((dst / REPORT_FILE).read_text())
+        held_out = json.loads((dst / CONFIG_FILE).read_text()).get("transmla", {}).get(
             "calibration", {}).get("held_out_chunks", 0)
         roles = []
         if method == "transmla" and fold == "smallest":
@@ -138,7 +140,7 @@ def main() -> int:
                      "ppl": perplexity(load_model(dst), batch)})
         print(f"{method} --freqfold {flag}: PPL {rows[-1]['ppl']:.3f} (convert "
               f"{report['seconds']:.0f} s)", flush=True)
-    cfg = json.loads((src / "config.json").read_text())
+    cfg = json.loads((src / CONFIG_FILE).read_text())
     data = {
         "command": (f"python benchmarks/method_ablation.py --rope {args.rope} --rank {args.rank} "
                     f"--calib-samples {args.calib_samples} --eval-tokens {args.eval_tokens} "

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from transmla_testing.report import publish
 from transmla_testing.text import plays
+from transmla_vllm.checkpoint_format import CONFIG_FILE, REPORT_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +35,7 @@ def convert(src: Path, dst: Path, budget: int, method: str, freqfold: str | None
         cmd += ["--freqfold", freqfold]
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return json.loads((dst / "transmla_report.json").read_text())
+    return json.loads((dst / REPORT_FILE).read_text())
 
 
 def main() -> int:
@@ -74,7 +75,7 @@ def main() -> int:
         for label, method, fold in (("transmla", "transmla", None), ("ours", ours, ours_fold)):
             dst = work / f"smollm2-{label}-{budget}"
             report = convert(src, dst, budget, method, fold or None, args.calib_samples)
-            cfg = json.loads((dst / "config.json").read_text())
+            cfg = json.loads((dst / CONFIG_FILE).read_text())
             row[label] = {"ppl": perplexity(load_model(dst), batch),
                           "seconds": report["seconds"],
                           "peak_rss_gb": report["peak_rss_bytes"] / 1e9,

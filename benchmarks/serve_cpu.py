@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from transmla_testing.text import plays
+from transmla_vllm.checkpoint_format import CONFIG_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC_IMG = ROOT / "docs" / "img" / "serve_cpu.png"
@@ -79,9 +80,9 @@ def convert_cmd(src: Path, dst: Path, *extra: str) -> list[str]:
 def prepare_smollm2(models: Path) -> tuple[Path, Path, list[str]]:
     src, dst = models / "SmolLM2-135M-Instruct", models / "smollm2-mla"
     cmd = convert_cmd(src, dst, "--kv-lora-rank", "256")
-    if not (src / "config.json").is_file():
+    if not (src / CONFIG_FILE).is_file():
         run([sys.executable, "-m", "converter.sources.bundled", "--dst", str(src)])
-    if not (dst / "config.json").is_file():
+    if not (dst / CONFIG_FILE).is_file():
         run(cmd)
     return src, dst, cmd
 
@@ -115,10 +116,10 @@ def prepare_synthetic(models: Path, layers: int,
     src = models / f"llama3-8b-attn-{layers}l-{intermediate}ff"
     dst = models / f"llama3-8b-attn-{layers}l-{intermediate}ff-mla"
     cmd = convert_cmd(src, dst, "--rope-dim", "64", "--kv-lora-rank", "512")
-    if not (src / "config.json").is_file():
+    if not (src / CONFIG_FILE).is_file():
         log(f"writing random model {src.name}")
         make_synthetic(src, layers, intermediate)
-    if not (dst / "config.json").is_file():
+    if not (dst / CONFIG_FILE).is_file():
         run(cmd)
     return src, dst, cmd
 
@@ -461,7 +462,7 @@ def padding_note(c: dict[str, Any], capacity: float) -> str:
     engine served (measured) and what each GPU backend would serve (transmla_vllm/backends.py)."""
     from transmla_vllm.backends import BACKENDS, served_elements
 
-    cfg_file = Path(c["model"]) / "config.json"
+    cfg_file = Path(c["model"]) / CONFIG_FILE
     if not cfg_file.is_file():
         return ""
     cfg = json.loads(cfg_file.read_text())
@@ -553,7 +554,7 @@ def reading(pairs: dict[str, dict[str, Any]], profiles: dict[str, Any]) -> str:
             "and MLA decode (`_C::mla_decode_kvcache`) "
             f"{op_seconds(pc, '_C::mla_decode_kvcache'):.2f} s.")
         heads = None
-        cfg_file = Path(pairs[list(pairs)[-1]]["converted"]["model"]) / "config.json"
+        cfg_file = Path(pairs[list(pairs)[-1]]["converted"]["model"]) / CONFIG_FILE
         if cfg_file.is_file():
             heads = json.loads(cfg_file.read_text()).get("num_attention_heads")
         matrix = (f" ({heads * 4 * pc['prompt_len'] ** 2 / MIB:.0f} MiB per layer for {heads} "

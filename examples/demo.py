@@ -18,6 +18,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from transmla_vllm.checkpoint_format import CONFIG_FILE, REPORT_FILE
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -85,8 +87,8 @@ def main() -> int:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
 
-    cfg = json.loads((dst / "config.json").read_text())
-    report = json.loads((dst / "transmla_report.json").read_text())
+    cfg = json.loads((dst / CONFIG_FILE).read_text())
+    report = json.loads((dst / REPORT_FILE).read_text())
     layers = cfg["num_hidden_layers"]
     before = report["kv_elements_per_token_per_layer"]["source"]
     after = report["kv_elements_per_token_per_layer"]["converted"]

@@ -35,6 +35,8 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
+from transmla_vllm.checkpoint_format import CONFIG_FILE
+
 REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
 ROUTES: list[tuple[str, str, re.Pattern[str]]] = [
     ("POST", "create", re.compile(r"^/api/repos/create$")),
@@ -336,7 +338,7 @@ def tiny_checkpoint(root: Path, calib: Path) -> tuple[Path, Path]:
     owner, name = SOURCE_HUB_ID.split("/")
     src = root / "hub-cache" / f"models--{owner}--{name}" / "snapshots" / ("0" * 40)
     dst = root / "hub-mla"
-    if (dst / "config.json").is_file():
+    if (dst / CONFIG_FILE).is_file():
         return src, dst
     make_model(src, "qwen2", tied=False, seed=3)
     meta = "".join(f"{k}: {v}\n" for k, v in SOURCE_LICENSE.items())
