@@ -79,6 +79,8 @@ DENSE_TENSORS = (INPUT_NORM, POST_ATTN_NORM, GATE_PROJ, UP_PROJ, DOWN_PROJ)
 # DeepSeek tensors a converted checkpoint must never carry (the conversion is exact only
 # without a latent or query norm).
 FORBIDDEN_SUFFIXES = ("kv_a_layernorm.weight", "q_a_layernorm.weight")
+# Tensors a reader skips: rope caches some older writers saved as buffers (no weights).
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def layer_prefix(i: int) -> str:
@@ -171,29 +173,24 @@ class CheckpointLayout:
 
 def build_config(
     *,
-    shape: MLAShape,
-    vocab_size: int,
-    intermediate_size: int,
-    num_hidden_layers: int,
+    layout: CheckpointLayout,
     rms_norm_eps: float,
     max_position_embeddings: int,
     rope_parameters: dict[str, Any],
-    tie_word_embeddings: bool,
-    q_bias: bool,
-    kv_a_bias: bool,
     dtype: str,
     token_ids: dict[str, Any],
     provenance: dict[str, Any],
 ) -> dict[str, Any]:
     """The config.json dict of a converted model (every field vLLM and transformers read)."""
+    shape, num_hidden_layers = layout.shape, layout.num_layers
     return {
         "architectures": [ARCHITECTURE],
         "model_type": MODEL_TYPE,
         "auto_map": dict(AUTO_MAP),
-        "vocab_size": vocab_size,
+        "vocab_size": layout.vocab_size,
         "hidden_size": shape.hidden_size,
-        "intermediate_size": intermediate_size,
-        "moe_intermediate_size": intermediate_size,
+        "intermediate_size": layout.intermediate_size,
+        "moe_intermediate_size": layout.intermediate_size,
         "num_hidden_layers": num_hidden_layers,
         "num_attention_heads": shape.num_heads,
         "num_key_value_heads": shape.num_heads,
@@ -212,16 +209,16 @@ def build_config(
         "rope_theta": rope_parameters["rope_theta"],
         "rope_parameters": dict(rope_parameters),
         "rope_interleave": True,
-        "attention_bias": bool(q_bias or kv_a_bias),
+        "attention_bias": layout.q_bias or layout.kv_a_bias,
         "attention_dropout": 0.0,
-        "tie_word_embeddings": tie_word_embeddings,
+        "tie_word_embeddings": layout.tie_word_embeddings,
         "dtype": dtype,
         "use_cache": True,
         **token_ids,
         "transmla": {
             "format_version": FORMAT_VERSION,
-            "q_bias": bool(q_bias),
-            "kv_a_bias": bool(kv_a_bias),
+            "q_bias": layout.q_bias,
+            "kv_a_bias": layout.kv_a_bias,
             "latent_norm": False,
             "rope_layout": "interleaved",
             **provenance,
