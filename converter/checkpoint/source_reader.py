@@ -19,13 +19,10 @@ from safetensors import safe_open
 
 from converter.errors import ConversionError
 from converter.sources.base import SourceSpec, source_tensors
-from transmla_vllm.checkpoint_format import INDEX_FILE as INDEX
-from transmla_vllm.checkpoint_format import LM_HEAD
-from transmla_vllm.checkpoint_format import SINGLE_FILE as SINGLE
+from transmla_vllm.checkpoint_format import IGNORED_SUFFIXES, INDEX_FILE, LM_HEAD, SINGLE_FILE
 
 # safetensors dtype codes the converter reads (anything else is quantized or not a weight)
 FLOAT_CODES = ("F16", "BF16", "F32", "F64")
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def _few(names: list[str]) -> str:
@@ -38,7 +35,7 @@ class SourceReader:
         self.files: dict[str, str] = {}  # tensor name -> file name
         self._handles: dict[str, object] = {}
         self._checked: set[str] = set()
-        index = folder / INDEX
+        index = folder / INDEX_FILE
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
@@ -50,12 +47,12 @@ class SourceReader:
             missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
             if missing:
                 raise ConversionError(f"{folder} is missing shard(s) {_few(missing)} named by "
-                                      f"{INDEX}; the download is incomplete: download them")
+                                      f"{INDEX_FILE}; the download is incomplete: download them")
             self.files = dict(weight_map)
-        elif (folder / SINGLE).is_file():
-            self.files = {n: SINGLE for n in self._keys(SINGLE)}
+        elif (folder / SINGLE_FILE).is_file():
+            self.files = {n: SINGLE_FILE for n in self._keys(SINGLE_FILE)}
         else:
-            raise ConversionError(f"{folder} has no {SINGLE} or {INDEX}; only safetensors "
+            raise ConversionError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}; only safetensors "
                                   "checkpoints convert (re-save the model with "
                                   "save_pretrained(safe_serialization=True))")
         self.headers = self._read_headers()
@@ -75,7 +72,7 @@ class SourceReader:
             held = set(handle.keys())
             ghosts = sorted(n for n in names if n not in held)
             if ghosts:
-                raise ConversionError(f"{INDEX} maps {_few(ghosts)} to {file}, which does not "
+                raise ConversionError(f"{INDEX_FILE} maps {_few(ghosts)} to {file}, which does not "
                                       "hold them; the download is incomplete or the index is "
                                       "stale: download the model again")
             for name in names:
@@ -154,7 +151,7 @@ class SourceReader:
         handle = self._open(file)
         if file not in self._checked:
             if name not in set(handle.keys()):
-                raise ConversionError(f"{INDEX} maps {name!r} to {file}, which does not hold it")
+                raise ConversionError(f"{INDEX_FILE} maps {name!r} to {file}, which does not hold it")
             self._checked.add(file)
         try:
             tensor = handle.get_tensor(name)
