@@ -52,8 +52,8 @@ class SourceReader:
         elif (folder / SINGLE_FILE).is_file():
             self.files = {n: SINGLE_FILE for n in self._keys(SINGLE_FILE)}
         else:
-            raise ConversionError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}; only safetensors "
-                                  "checkpoints convert (re-save the model with "
+            raise ConversionError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}; only "
+                                  "safetensors checkpoints convert (re-save the model with "
                                   "save_pretrained(safe_serialization=True))")
         self.headers = self._read_headers()
         spec = spec if spec is not None else self._spec_from_config()
@@ -151,7 +151,8 @@ class SourceReader:
         handle = self._open(file)
         if file not in self._checked:
             if name not in set(handle.keys()):
-                raise ConversionError(f"{INDEX_FILE} maps {name!r} to {file}, which does not hold it")
+                raise ConversionError(f"{INDEX_FILE} maps {name!r} to {file}, which does not "
+                                      "hold it")
             self._checked.add(file)
         try:
             tensor = handle.get_tensor(name)
