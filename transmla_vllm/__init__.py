@@ -21,11 +21,11 @@ def register() -> None:
 
     # Per-architecture config hook: validates the config and applies the
     # load-time padding plan while the VllmConfig is built, before any engine
-    # or worker process exists (see shape_adapter).
+    # or worker process exists (see serve_plan).
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     if ARCHITECTURE not in MODELS_CONFIG_MAP:
-        from transmla_vllm.shape_adapter import TransMLAConfigHook
+        from transmla_vllm.serve_plan import TransMLAConfigHook
 
         MODELS_CONFIG_MAP[ARCHITECTURE] = TransMLAConfigHook  # type: ignore[assignment]
 

@@ -1,21 +1,20 @@
-"""vLLM model class for TransMLA checkpoints (dense LLaMA/Qwen converted to MLA).
+"""vLLM model class for TransMLA checkpoints (dense LLaMA/Qwen2/Mistral converted to MLA).
 
-Built from vLLM's own MLA layers (``MultiHeadLatentAttentionWrapper``), so the
-MLA backends, the paged latent cache and weight absorption for decode are
-vLLM's.  It differs from the stock ``DeepseekV2ForCausalLM`` where converted
-models need it to:
+Built from vLLM's own MLA layers (``MultiHeadLatentAttentionWrapper``), so the MLA backends, the
+paged latent cache and weight absorption for decode are vLLM's. It differs from the stock
+``DeepseekV2ForCausalLM`` where converted models need it to:
 
-* no latent RMSNorm (``kv_a_layernorm``): the conversion is linear, a norm would
-  change every score;
+* no latent RMSNorm (``kv_a_layernorm``): the conversion is linear, a norm would change every
+  score;
 * optional ``q_proj`` / ``kv_a_proj_with_mqa`` biases (Qwen2 q/k/v biases);
 * ``tie_word_embeddings`` honoured;
-* the source rope law (default / linear / llama3) kept as is, GPT-J interleaved,
-  no DeepSeek-YaRN rewrite and no mscale in the softmax scale;
-* load-time zero padding to a shape the selected backend accepts
-  (``shape_adapter``), softmax scale from the source dims.
+* the source rope law (default / linear / llama3) kept as is, GPT-J interleaved, no
+  DeepSeek-YaRN rewrite and no mscale in the softmax scale;
+* strict load checks (``weight_checks``), then zero padding to the shape the selected backend
+  accepts (``serve_plan`` picks it, ``padding`` applies it); softmax scale from the source dims.
 
-With ``VLLM_MLA_DISABLE=1`` the same weights run as ordinary multi-head
-attention (any shape, full per-head KV cache).
+With ``VLLM_MLA_DISABLE=1`` the same weights run as ordinary multi-head attention (any shape,
+full per-head KV cache).
 """
 
 from collections.abc import Iterable
@@ -55,23 +54,19 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
-from transmla_vllm.shape_adapter import (
-    ServePlan,
-    ensure_served_shape,
-    pad_kv_a_proj,
-    pad_kv_b_proj,
-    pad_o_proj,
-    pad_q_proj,
-    rope_parameters_for,
-    transmla_block,
-)
+from transmla_vllm.checkpoint_format import GATE_PROJ, UP_PROJ, biases
+from transmla_vllm.config_checks import rope_parameters_for
+from transmla_vllm.padding import PADDING
+from transmla_vllm.serve_plan import ServePlan, ensure_served_shape
+from transmla_vllm.weight_checks import WeightChecks
+
+# vLLM's fused gate/up parameter (layer-relative), loaded from two checkpoint tensors.
+_GATE_UP_PROJ = "mlp.gate_up_proj.weight"
 
 
-def _biases(config: Any) -> tuple[bool, bool]:
-    """(q_proj bias, kv_a_proj_with_mqa bias) from the transmla block."""
-    block = transmla_block(config)
-    default = bool(getattr(config, "attention_bias", False))
-    return bool(block.get("q_bias", default)), bool(block.get("kv_a_bias", default))
+def _module(tensor_name: str) -> str:
+    """Module name of a tensor name (``mlp.gate_proj.weight`` -> ``gate_proj``)."""
+    return tensor_name.split(".")[-2]
 
 
 class _NoLatentNorm(nn.Module):
@@ -154,7 +149,7 @@ class TransMLAAttention(nn.Module):
         # Scores are scaled as in the source checkpoint; padding adds zeros only.
         src = plan.source
         self.scaling = (src.qk_nope_head_dim + src.qk_rope_head_dim) ** -0.5
-        q_bias, kv_a_bias = _biases(config)
+        q_bias, kv_a_bias = biases(config)
 
         self.q_proj = ColumnParallelLinear(
             self.hidden_size,
@@ -363,21 +358,18 @@ class TransMLAModel(nn.Module):
         return hidden_states
 
 
-# (parameter, checkpoint tensor, shard): gate/up are one fused column-parallel linear.
-_STACKED = (("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1))
-
-
 class TransMLAForCausalLM(nn.Module, SupportsPP):
     """Causal LM head over ``TransMLAModel``; loads the TransMLA safetensors."""
 
-    packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"]}
+    packed_modules_mapping = {_module(_GATE_UP_PROJ): [_module(GATE_PROJ), _module(UP_PROJ)]}
+    # (param_name, shard_name, shard_id), layer-relative: gate and up are one fused linear.
+    stacked_params_mapping = ((_GATE_UP_PROJ, GATE_PROJ, 0), (_GATE_UP_PROJ, UP_PROJ, 1))
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         config = vllm_config.model_config.hf_config
         self.config = config
         self.plan = ensure_served_shape(vllm_config)
-        self.q_bias, self.kv_a_bias = _biases(config)
         self.model = TransMLAModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         if get_pp_group().is_last_rank:
             self.lm_head = ParallelLMHead(
@@ -408,128 +400,46 @@ class TransMLAForCausalLM(nn.Module, SupportsPP):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.logits_processor(self.lm_head, hidden_states)
 
-    # ------------------------------------------------------------------
-    # Weight loading
-    # ------------------------------------------------------------------
-    def _checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor the checkpoint must hold, with its shape per config.json."""
-        cfg, src = self.config, self.plan.source
-        d, heads, inter = cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size
-        q_rows = heads * (src.qk_nope_head_dim + src.qk_rope_head_dim)
-        kv_a_rows = src.kv_lora_rank + src.qk_rope_head_dim
-        per_layer = {
-            "input_layernorm.weight": (d,),
-            "post_attention_layernorm.weight": (d,),
-            "self_attn.q_proj.weight": (q_rows, d),
-            "self_attn.kv_a_proj_with_mqa.weight": (kv_a_rows, d),
-            "self_attn.kv_b_proj.weight": (
-                heads * (src.qk_nope_head_dim + src.v_head_dim),
-                src.kv_lora_rank,
-            ),
-            "self_attn.o_proj.weight": (d, heads * src.v_head_dim),
-            "mlp.gate_proj.weight": (inter, d),
-            "mlp.up_proj.weight": (inter, d),
-            "mlp.down_proj.weight": (d, inter),
-        }
-        if self.q_bias:
-            per_layer["self_attn.q_proj.bias"] = (q_rows,)
-        if self.kv_a_bias:
-            per_layer["self_attn.kv_a_proj_with_mqa.bias"] = (kv_a_rows,)
-        shapes = {
-            "model.embed_tokens.weight": (cfg.vocab_size, d),
-            "model.norm.weight": (d,),
-        }
-        if not cfg.tie_word_embeddings:
-            shapes["lm_head.weight"] = (cfg.vocab_size, d)
-        for i in range(cfg.num_hidden_layers):
-            shapes.update({f"model.layers.{i}.{k}": v for k, v in per_layer.items()})
-        return shapes
-
-    def _check_tensor(
-        self, name: str, tensor: torch.Tensor, shapes: dict[str, tuple[int, ...]]
-    ) -> None:
-        """Raise a ValueError naming the tensor when it does not fit the config."""
-        if "kv_a_layernorm" in name:
-            raise ValueError(
-                f"Checkpoint tensor '{name}' is a latent RMSNorm; the TransMLA format "
-                "has none (the conversion is exact only without it). Reconvert."
-            )
-        expected = shapes.get(name)
-        if expected is None:
-            raise ValueError(
-                f"Unexpected checkpoint tensor '{name}' {tuple(tensor.shape)} for this "
-                f"config (q_bias={self.q_bias}, kv_a_bias={self.kv_a_bias}, "
-                f"tie_word_embeddings={self.config.tie_word_embeddings}); the weights do "
-                "not match the config: reconvert the checkpoint."
-            )
-        if tuple(tensor.shape) != expected:
-            raise ValueError(
-                f"Checkpoint tensor '{name}' has shape {tuple(tensor.shape)}, "
-                f"expected {expected} from config.json; the weights do not match the "
-                "config: reconvert or re-download the checkpoint."
-            )
-
-    def _to_served(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Zero-pad an attention tensor from checkpoint to served shape."""
-        if not self.plan.is_padded:
-            return tensor
-        heads = self.config.num_attention_heads
-        if ".self_attn.q_proj." in name:
-            return pad_q_proj(tensor, self.plan, heads)
-        if ".self_attn.kv_a_proj_with_mqa." in name:
-            return pad_kv_a_proj(tensor, self.plan)
-        if ".self_attn.kv_b_proj." in name:
-            return pad_kv_b_proj(tensor, self.plan, heads)
-        if ".self_attn.o_proj." in name:
-            return pad_o_proj(tensor, self.plan, heads)
-        return tensor
-
-    @staticmethod
-    def _param_name(name: str) -> tuple[str, int | None]:
-        """Checkpoint tensor name -> (parameter name, stacked shard id)."""
-        for param_part, ckpt_part, shard in _STACKED:
-            if f".{ckpt_part}." in name:
-                return name.replace(ckpt_part, param_part), shard
+    def _param_name(self, name: str) -> tuple[str, int | None]:
+        """Checkpoint tensor name -> (parameter name, stacked shard id or None)."""
+        for param_name, shard_name, shard_id in self.stacked_params_mapping:
+            if name.endswith("." + shard_name):
+                return name[: -len(shard_name)] + param_name, shard_id
         return name, None
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Check, pad and load the checkpoint; every expected tensor must be there.
+    def _to_served(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Zero-pad an attention tensor from the checkpoint's shape to the served one."""
+        if not self.plan.is_padded:
+            return tensor
+        for tensor_name, pad in PADDING.items():
+            if name.endswith("." + tensor_name):
+                heads = self.config.num_attention_heads
+                return pad(tensor, self.plan.source, self.plan.served, heads)
+        return tensor
 
-        Strict on purpose: vLLM's own "weights not initialized" check exempts
-        every unquantized linear/embedding, so a missing tensor would silently
-        leave uninitialised memory in the model.
-        """
-        shapes = self._checkpoint_shapes()
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        seen: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
+    def _held_here(self, name: str) -> bool:
+        """Whether this pipeline rank holds the parameter checkpoint tensor ``name`` loads."""
+        return not is_pp_missing_parameter(self._param_name(name)[0], self)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Check, pad and load the checkpoint; every expected tensor must be there."""
+        checks = WeightChecks(self.config, self.plan.source)
+        params_dict = dict(self.named_parameters())
+        loaded_params: set[str] = set()
+        for name, loaded_weight in weights:
+            if checks.skipped(name):
                 continue
-            if self.config.tie_word_embeddings and name == "lm_head.weight":
-                continue  # tied: the embedding is the head
-            self._check_tensor(name, tensor, shapes)
-            seen.add(name)
+            checks.check(name, loaded_weight)
             param_name, shard_id = self._param_name(name)
             if is_pp_missing_parameter(param_name, self):
                 continue
-            param = params[param_name]
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            tensor = self._to_served(name, tensor)
+            param = params_dict[param_name]
+            weight_loader = getattr(param, "weight_loader", default_weight_loader)
+            loaded_weight = self._to_served(name, loaded_weight)
             if shard_id is None:
-                loader(param, tensor)
+                weight_loader(param, loaded_weight)
             else:
-                loader(param, tensor, shard_id)
-            loaded.add(param_name)
-        missing = sorted(
-            n
-            for n in shapes.keys() - seen
-            if not is_pp_missing_parameter(self._param_name(n)[0], self)
-        )
-        if missing:
-            hint = " (config has tie_word_embeddings false)" if "lm_head.weight" in missing else ""
-            raise ValueError(
-                f"Checkpoint is missing tensor(s) {missing[:8]}{hint}; it is incomplete: "
-                "reconvert or re-download it."
-            )
-        return loaded
+                weight_loader(param, loaded_weight, shard_id)
+            loaded_params.add(param_name)
+        checks.check_complete(self._held_here)
+        return loaded_params
