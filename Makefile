@@ -9,6 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.transmla-installed
 TORCH_VERSION := 2.13.0
 DEMO_DIR ?= demo-out
+SOURCES := converter transmla_vllm transmla_testing tests examples benchmarks
 
 .PHONY: setup demo test lint clean
 
@@ -28,11 +29,13 @@ demo: setup
 	$(PY) examples/demo.py --workdir $(DEMO_DIR)
 
 test: setup
-	$(PY) -m ruff check converter transmla_vllm transmla_testing tests examples benchmarks
+	$(PY) -m ruff check $(SOURCES)
+	$(PY) -m ruff format --check $(SOURCES)
 	$(PY) -m pytest -q --durations=15
 
 lint: setup
-	$(PY) -m ruff check converter transmla_vllm tests examples benchmarks
+	$(PY) -m ruff check $(SOURCES)
+	$(PY) -m ruff format --check $(SOURCES)
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

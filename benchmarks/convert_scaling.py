@@ -25,8 +25,14 @@ from transmla_vllm.checkpoint_format import CONFIG_FILE, INDEX_FILE, REPORT_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SHAPE = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-             intermediate_size=14336, vocab_size=32000)
+SHAPE = dict(
+    hidden_size=4096,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    intermediate_size=14336,
+    vocab_size=32000,
+)
 # Llama-3.1-70B layers (the vocabulary stays small: embeddings are not what streaming is about)
 SHAPE_70B = dict(SHAPE, hidden_size=8192, num_attention_heads=64, intermediate_size=28672)
 SHAPES = {"8b": SHAPE, "70b": SHAPE_70B}
@@ -46,11 +52,23 @@ def make_checkpoint(folder: Path, layers: int, seed: int = 0, shape: dict | None
     if (folder / CONFIG_FILE).is_file():
         return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     folder.mkdir(parents=True, exist_ok=True)
-    make_tokenizer(folder, 8000, texts=[p.read_text() for p in sorted(BUNDLED.glob("*.txt"))],
-                   chat_template=False)
-    D, H, G, d, F, V = (shape[k] for k in ("hidden_size", "num_attention_heads",
-                                           "num_key_value_heads", "head_dim",
-                                           "intermediate_size", "vocab_size"))
+    make_tokenizer(
+        folder,
+        8000,
+        texts=[p.read_text() for p in sorted(BUNDLED.glob("*.txt"))],
+        chat_template=False,
+    )
+    D, H, G, d, F, V = (
+        shape[k]
+        for k in (
+            "hidden_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "intermediate_size",
+            "vocab_size",
+        )
+    )
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape: int) -> torch.Tensor:
@@ -65,29 +83,57 @@ def make_checkpoint(folder: Path, layers: int, seed: int = 0, shape: dict | None
     save("embed.safetensors", {"model.embed_tokens.weight": rnd(V, D)})
     for i in range(layers):
         p = f"model.layers.{i}."
-        save(f"layer-{i:03d}.safetensors", {
-            p + "self_attn.q_proj.weight": rnd(H * d, D), p + "self_attn.k_proj.weight":
-            rnd(G * d, D), p + "self_attn.v_proj.weight": rnd(G * d, D),
-            p + "self_attn.o_proj.weight": rnd(D, H * d), p + "mlp.gate_proj.weight": rnd(F, D),
-            p + "mlp.up_proj.weight": rnd(F, D), p + "mlp.down_proj.weight": rnd(D, F),
-            p + "input_layernorm.weight": torch.ones(D, dtype=torch.bfloat16),
-            p + "post_attention_layernorm.weight": torch.ones(D, dtype=torch.bfloat16)})
-    save("head.safetensors", {"model.norm.weight": torch.ones(D, dtype=torch.bfloat16),
-                              "lm_head.weight": rnd(V, D)})
-    (folder / INDEX_FILE).write_text(json.dumps(
-        {"metadata": {}, "weight_map": weight_map}, indent=1))
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **shape,
-              "num_hidden_layers": layers, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-              "max_position_embeddings": 8192, "tie_word_embeddings": False,
-              "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2}
+        save(
+            f"layer-{i:03d}.safetensors",
+            {
+                p + "self_attn.q_proj.weight": rnd(H * d, D),
+                p + "self_attn.k_proj.weight": rnd(G * d, D),
+                p + "self_attn.v_proj.weight": rnd(G * d, D),
+                p + "self_attn.o_proj.weight": rnd(D, H * d),
+                p + "mlp.gate_proj.weight": rnd(F, D),
+                p + "mlp.up_proj.weight": rnd(F, D),
+                p + "mlp.down_proj.weight": rnd(D, F),
+                p + "input_layernorm.weight": torch.ones(D, dtype=torch.bfloat16),
+                p + "post_attention_layernorm.weight": torch.ones(D, dtype=torch.bfloat16),
+            },
+        )
+    save(
+        "head.safetensors",
+        {"model.norm.weight": torch.ones(D, dtype=torch.bfloat16), "lm_head.weight": rnd(V, D)},
+    )
+    (folder / INDEX_FILE).write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
+    )
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **shape,
+        "num_hidden_layers": layers,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
 def run_conversion(src: Path, dst: Path, extra: list[str]) -> tuple[float, int, dict]:
     """Wall seconds and peak RSS (bytes, from wait4) of one conversion subprocess."""
-    cmd = [sys.executable, "-m", "converter", "--src", str(src), "--dst", str(dst),
-           "--overwrite", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "converter",
+        "--src",
+        str(src),
+        "--dst",
+        str(dst),
+        "--overwrite",
+        *extra,
+    ]
     print("$", " ".join(cmd[1:]), flush=True)
     started = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -101,22 +147,29 @@ def run_conversion(src: Path, dst: Path, extra: list[str]) -> tuple[float, int, 
 
 def projection(shape: str, machine: str, fixed: float, per_layer: float, samples: int) -> str:
     """Full-depth estimates from the measured fixed and per-layer cost."""
-    note = (f" with {samples} calibration chunks (the converter's default is 128; the "
-            "calibration passes grow with it)")
+    note = (
+        f" with {samples} calibration chunks (the converter's default is 128; the "
+        "calibration passes grow with it)"
+    )
     if shape == "8b":
-        return (f"- Projection ({machine}){note}: a 32-layer 8B model "
-                f"~{(fixed + 32 * per_layer) / 60:.1f} min; an 80-layer 70B model "
-                f"~{(fixed + 80 * 4 * per_layer) / 60:.0f} min if a 70B layer costs ~4x an 8B "
-                "one (measured directly with `--shape 70b`); peak memory does not grow with "
-                "depth.")
-    return (f"- Projection ({machine}){note}: an 80-layer 70B model "
-            f"~{(fixed + 80 * per_layer) / 60:.0f} min at the measured per-layer cost, in the "
-            "peak memory measured here (it does not grow with depth).")
+        return (
+            f"- Projection ({machine}){note}: a 32-layer 8B model "
+            f"~{(fixed + 32 * per_layer) / 60:.1f} min; an 80-layer 70B model "
+            f"~{(fixed + 80 * 4 * per_layer) / 60:.0f} min if a 70B layer costs ~4x an 8B "
+            "one (measured directly with `--shape 70b`); peak memory does not grow with "
+            "depth."
+        )
+    return (
+        f"- Projection ({machine}){note}: an 80-layer 70B model "
+        f"~{(fixed + 80 * per_layer) / 60:.0f} min at the measured per-layer cost, in the "
+        "peak memory measured here (it does not grow with depth)."
+    )
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--workdir", default=str(ROOT / ".cache" / "convert_scaling"))
     p.add_argument("--layers", default="2,4,8")
     p.add_argument("--calib-samples", type=int, default=4)
@@ -125,12 +178,25 @@ def main() -> int:
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--shape", default="8b", choices=sorted(SHAPES))
-    p.add_argument("--section", default=None,
-                   help="docs/benchmarks.md section (default convert_scaling[_cuda])")
+    p.add_argument(
+        "--section",
+        default=None,
+        help="docs/benchmarks.md section (default convert_scaling[_cuda])",
+    )
     args = p.parse_args()
     work = Path(args.workdir)
-    extra = ["--kv-lora-rank", "512", "--rope-dim", "64", "--calib-samples",
-             str(args.calib_samples), "--method", args.method, "--device", args.device]
+    extra = [
+        "--kv-lora-rank",
+        "512",
+        "--rope-dim",
+        "64",
+        "--calib-samples",
+        str(args.calib_samples),
+        "--method",
+        args.method,
+        "--device",
+        args.device,
+    ]
     machine = f"{os.cpu_count()} CPU cores"
     if args.device == "cuda":
         import torch
@@ -144,10 +210,13 @@ def main() -> int:
         seconds, rss, _ = run_conversion(src, dst, extra)
         if not args.keep:
             shutil.rmtree(dst, ignore_errors=True)
-        rows.append({"layers": n, "source_gb": size / 1e9, "seconds": seconds,
-                     "peak_rss_gb": rss / 1e9})
-        print(f"{n} layers: {seconds:.1f} s, peak RSS {rss / 1e9:.2f} GB, "
-              f"source {size / 1e9:.2f} GB", flush=True)
+        rows.append(
+            {"layers": n, "source_gb": size / 1e9, "seconds": seconds, "peak_rss_gb": rss / 1e9}
+        )
+        print(
+            f"{n} layers: {seconds:.1f} s, peak RSS {rss / 1e9:.2f} GB, source {size / 1e9:.2f} GB",
+            flush=True,
+        )
     first, last = rows[0], rows[-1]
     per_layer = (last["seconds"] - first["seconds"]) / (last["layers"] - first["layers"])
     fixed = first["seconds"] - per_layer * first["layers"]
@@ -157,29 +226,35 @@ def main() -> int:
         f"Command: `python benchmarks/convert_scaling.py --layers {args.layers} --calib-samples "
         f"{args.calib_samples} --method {args.method} --device {args.device} --shape "
         f"{args.shape}` "
-        f"({time.strftime('%Y-%m-%d')}, {machine}). Converter flags: `" + " ".join(extra)
+        f"({time.strftime('%Y-%m-%d')}, {machine}). Converter flags: `"
+        + " ".join(extra)
         + "`; calibration: the bundled set.",
         "",
         "| layers | source GB | wall s | peak RSS GB | RSS / source |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['layers']} | {r['source_gb']:.2f} | {r['seconds']:.1f} | "
-                     f"{r['peak_rss_gb']:.2f} | {r['peak_rss_gb'] / r['source_gb']:.2f} |")
+        lines.append(
+            f"| {r['layers']} | {r['source_gb']:.2f} | {r['seconds']:.1f} | "
+            f"{r['peak_rss_gb']:.2f} | {r['peak_rss_gb'] / r['source_gb']:.2f} |"
+        )
     rss_ratio = last["peak_rss_gb"] / first["peak_rss_gb"]
     small = last["peak_rss_gb"] < 0.6 * last["source_gb"]
     time_ratio = last["seconds"] / first["seconds"]
     if args.shape == "8b":
         share = 100 * last["peak_rss_gb"] / last["source_gb"]
-        size_line = (f"at {last['layers']} layers {share:.0f}% of the source (target < 60%): "
-                     f"{'met' if small else 'NOT met'}.")
+        size_line = (
+            f"at {last['layers']} layers {share:.0f}% of the source (target < 60%): "
+            f"{'met' if small else 'NOT met'}."
+        )
     else:  # a few 70B layers are smaller than the fixed part: compare with the whole model
-        layer_gb = ((last["source_gb"] - first["source_gb"])
-                    / (last["layers"] - first["layers"]))
+        layer_gb = (last["source_gb"] - first["source_gb"]) / (last["layers"] - first["layers"])
         full_gb = first["source_gb"] + (80 - first["layers"]) * layer_gb
-        size_line = (f"an 80-layer model of these layers is {full_gb:.0f} GB (vocabulary "
-                     f"{SHAPES[args.shape]['vocab_size']}), so the peak is "
-                     f"{100 * last['peak_rss_gb'] / full_gb:.1f}% of it.")
+        size_line = (
+            f"an 80-layer model of these layers is {full_gb:.0f} GB (vocabulary "
+            f"{SHAPES[args.shape]['vocab_size']}), so the peak is "
+            f"{100 * last['peak_rss_gb'] / full_gb:.1f}% of it."
+        )
     lines += [
         "",
         f"- Peak RSS {last['layers']} vs {first['layers']} layers: {rss_ratio:.2f}x "
@@ -189,8 +264,9 @@ def main() -> int:
         f"per layer, fixed cost {fixed:.1f} s.",
         projection(args.shape, machine, fixed, per_layer, args.calib_samples),
     ]
-    section = args.section or ("convert_scaling" if args.device == "cpu"
-                               else f"convert_scaling_{args.device}")
+    section = args.section or (
+        "convert_scaling" if args.device == "cpu" else f"convert_scaling_{args.device}"
+    )
     publish(section, lines, write=not args.no_write)
     return 0
 

@@ -30,17 +30,39 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def convert(src: Path, dst: Path, device: str, method: str, samples: int) -> float:
     started = time.time()
-    subprocess.run([sys.executable, "-m", "converter", "--src", str(src), "--dst", str(dst),
-                    "--overwrite",
-                    "--device", device, "--dtype", "float32", "--method", method,
-                    "--calib-samples", str(samples), "--kv-lora-rank", "448", "--rope-dim", "64"],
-                   check=True, cwd=ROOT)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "converter",
+            "--src",
+            str(src),
+            "--dst",
+            str(dst),
+            "--overwrite",
+            "--device",
+            device,
+            "--dtype",
+            "float32",
+            "--method",
+            method,
+            "--calib-samples",
+            str(samples),
+            "--kv-lora-rank",
+            "448",
+            "--rope-dim",
+            "64",
+        ],
+        check=True,
+        cwd=ROOT,
+    )
     return time.time() - started
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--method", default="refit")
     p.add_argument("--calib-samples", type=int, default=16)
@@ -50,6 +72,7 @@ def main() -> int:
     args = p.parse_args()
 
     import torch
+
     if args.against == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: nothing to compare (use --against cpu for a dry run)")
         return 2
@@ -67,8 +90,9 @@ def main() -> int:
 
     ids = torch.randint(3, 8000, (2, 128), generator=torch.Generator().manual_seed(0))
     for label in runs:
-        model = AutoModelForCausalLM.from_pretrained(work / label, dtype=torch.float32,
-                                                     trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            work / label, dtype=torch.float32, trust_remote_code=True
+        )
         with torch.no_grad():
             logits[label] = model(ids).logits
     a, b = logits["cpu"], logits["other"]
@@ -78,19 +102,25 @@ def main() -> int:
     def worst(key: str, index: int | None = None) -> float:
         def value(r: dict) -> float:
             return r[key] if index is None else r[key][index]
-        return max(abs(value(x) - value(y)) for x, y in zip(reports["cpu"], reports["other"],
-                                                            strict=True))
+
+        return max(
+            abs(value(x) - value(y)) for x, y in zip(reports["cpu"], reports["other"], strict=True)
+        )
 
     name = torch.cuda.get_device_name() if args.against == "cuda" else "cpu"
-    print(f"\ntorch {torch.__version__}, {args.against} = {name}; {args.layers} layers of "
-          f"Llama-3-8B attention geometry, method {args.method}, {args.calib_samples} chunks")
+    print(
+        f"\ntorch {torch.__version__}, {args.against} = {name}; {args.layers} layers of "
+        f"Llama-3-8B attention geometry, method {args.method}, {args.calib_samples} chunks"
+    )
     print("\n| check | value |\n|---|---|")
     print(f"| logits relative difference, {args.against} vs cpu conversion | {err:.2e} |")
     print(f"| top-1 agreement | {100 * agree:.2f}% |")
     print(f"| max difference in rope key energy fraction | {worst('rope_key_energy'):.1e} |")
     print(f"| max difference in latent energy fraction | {worst('latent_energy'):.1e} |")
-    same_fold = all(x["freqfold"] == y["freqfold"]
-                    for x, y in zip(reports["cpu"], reports["other"], strict=True))
+    same_fold = all(
+        x["freqfold"] == y["freqfold"]
+        for x, y in zip(reports["cpu"], reports["other"], strict=True)
+    )
     print(f"| same FreqFold chosen in every layer | {'yes' if same_fold else 'NO'} |")
     if "o_refit_rel_error" in reports["cpu"][0]:
         print(f"| max difference in o_proj refit error | {worst('o_refit_rel_error', 1):.1e} |")

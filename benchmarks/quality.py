@@ -25,12 +25,31 @@ from transmla_vllm.checkpoint_format import CONFIG_FILE, REPORT_FILE
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def convert(src: Path, dst: Path, budget: int, method: str, freqfold: str | None,
-            samples: int) -> dict:
-    cmd = [sys.executable, "-m", "converter", "--src", str(src), "--dst", str(dst),
-           "--kv-elements", str(budget), "--target", "hf", "--method", method,
-           "--calib-text", str(plays("comedies")), "--calib-samples", str(samples),
-           "--dtype", "float32", "--overwrite"]
+def convert(
+    src: Path, dst: Path, budget: int, method: str, freqfold: str | None, samples: int
+) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "converter",
+        "--src",
+        str(src),
+        "--dst",
+        str(dst),
+        "--kv-elements",
+        str(budget),
+        "--target",
+        "hf",
+        "--method",
+        method,
+        "--calib-text",
+        str(plays("comedies")),
+        "--calib-samples",
+        str(samples),
+        "--dtype",
+        "float32",
+        "--overwrite",
+    ]
     if freqfold:
         cmd += ["--freqfold", freqfold]
     print("$", " ".join(cmd[1:]), flush=True)
@@ -39,15 +58,19 @@ def convert(src: Path, dst: Path, budget: int, method: str, freqfold: str | None
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--workdir", default=str(ROOT / ".cache" / "quality"))
     p.add_argument("--budgets", default="128,192,320")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--eval-tokens", type=int, default=20480)
     p.add_argument("--ctx", type=int, default=512)
-    p.add_argument("--ours", default="refit", help="method (and ':auto' for "
-                   "--freqfold auto) compared with transmla")
+    p.add_argument(
+        "--ours",
+        default="refit",
+        help="method (and ':auto' for --freqfold auto) compared with transmla",
+    )
     p.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
     args = p.parse_args()
 
@@ -76,18 +99,23 @@ def main() -> int:
             dst = work / f"smollm2-{label}-{budget}"
             report = convert(src, dst, budget, method, fold or None, args.calib_samples)
             cfg = json.loads((dst / CONFIG_FILE).read_text())
-            row[label] = {"ppl": perplexity(load_model(dst), batch),
-                          "seconds": report["seconds"],
-                          "peak_rss_gb": report["peak_rss_bytes"] / 1e9,
-                          "rope": cfg["qk_rope_head_dim"], "rank": cfg["kv_lora_rank"]}
-            print(f"budget {budget} {label}: PPL {row[label]['ppl']:.3f} "
-                  f"(convert {report['seconds']:.0f} s)", flush=True)
+            row[label] = {
+                "ppl": perplexity(load_model(dst), batch),
+                "seconds": report["seconds"],
+                "peak_rss_gb": report["peak_rss_bytes"] / 1e9,
+                "rope": cfg["qk_rope_head_dim"],
+                "rank": cfg["kv_lora_rank"],
+            }
+            print(
+                f"budget {budget} {label}: PPL {row[label]['ppl']:.3f} "
+                f"(convert {report['seconds']:.0f} s)",
+                flush=True,
+            )
         inc_t = row["transmla"]["ppl"] - ppl_src
         inc_o = row["ours"]["ppl"] - ppl_src
         row["ratio"] = inc_o / inc_t if inc_t > 0 else float("nan")
         rows.append(row)
-    (work / "results.json").write_text(json.dumps({"source_ppl": ppl_src, "rows": rows},
-                                                  indent=2))
+    (work / "results.json").write_text(json.dumps({"source_ppl": ppl_src, "rows": rows}, indent=2))
     lines = [
         "## Quality at equal KV budget (SmolLM2-135M-Instruct, CPU)",
         "",
@@ -106,21 +134,32 @@ def main() -> int:
     for r in rows:
         t, o = r["transmla"], r["ours"]
         within = "yes" if o["ppl"] <= 1.05 * ppl_src else "no"
-        lines.append(f"| {r['budget']} | {o['rope']} + {o['rank']} | {t['ppl']:.3f} | "
-                     f"{o['ppl']:.3f} | {r['ratio']:.3f} | {within} | {t['seconds']:.0f} / "
-                     f"{o['seconds']:.0f} | {o['peak_rss_gb']:.2f} |")
+        lines.append(
+            f"| {r['budget']} | {o['rope']} + {o['rank']} | {t['ppl']:.3f} | "
+            f"{o['ppl']:.3f} | {r['ratio']:.3f} | {within} | {t['seconds']:.0f} / "
+            f"{o['seconds']:.0f} | {o['peak_rss_gb']:.2f} |"
+        )
     ratios_ok = all(r["ratio"] <= 0.8 for r in rows)
     at320 = next((r for r in rows if r["budget"] == 320), None)
-    lines += ["", f"Targets: increase ratio <= 0.8 at every budget: "
-              f"{'met' if ratios_ok else 'NOT met'} (worst {max(r['ratio'] for r in rows):.3f})."]
+    lines += [
+        "",
+        f"Targets: increase ratio <= 0.8 at every budget: "
+        f"{'met' if ratios_ok else 'NOT met'} (worst {max(r['ratio'] for r in rows):.3f}).",
+    ]
     if at320:
         gap = at320["ours"]["ppl"] / ppl_src - 1
-        lines.append(f"At 320 elements ours is {100 * gap:+.1f}% from the source PPL (target "
-                     f"within 5%): {'met' if gap <= 0.05 else 'NOT met'}.")
-    lines += ["", f"Ours = `--method {ours}`" + (f" `--freqfold {ours_fold}`" if ours_fold
-                                                  else "") + "; transmla = the published "
-              "method (RoRoPE + FreqFold + balanced KV PCA, source activations). Increase ratio "
-              "= (PPL ours - PPL source) / (PPL transmla - PPL source)."]
+        lines.append(
+            f"At 320 elements ours is {100 * gap:+.1f}% from the source PPL (target "
+            f"within 5%): {'met' if gap <= 0.05 else 'NOT met'}."
+        )
+    lines += [
+        "",
+        f"Ours = `--method {ours}`"
+        + (f" `--freqfold {ours_fold}`" if ours_fold else "")
+        + "; transmla = the published "
+        "method (RoRoPE + FreqFold + balanced KV PCA, source activations). Increase ratio "
+        "= (PPL ours - PPL source) / (PPL transmla - PPL source).",
+    ]
     publish("quality", lines, write=not args.no_write)
     return 0
 

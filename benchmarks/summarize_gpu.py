@@ -64,13 +64,15 @@ def summarize(out: Path) -> str:
             f"{_ratio(o.get('output_throughput'), c.get('output_throughput'))} | "
             f"{_num(o.get('median_ttft_ms'), '.0f')} | {_num(c.get('median_ttft_ms'), '.0f')} | "
             f"{_num(o.get('median_tpot_ms'), '.1f')} | {_num(c.get('median_tpot_ms'), '.1f')} | "
-            f"{o.get('completed', 'n/a')} / {c.get('completed', 'n/a')} |")
+            f"{o.get('completed', 'n/a')} / {c.get('completed', 'n/a')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("out", help="the OUT_DIR given to serve_gpu.sh")
     args = p.parse_args(argv)
     out = Path(args.out)

@@ -25,7 +25,6 @@ def run_subcommand(name: str, argv: list[str]) -> int:
         return 2
 
 
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:

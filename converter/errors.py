@@ -26,8 +26,9 @@ class Interrupted(KeyboardInterrupt):
 
 
 # signals that unwind like Ctrl-C (SIGHUP does not exist on Windows)
-INTERRUPT_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
-                          if hasattr(signal, n))
+INTERRUPT_SIGNALS = tuple(
+    getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)
+)
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 NO_ACCESS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
@@ -37,9 +38,13 @@ def describe_os_error(exc: OSError, dst: object) -> str:
     where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
     reason = exc.strerror or str(exc)
     if exc.errno in NO_SPACE:
-        return (f"ran out of space writing {dst}: {reason}{where}; the partial output was "
-                "removed: free some space or choose another --dst")
+        return (
+            f"ran out of space writing {dst}: {reason}{where}; the partial output was "
+            "removed: free some space or choose another --dst"
+        )
     if exc.errno in NO_ACCESS:
-        return (f"{reason}{where} while converting into {dst}: fix the permissions or choose a "
-                "--dst this user can write to")
+        return (
+            f"{reason}{where} while converting into {dst}: fix the permissions or choose a "
+            "--dst this user can write to"
+        )
     return f"I/O error while converting into {dst}: {reason}{where}"

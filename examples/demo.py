@@ -28,8 +28,9 @@ def free_port() -> int:
 
 
 def post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=300) as resp:
         return json.loads(resp.read())
 
@@ -63,25 +64,54 @@ def main() -> int:
 
     src = materialize_smollm2(work / "SmolLM2-135M-Instruct")
     import logging
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    dst = convert(ConvertOptions(src=str(src), dst=str(work / "smollm2-mla"),
-                                 kv_lora_rank=args.kv_lora_rank,
-                                 calib_text=str(plays("comedies")),
-                                 calib_samples=args.calib_samples, overwrite=True))
+    dst = convert(
+        ConvertOptions(
+            src=str(src),
+            dst=str(work / "smollm2-mla"),
+            kv_lora_rank=args.kv_lora_rank,
+            calib_text=str(plays("comedies")),
+            calib_samples=args.calib_samples,
+            overwrite=True,
+        )
+    )
 
     port = free_port()
     log = open(work / "server.log", "w")
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(dst),
-           "--served-model-name", "smollm2-mla", "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--max-model-len", "2048", "--trust-remote-code",
-           "--kv-cache-memory-bytes", str(256 * 2**20)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(dst),
+        "--served-model-name",
+        "smollm2-mla",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "2048",
+        "--trust-remote-code",
+        "--kv-cache-memory-bytes",
+        str(256 * 2**20),
+    ]
     print("starting:", " ".join(cmd), flush=True)
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_healthy(f"http://127.0.0.1:{port}/health", server)
-        reply = post(f"http://127.0.0.1:{port}/v1/chat/completions", {
-            "model": "smollm2-mla", "temperature": 0, "max_tokens": 48,
-            "messages": [{"role": "user", "content": "Name three plays by Shakespeare."}]})
+        reply = post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            {
+                "model": "smollm2-mla",
+                "temperature": 0,
+                "max_tokens": 48,
+                "messages": [{"role": "user", "content": "Name three plays by Shakespeare."}],
+            },
+        )
         answer = reply["choices"][0]["message"]["content"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -96,10 +126,14 @@ def main() -> int:
     print(answer)
     print("\n=== KV cache per token (bf16, all layers) ===")
     print(f"source GQA      : {before} elements/layer -> {2 * before * layers:,} bytes")
-    print(f"converted MLA   : {after} elements/layer -> {2 * after * layers:,} bytes "
-          f"({100 * (1 - after / before):.1f}% smaller)")
-    print(f"served on CPU   : padded to 576 elements/layer -> {2 * 576 * layers:,} bytes "
-          "(CPU_MLA only takes 576; GPU backends take 320/512/576)")
+    print(
+        f"converted MLA   : {after} elements/layer -> {2 * after * layers:,} bytes "
+        f"({100 * (1 - after / before):.1f}% smaller)"
+    )
+    print(
+        f"served on CPU   : padded to 576 elements/layer -> {2 * 576 * layers:,} bytes "
+        "(CPU_MLA only takes 576; GPU backends take 320/512/576)"
+    )
     print(f"server log: {work / 'server.log'}")
     return 0
 

@@ -161,11 +161,16 @@ class FakeHub:
         out = []
         for f in json.loads(body)["files"]:
             sample = base64.b64decode(f["sample"])
-            lfs = (f["path"].endswith(LFS_SUFFIXES) or f["size"] >= LFS_MIN_SIZE
-                   or b"\x00" in sample)
+            lfs = f["path"].endswith(LFS_SUFFIXES) or f["size"] >= LFS_MIN_SIZE or b"\x00" in sample
             old = branch.get(f["path"])
-            out.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular",
-                        "shouldIgnore": False, "oid": None if old is None else _oid(old, lfs)})
+            out.append(
+                {
+                    "path": f["path"],
+                    "uploadMode": "lfs" if lfs else "regular",
+                    "shouldIgnore": False,
+                    "oid": None if old is None else _oid(old, lfs),
+                }
+            )
         return 200, {"files": out, "commitOid": secrets.token_hex(20)}
 
     def lfs_batch(self, body: bytes, m: re.Match[str]) -> tuple[int, Any]:
@@ -219,8 +224,11 @@ class FakeHub:
         branch.clear()
         branch.update(staged)  # all or nothing, as a git commit
         self.repos[repo_id].commits.append({"oid": oid, "branch": rev, **lines[0]["value"]})
-        return 200, {"commitUrl": f"{self.url}/{repo_id}/commit/{oid}", "commitOid": oid,
-                     "success": True}
+        return 200, {
+            "commitUrl": f"{self.url}/{repo_id}/commit/{oid}",
+            "commitOid": oid,
+            "success": True,
+        }
 
     def branch(self, body: bytes, m: re.Match[str]) -> tuple[int, Any]:
         repo = self._repo(m["repo"])
@@ -236,9 +244,13 @@ class FakeHub:
         rev = unquote(m["rev"] or "main")
         files = self._branch(m["repo"], rev)
         commits = [c["oid"] for c in repo.commits if c["branch"] == rev]
-        return 200, {"id": m["repo"], "modelId": m["repo"], "private": repo.private,
-                     "sha": commits[-1] if commits else "0" * 40,
-                     "siblings": [{"rfilename": p} for p in sorted(files)]}
+        return 200, {
+            "id": m["repo"],
+            "modelId": m["repo"],
+            "private": repo.private,
+            "sha": commits[-1] if commits else "0" * 40,
+            "siblings": [{"rfilename": p} for p in sorted(files)],
+        }
 
 
 def _oid(content: bytes, lfs: bool) -> str:
@@ -283,8 +295,14 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.hub
         body = self._body()  # always drain it, so the kept-alive connection stays in sync
         path = urlsplit(self.path).path
-        found = next(((name, m) for verb, name, pattern in ROUTES
-                      if verb == method and (m := pattern.match(path))), None)
+        found = next(
+            (
+                (name, m)
+                for verb, name, pattern in ROUTES
+                if verb == method and (m := pattern.match(path))
+            ),
+            None,
+        )
         if found is None:
             self._send(404, {"error": f"no route {method} {path}"})
             return
@@ -295,8 +313,11 @@ class _Handler(BaseHTTPRequestHandler):
                 auth = self.headers.get("Authorization", "")
                 hub.auth_headers.append(auth)
                 if auth != f"Bearer {hub.token}":
-                    self._send(401, {"error": "Invalid credentials in Authorization header"},
-                               {"X-Error-Message": "Invalid credentials in Authorization header"})
+                    self._send(
+                        401,
+                        {"error": "Invalid credentials in Authorization header"},
+                        {"X-Error-Message": "Invalid credentials in Authorization header"},
+                    )
                     return
             if name in hub.fail:
                 status = hub.fail[name]
@@ -323,8 +344,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 SOURCE_HUB_ID = "acme/tiny-qwen"
-SOURCE_LICENSE = {"license": "other", "license_name": "tiny-licence",
-                  "license_link": "https://example.com/tiny-licence"}
+SOURCE_LICENSE = {
+    "license": "other",
+    "license_name": "tiny-licence",
+    "license_link": "https://example.com/tiny-licence",
+}
 
 
 def tiny_checkpoint(root: Path, calib: Path) -> tuple[Path, Path]:
@@ -343,15 +367,29 @@ def tiny_checkpoint(root: Path, calib: Path) -> tuple[Path, Path]:
     make_model(src, "qwen2", tied=False, seed=3)
     meta = "".join(f"{k}: {v}\n" for k, v in SOURCE_LICENSE.items())
     (src / "README.md").write_text(f"---\n{meta}tags:\n- tiny\n---\n# tiny qwen\n")
-    convert(ConvertOptions(src=str(src), dst=str(dst), rope_dim=8, kv_lora_rank=24,
-                           calib_text=str(calib), calib_samples=4, calib_seqlen=32,
-                           max_shard_size="60KB"))
+    convert(
+        ConvertOptions(
+            src=str(src),
+            dst=str(dst),
+            rope_dim=8,
+            kv_lora_rank=24,
+            calib_text=str(calib),
+            calib_samples=4,
+            calib_seqlen=32,
+            max_shard_size="60KB",
+        )
+    )
     return src, dst
 
 
 def folder_digest(folder: Path) -> dict[str, tuple[str, int]]:
     """(sha256, mtime) of every file under ``folder`` by relative path: equal digests mean
     nothing was added, removed, changed or even rewritten."""
-    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(),
-                                         p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (
+            hashlib.sha256(p.read_bytes()).hexdigest(),
+            p.stat().st_mtime_ns,
+        )
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }

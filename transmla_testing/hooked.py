@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Runs the CLI and acts at one point of the conversion: SIGKILL / SIGINT / SIGTERM sent by the
 # process to itself, or "full": RLIMIT_FSIZE drops to 1 byte, so the next write really fails with
 # EFBIG (what a full disk looks like to the writer).
-HOOK = r'''
+HOOK = r"""
 import os, resource, signal, sys
 from converter import cli
 from converter.conversion import pipeline
@@ -46,18 +46,29 @@ elif point == "published":  # just after the finished folder was moved into plac
     publish = writer._publish
     writer._publish = lambda tmp, dst: (publish(tmp, dst), act())[0]
 sys.exit(cli.main(argv))
-'''
+"""
 
 
-def run_hooked(tmp_path: Path, point: str, action: str, args: list[str]
-               ) -> subprocess.CompletedProcess:
+def run_hooked(
+    tmp_path: Path, point: str, action: str, args: list[str]
+) -> subprocess.CompletedProcess:
     script = tmp_path / "hooked_convert.py"
     script.write_text(HOOK)
-    return subprocess.run([sys.executable, str(script), point, action, *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(script), point, action, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def run_cli(args: list[str]) -> subprocess.CompletedProcess:
     """The converter CLI, plain."""
-    return subprocess.run([sys.executable, "-m", "converter", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "converter", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

@@ -9,12 +9,19 @@ import torch
 
 from transmla_testing.text import play_text
 
-CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n"
-                 "{% endfor %}{% if add_generation_prompt %}<s>assistant:{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
 
 
-def make_tokenizer(folder: Path, vocab_size: int = 512, *, texts: Iterable[str] | None = None,
-                   chat_template: bool = True):
+def make_tokenizer(
+    folder: Path,
+    vocab_size: int = 512,
+    *,
+    texts: Iterable[str] | None = None,
+    chat_template: bool = True,
+):
     """A byte-level BPE tokenizer trained offline, saved as a fast tokenizer in ``folder``.
 
     By default it learns from two Shakespeare comedies and carries a small chat template (what
@@ -28,11 +35,15 @@ def make_tokenizer(folder: Path, vocab_size: int = 512, *, texts: Iterable[str] 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(list(texts), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     if chat_template:
         fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)
@@ -50,24 +61,48 @@ def family_classes(family: str) -> tuple[type, type, dict]:
         Qwen2ForCausalLM,
     )
 
-    return {"llama": (LlamaConfig, LlamaForCausalLM, {}),
-            "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"use_sliding_window": False}),
-            "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None})}[family]
+    return {
+        "llama": (LlamaConfig, LlamaForCausalLM, {}),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"use_sliding_window": False}),
+        "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    }[family]
 
 
-def make_model(folder: Path, family: str = "llama", *, hidden: int = 64, heads: int = 4,
-               kv_heads: int = 2, head_dim: int = 16, layers: int = 2, tied: bool = True,
-               rope_scaling: dict | None = None, shared_keys: bool = False, seed: int = 0,
-               vocab_size: int = 512, dtype: torch.dtype = torch.float32,
-               init: tuple[float, float, float, float] = (1.0, 2.0, 2.0, 2.0)) -> Path:
+def make_model(
+    folder: Path,
+    family: str = "llama",
+    *,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 16,
+    layers: int = 2,
+    tied: bool = True,
+    rope_scaling: dict | None = None,
+    shared_keys: bool = False,
+    seed: int = 0,
+    vocab_size: int = 512,
+    dtype: torch.dtype = torch.float32,
+    init: tuple[float, float, float, float] = (1.0, 2.0, 2.0, 2.0),
+) -> Path:
     """Save a random model (and tokenizer) in HF format. ``shared_keys`` makes every KV head's
     key projection a scalar multiple of head 0's, so no key energy falls outside rope dims."""
     folder.mkdir(parents=True, exist_ok=True)
     make_tokenizer(folder, vocab_size)
-    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                  num_hidden_layers=layers, num_attention_heads=heads,
-                  num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=1024,
-                  tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-6)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=1024,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+        rms_norm_eps=1e-6,
+    )
     rope = {"rope_type": "default", "rope_theta": 10000.0}
     if rope_scaling:
         rope = {**rope_scaling, "rope_theta": 10000.0}

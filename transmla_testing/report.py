@@ -8,8 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-HEADER = ("# Benchmarks\n\nEvery section below is written by the script it names, with the "
-          "command that produced it. Ratios are measured side by side in one run.\n")
+HEADER = (
+    "# Benchmarks\n\nEvery section below is written by the script it names, with the "
+    "command that produced it. Ratios are measured side by side in one run.\n"
+)
 
 
 def write_section(name: str, markdown: str, doc: Path = DOC) -> None:

@@ -22,18 +22,41 @@ def free_port() -> int:
 
 
 @contextmanager
-def openai_server(model: Path, log_path: Path, served: str, max_model_len: int,
-                  timeout: float = 600) -> Iterator[tuple[str, subprocess.Popen]]:
+def openai_server(
+    model: Path, log_path: Path, served: str, max_model_len: int, timeout: float = 600
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """Yield (base URL, process) once /health answers; the log tail explains a failed start."""
     port = free_port()
     log = open(log_path, "w")  # noqa: SIM115 (closed below, after the server)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-         "--served-model-name", served, "--host", "127.0.0.1", "--port", str(port),
-         "--trust-remote-code", "--dtype", "float32", "--enforce-eager",
-         "--compilation-config", '{"custom_ops": ["none"]}',
-         "--kv-cache-memory-bytes", str(256 * 2**20), "--max-model-len", str(max_model_len)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ))
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model),
+            "--served-model-name",
+            served,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--trust-remote-code",
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--compilation-config",
+            '{"custom_ops": ["none"]}',
+            "--kv-cache-memory-bytes",
+            str(256 * 2**20),
+            "--max-model-len",
+            str(max_model_len),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=dict(os.environ),
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
     try:
@@ -45,8 +68,9 @@ def openai_server(model: Path, log_path: Path, served: str, max_model_len: int,
                 break
             except OSError:
                 if time.time() > deadline:
-                    raise AssertionError("server not healthy:\n"
-                                         + log_path.read_text()[-6000:]) from None
+                    raise AssertionError(
+                        "server not healthy:\n" + log_path.read_text()[-6000:]
+                    ) from None
                 time.sleep(2)
         yield base, proc
     finally:

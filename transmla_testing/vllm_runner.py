@@ -23,23 +23,35 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=args.model, dtype="float32", enforce_eager=True,
-              compilation_config={"custom_ops": ["none"]}, kv_cache_memory_bytes=256 * 2**20,
-              max_model_len=512, tensor_parallel_size=args.tp, seed=0, trust_remote_code=True,
-              distributed_executor_backend="mp" if args.tp > 1 else None)
+    llm = LLM(
+        model=args.model,
+        dtype="float32",
+        enforce_eager=True,
+        compilation_config={"custom_ops": ["none"]},
+        kv_cache_memory_bytes=256 * 2**20,
+        max_model_len=512,
+        tensor_parallel_size=args.tp,
+        seed=0,
+        trust_remote_code=True,
+        distributed_executor_backend="mp" if args.tp > 1 else None,
+    )
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in json.load(open(args.prompts))]
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=1,
-                            ignore_eos=True)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=args.max_tokens, logprobs=1, ignore_eos=True
+    )
     results = []
     for out in llm.generate(prompts, params):
         comp = out.outputs[0]
         pairs = zip(comp.token_ids, comp.logprobs, strict=True)
-        results.append({"tokens": list(comp.token_ids),
-                        "logprobs": [lp[t].logprob for t, lp in pairs]})
+        results.append(
+            {"tokens": list(comp.token_ids), "logprobs": [lp[t].logprob for t, lp in pairs]}
+        )
     cfg = llm.llm_engine.vllm_config
-    info = {"use_mla": cfg.model_config.use_mla,
-            "architecture": cfg.model_config.architectures,
-            "head_size": cfg.model_config.get_head_size()}
+    info = {
+        "use_mla": cfg.model_config.use_mla,
+        "architecture": cfg.model_config.architectures,
+        "head_size": cfg.model_config.get_head_size(),
+    }
     json.dump({"results": results, "info": info}, open(args.out, "w"))
 
 

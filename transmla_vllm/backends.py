@@ -77,9 +77,7 @@ def gpu_prefill_rope(rope_dim: int) -> int | None:
 
 def prefill_fits(head_dim: int, shapes: tuple[tuple[int, int, int], ...]) -> bool:
     """Whether nope = v = ``head_dim`` zero-pads into one of the prefill ``shapes`` with rope 64."""
-    return any(
-        r == GPU_PREFILL_ROPE_DIM and n >= head_dim and v >= head_dim for n, r, v in shapes
-    )
+    return any(r == GPU_PREFILL_ROPE_DIM and n >= head_dim and v >= head_dim for n, r, v in shapes)
 
 
 def served_split(kv_lora_rank: int, rope_dim: int, name: str) -> tuple[int, int] | None:

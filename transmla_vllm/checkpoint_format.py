@@ -229,12 +229,25 @@ def build_config(
 def shape_from_config(cfg: Any) -> MLAShape:
     """Read the MLA geometry from a config dict or object, naming any missing field."""
     get = _getter(cfg)
-    fields = ("hidden_size", "num_attention_heads", "kv_lora_rank", "qk_rope_head_dim",
-              "qk_nope_head_dim", "v_head_dim")
+    fields = (
+        "hidden_size",
+        "num_attention_heads",
+        "kv_lora_rank",
+        "qk_rope_head_dim",
+        "qk_nope_head_dim",
+        "v_head_dim",
+    )
     missing = [f for f in fields if get(f) is None]
     if missing:
-        raise ValueError(f"config is missing MLA field(s) {missing}; this is not a converted "
-                         "TransMLA checkpoint or its config.json was damaged")
-    return MLAShape(kv_lora_rank=get("kv_lora_rank"), qk_rope_head_dim=get("qk_rope_head_dim"),
-                    qk_nope_head_dim=get("qk_nope_head_dim"), v_head_dim=get("v_head_dim"),
-                    hidden_size=get("hidden_size"), num_heads=get("num_attention_heads"))
+        raise ValueError(
+            f"config is missing MLA field(s) {missing}; this is not a converted "
+            "TransMLA checkpoint or its config.json was damaged"
+        )
+    return MLAShape(
+        kv_lora_rank=get("kv_lora_rank"),
+        qk_rope_head_dim=get("qk_rope_head_dim"),
+        qk_nope_head_dim=get("qk_nope_head_dim"),
+        v_head_dim=get("v_head_dim"),
+        hidden_size=get("hidden_size"),
+        num_heads=get("num_attention_heads"),
+    )

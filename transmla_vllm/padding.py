@@ -61,9 +61,7 @@ def _place(block: torch.Tensor, rows: int) -> torch.Tensor:
     return out
 
 
-def pad_q_proj(
-    t: torch.Tensor, src: LatentDims, dst: LatentDims, num_heads: int
-) -> torch.Tensor:
+def pad_q_proj(t: torch.Tensor, src: LatentDims, dst: LatentDims, num_heads: int) -> torch.Tensor:
     """q_proj weight [H*(dn+r), D] or bias [H*(dn+r)] -> served per-head layout."""
     per_head = t.reshape(num_heads, src.qk_nope_head_dim + src.qk_rope_head_dim, -1)
     stride = rope_stride(src, dst)
@@ -99,9 +97,7 @@ def pad_kv_b_proj(
     return out.reshape(-1, dst.kv_lora_rank)
 
 
-def pad_o_proj(
-    t: torch.Tensor, src: LatentDims, dst: LatentDims, num_heads: int
-) -> torch.Tensor:
+def pad_o_proj(t: torch.Tensor, src: LatentDims, dst: LatentDims, num_heads: int) -> torch.Tensor:
     """o_proj weight [D, H*dv] -> [D, H*dv'] with zero input columns."""
     if src.v_head_dim == dst.v_head_dim:
         return t

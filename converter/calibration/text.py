@@ -37,8 +37,6 @@ def read_calibration_text(path: str | Path) -> tuple[str, list[str]]:
     return "\n\n".join(parts), [str(f) for f in files]
 
 
-
-
 @dataclass(frozen=True)
 class CalibrationInput:
     text: str | None = None  # file or folder
@@ -70,8 +68,9 @@ def _jsonl_documents(path: str, field: str) -> list[str]:
         except json.JSONDecodeError as exc:
             raise ConversionError(f"{path} line {n} is not valid JSON ({exc.msg})") from exc
         except (KeyError, TypeError) as exc:
-            raise ConversionError(f"{path} line {n} has no field {field!r} "
-                                  "(choose it with --calib-field)") from exc
+            raise ConversionError(
+                f"{path} line {n} has no field {field!r} (choose it with --calib-field)"
+            ) from exc
         if isinstance(value, str) and value.strip():
             docs.append(value)
     return docs
@@ -81,16 +80,19 @@ def _dataset_documents(spec: str, field: str) -> list[str]:
     try:
         import datasets
     except ImportError as exc:
-        raise ConversionError("--calib-dataset needs the `datasets` package "
-                              "(pip install datasets)") from exc
+        raise ConversionError(
+            "--calib-dataset needs the `datasets` package (pip install datasets)"
+        ) from exc
     name, _, split = spec.partition(":")
     try:
         data = datasets.load_dataset(name, split=split or "train")
     except Exception as exc:  # datasets raises many types for a bad name or no network
         raise ConversionError(f"could not load dataset {spec}: {exc}") from exc
     if field not in data.column_names:
-        raise ConversionError(f"dataset {spec} has no column {field!r} (columns: "
-                              f"{data.column_names}); choose one with --calib-field")
+        raise ConversionError(
+            f"dataset {spec} has no column {field!r} (columns: "
+            f"{data.column_names}); choose one with --calib-field"
+        )
     return [t for t in data[field] if isinstance(t, str) and t.strip()]
 
 
@@ -101,8 +103,10 @@ def _as_chat(tokenizer, documents: list[str]) -> list[str]:
     paragraphs = [p.strip() for d in documents for p in d.split("\n\n") if p.strip()]
     rendered = []
     for i in range(0, len(paragraphs) - 1, 2):
-        messages = [{"role": "user", "content": paragraphs[i]},
-                    {"role": "assistant", "content": paragraphs[i + 1]}]
+        messages = [
+            {"role": "user", "content": paragraphs[i]},
+            {"role": "assistant", "content": paragraphs[i + 1]},
+        ]
         rendered.append(tokenizer.apply_chat_template(messages, tokenize=False))
     return rendered
 

@@ -82,32 +82,62 @@ class ResumeState:
             return None
         try:
             saved = json.loads(path.read_text())
-            stream = torch.load(self.folder / saved["stream"], map_location="cpu",
-                                weights_only=True)
+            stream = torch.load(
+                self.folder / saved["stream"], map_location="cpu", weights_only=True
+            )
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise ConversionError(f"the progress in {self.folder} cannot be read ({exc}); "
-                                  "delete that folder to start over") from exc
-        differ = sorted(k for k in set(saved["fingerprint"]) | set(self.fingerprint)
-                        if saved["fingerprint"].get(k) != self.fingerprint.get(k))
+            raise ConversionError(
+                f"the progress in {self.folder} cannot be read ({exc}); "
+                "delete that folder to start over"
+            ) from exc
+        differ = sorted(
+            k
+            for k in set(saved["fingerprint"]) | set(self.fingerprint)
+            if saved["fingerprint"].get(k) != self.fingerprint.get(k)
+        )
         if differ:
             raise ConversionError(
                 f"the progress in {self.folder} ({_layers(saved['layers_done'])} done) was made "
                 f"with a different {', '.join(differ)}; rerun with the same source and "
-                "settings to continue it, or delete that folder to start over")
-        return Progress(saved["layers_done"], saved["tensors_written"], saved["report"],
-                        stream["h_src"], stream["h_conv"], float(saved.get("seconds", 0.0)))
+                "settings to continue it, or delete that folder to start over"
+            )
+        return Progress(
+            saved["layers_done"],
+            saved["tensors_written"],
+            saved["report"],
+            stream["h_src"],
+            stream["h_conv"],
+            float(saved.get("seconds", 0.0)),
+        )
 
-    def save(self, layers_done: int, tensors_written: int, report: list[dict],
-             h_src: torch.Tensor, h_conv: torch.Tensor | None, seconds: float) -> None:
+    def save(
+        self,
+        layers_done: int,
+        tensors_written: int,
+        report: list[dict],
+        h_src: torch.Tensor,
+        h_conv: torch.Tensor | None,
+        seconds: float,
+    ) -> None:
         """Record that ``layers_done`` layers are on disk (call after the writer's flush). The
         stream gets a new file per layer and the old one goes only after progress.json points
         to the new one, so a crash at any moment leaves a consistent pair."""
         stream = f"stream-{layers_done:05d}.pt"
-        _write_atomic(self.folder / stream, lambda f: torch.save(
-            {"layers_done": layers_done, "h_src": h_src, "h_conv": h_conv}, f))
-        body = json.dumps({"layers_done": layers_done, "tensors_written": tensors_written,
-                           "stream": stream, "seconds": round(seconds, 1), "report": report,
-                           "fingerprint": self.fingerprint}, indent=1)
+        _write_atomic(
+            self.folder / stream,
+            lambda f: torch.save({"layers_done": layers_done, "h_src": h_src, "h_conv": h_conv}, f),
+        )
+        body = json.dumps(
+            {
+                "layers_done": layers_done,
+                "tensors_written": tensors_written,
+                "stream": stream,
+                "seconds": round(seconds, 1),
+                "report": report,
+                "fingerprint": self.fingerprint,
+            },
+            indent=1,
+        )
         _write_atomic(self.folder / PROGRESS, lambda f: f.write(body.encode()))
         for old in self.folder.glob("stream-*.pt"):
             if old.name != stream:
@@ -123,23 +153,27 @@ def resumable_folder(dst: Path, overwrite: bool) -> Iterator[Path]:
         folder.mkdir(parents=True, exist_ok=True)
         lock = open(folder / LOCK, "w")  # noqa: SIM115
     except OSError as exc:
-        raise ConversionError(f"cannot create {folder} for --resume: {exc.strerror or exc}; "
-                              "choose another --dst") from exc
+        raise ConversionError(
+            f"cannot create {folder} for --resume: {exc.strerror or exc}; choose another --dst"
+        ) from exc
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         lock.close()
-        raise ConversionError(f"another conversion is using {folder} right now; wait for it "
-                              "to finish or stop it") from exc
+        raise ConversionError(
+            f"another conversion is using {folder} right now; wait for it to finish or stop it"
+        ) from exc
     leftover = None
     try:
         try:
             yield folder
         except BaseException:
             done = _layers_done(folder)
-            log.warning("progress kept in %s (%s); rerun the same command with --resume to "
-                        "continue", folder, f"{_layers(done)} done" if done else
-                        "no layer finished yet")
+            log.warning(
+                "progress kept in %s (%s); rerun the same command with --resume to continue",
+                folder,
+                f"{_layers(done)} done" if done else "no layer finished yet",
+            )
             raise
         for pattern in _PRIVATE:
             for path in folder.glob(pattern):

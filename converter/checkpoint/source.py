@@ -23,8 +23,9 @@ def resolve_source(src: str, revision: str | None = None) -> Path:
             raise ConversionError(f"--src {src} is a file; pass the model folder")
         return path
     if src.count("/") != 1 or src.startswith((".", "/")):
-        raise ConversionError(f"--src {src} is neither an existing folder nor a hub id "
-                              "(owner/name)")
+        raise ConversionError(
+            f"--src {src} is neither an existing folder nor a hub id (owner/name)"
+        )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -42,13 +43,16 @@ def read_config(folder: Path) -> dict[str, Any]:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConversionError(f"{path} is not valid JSON ({exc}); restore the model's "
-                              "original config.json") from exc
+        raise ConversionError(
+            f"{path} is not valid JSON ({exc}); restore the model's original config.json"
+        ) from exc
     except OSError as exc:
         raise ConversionError(f"cannot read {path}: {exc.strerror or exc}") from exc
     if not isinstance(cfg, dict):
-        raise ConversionError(f"{path} holds a JSON {type(cfg).__name__}, not an object; "
-                              "restore the model's original config.json")
+        raise ConversionError(
+            f"{path} holds a JSON {type(cfg).__name__}, not an object; "
+            "restore the model's original config.json"
+        )
     return cfg
 
 
@@ -56,11 +60,15 @@ def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise ConversionError(f"{folder} has no tokenizer ({' / '.join(TOKENIZER_FILES)}); "
-                              "copy the source model's tokenizer files into it")
+        raise ConversionError(
+            f"{folder} has no tokenizer ({' / '.join(TOKENIZER_FILES)}); "
+            "copy the source model's tokenizer files into it"
+        )
     try:
         return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConversionError(f"could not load the tokenizer from {folder} ({first}); copy "
-                              "the source model's tokenizer files into it") from exc
+        raise ConversionError(
+            f"could not load the tokenizer from {folder} ({first}); copy "
+            "the source model's tokenizer files into it"
+        ) from exc

@@ -42,19 +42,24 @@ class SourceReader:
                 if not isinstance(weight_map, dict):
                     raise TypeError("weight_map is not an object")
             except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
-                raise ConversionError(f"{index} is not a valid safetensors index ({exc}); "
-                                      "download it again") from exc
+                raise ConversionError(
+                    f"{index} is not a valid safetensors index ({exc}); download it again"
+                ) from exc
             missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
             if missing:
-                raise ConversionError(f"{folder} is missing shard(s) {_few(missing)} named by "
-                                      f"{INDEX_FILE}; the download is incomplete: download them")
+                raise ConversionError(
+                    f"{folder} is missing shard(s) {_few(missing)} named by "
+                    f"{INDEX_FILE}; the download is incomplete: download them"
+                )
             self.files = dict(weight_map)
         elif (folder / SINGLE_FILE).is_file():
             self.files = {n: SINGLE_FILE for n in self._keys(SINGLE_FILE)}
         else:
-            raise ConversionError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}; only "
-                                  "safetensors checkpoints convert (re-save the model with "
-                                  "save_pretrained(safe_serialization=True))")
+            raise ConversionError(
+                f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}; only "
+                "safetensors checkpoints convert (re-save the model with "
+                "save_pretrained(safe_serialization=True))"
+            )
         self.headers = self._read_headers()
         spec = spec if spec is not None else self._spec_from_config()
         if spec is not None:
@@ -72,9 +77,11 @@ class SourceReader:
             held = set(handle.keys())
             ghosts = sorted(n for n in names if n not in held)
             if ghosts:
-                raise ConversionError(f"{INDEX_FILE} maps {_few(ghosts)} to {file}, which does not "
-                                      "hold them; the download is incomplete or the index is "
-                                      "stale: download the model again")
+                raise ConversionError(
+                    f"{INDEX_FILE} maps {_few(ghosts)} to {file}, which does not "
+                    "hold them; the download is incomplete or the index is "
+                    "stale: download the model again"
+                )
             for name in names:
                 part = handle.get_slice(name)
                 headers[name] = (part.get_dtype(), tuple(part.get_shape()))
@@ -82,10 +89,12 @@ class SourceReader:
         odd = sorted(n for n, (code, _) in headers.items() if code not in FLOAT_CODES)
         if odd:
             code = headers[odd[0]][0]
-            raise ConversionError(f"tensor {odd[0]!r} has dtype {code}"
-                                  f"{f' (like {len(odd) - 1} more)' if len(odd) > 1 else ''}; "
-                                  "quantized or integer checkpoints are not supported: convert "
-                                  "the bf16/fp16/fp32 original (or dequantize first)")
+            raise ConversionError(
+                f"tensor {odd[0]!r} has dtype {code}"
+                f"{f' (like {len(odd) - 1} more)' if len(odd) > 1 else ''}; "
+                "quantized or integer checkpoints are not supported: convert "
+                "the bf16/fp16/fp32 original (or dequantize first)"
+            )
         return headers
 
     def _spec_from_config(self) -> SourceSpec | None:
@@ -100,29 +109,36 @@ class SourceReader:
     def check_against(self, spec: SourceSpec) -> None:
         """Refuse a checkpoint whose tensors do not match its config.json."""
         want = source_tensors(spec)
-        have = {n: s for n, (_, s) in self.headers.items()
-                if not n.endswith(IGNORED_SUFFIXES)
-                and not (spec.tie_word_embeddings and n == LM_HEAD)}
+        have = {
+            n: s
+            for n, (_, s) in self.headers.items()
+            if not n.endswith(IGNORED_SUFFIXES) and not (spec.tie_word_embeddings and n == LM_HEAD)
+        }
         missing = sorted(set(want) - set(have), key=_natural)
         if missing:
-            hint = (" (config.json has tie_word_embeddings false)"
-                    if LM_HEAD in missing else "")
-            raise ConversionError(f"the source checkpoint lacks {len(missing)} tensor(s) its "
-                                  f"config.json needs: {_few(missing)}{hint}; download the "
-                                  "model again or fix config.json")
+            hint = " (config.json has tie_word_embeddings false)" if LM_HEAD in missing else ""
+            raise ConversionError(
+                f"the source checkpoint lacks {len(missing)} tensor(s) its "
+                f"config.json needs: {_few(missing)}{hint}; download the "
+                "model again or fix config.json"
+            )
         extra = sorted(set(have) - set(want), key=_natural)
         if extra:
-            raise ConversionError(f"the source checkpoint has tensor(s) a {spec.family} model "
-                                  f"with this config.json does not: {_few(extra)} (e.g. o_proj "
-                                  "/ MLP biases or q/k norms); converting would drop them, so "
-                                  "this model is not supported")
+            raise ConversionError(
+                f"the source checkpoint has tensor(s) a {spec.family} model "
+                f"with this config.json does not: {_few(extra)} (e.g. o_proj "
+                "/ MLP biases or q/k norms); converting would drop them, so "
+                "this model is not supported"
+            )
         wrong = [n for n in sorted(want, key=_natural) if tuple(have[n]) != want[n]]
         if wrong:
             n = wrong[0]
-            raise ConversionError(f"source tensor {n!r} has shape {tuple(have[n])} but "
-                                  f"config.json implies {want[n]}"
-                                  f"{f' ({len(wrong) - 1} more differ)' if len(wrong) > 1 else ''}"
-                                  "; the checkpoint and its config.json do not match")
+            raise ConversionError(
+                f"source tensor {n!r} has shape {tuple(have[n])} but "
+                f"config.json implies {want[n]}"
+                f"{f' ({len(wrong) - 1} more differ)' if len(wrong) > 1 else ''}"
+                "; the checkpoint and its config.json do not match"
+            )
 
     def _open(self, file: str):
         if file not in self._handles:
@@ -130,8 +146,10 @@ class SourceReader:
             try:
                 self._handles[file] = safe_open(str(path), framework="pt")
             except Exception as exc:  # safetensors raises its own error types
-                raise ConversionError(f"{path} is not a readable safetensors file ({exc}); it "
-                                      "may be truncated or corrupt: download it again") from exc
+                raise ConversionError(
+                    f"{path} is not a readable safetensors file ({exc}); it "
+                    "may be truncated or corrupt: download it again"
+                ) from exc
         return self._handles[file]
 
     def _keys(self, file: str) -> list[str]:
@@ -151,17 +169,21 @@ class SourceReader:
         handle = self._open(file)
         if file not in self._checked:
             if name not in set(handle.keys()):
-                raise ConversionError(f"{INDEX_FILE} maps {name!r} to {file}, which does not "
-                                      "hold it")
+                raise ConversionError(
+                    f"{INDEX_FILE} maps {name!r} to {file}, which does not hold it"
+                )
             self._checked.add(file)
         try:
             tensor = handle.get_tensor(name)
         except Exception as exc:
-            raise ConversionError(f"reading {name!r} from {file} failed ({exc}); the file may "
-                                  "be truncated") from exc
+            raise ConversionError(
+                f"reading {name!r} from {file} failed ({exc}); the file may be truncated"
+            ) from exc
         if not tensor.is_floating_point():
-            raise ConversionError(f"tensor {name!r} has dtype {tensor.dtype}; quantized or "
-                                  "integer checkpoints are not supported (dequantize first)")
+            raise ConversionError(
+                f"tensor {name!r} has dtype {tensor.dtype}; quantized or "
+                "integer checkpoints are not supported (dequantize first)"
+            )
         return tensor if dtype is None else tensor.to(dtype)
 
     def release(self) -> None:

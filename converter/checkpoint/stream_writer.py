@@ -58,9 +58,10 @@ class StreamingShardWriter:
             groups[-1].append(slot)
             size += slot.nbytes
         count = len(groups)
-        self.shard_names = [SINGLE_FILE if count == 1
-                            else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-                            for i in range(count)]
+        self.shard_names = [
+            SINGLE_FILE if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            for i in range(count)
+        ]
         self.shard_of = {s.name: i for i, g in enumerate(groups) for s in g}
         self.groups = groups
         self.total_bytes = sum(s.nbytes for s in plan)
@@ -76,21 +77,26 @@ class StreamingShardWriter:
             free = shutil.disk_usage(self.folder).free
         except OSError:
             return
-        present = sum(p.stat().st_size for name in self.shard_names
-                      if (p := self.folder / name).is_file())
+        present = sum(
+            p.stat().st_size for name in self.shard_names if (p := self.folder / name).is_file()
+        )
         need = max(self.total_bytes - present, 0) + SPACE_MARGIN
         if free < need:
             raise ConversionError(
                 f"the converted weights need {_gb(need)} but only {_gb(free)} is free on the "
-                f"disk of {self.folder.parent}; free some space or choose another --dst")
+                f"disk of {self.folder.parent}; free some space or choose another --dst"
+            )
 
     def _header(self, index: int) -> bytes:
         """Size prefix and JSON header of shard ``index`` (fixed by the plan)."""
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for slot in self.groups[index]:
-            header[slot.name] = {"dtype": DTYPE_CODES[slot.dtype], "shape": list(slot.shape),
-                                 "data_offsets": [offset, offset + slot.nbytes]}
+            header[slot.name] = {
+                "dtype": DTYPE_CODES[slot.dtype],
+                "shape": list(slot.shape),
+                "data_offsets": [offset, offset + slot.nbytes],
+            }
             offset += slot.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
@@ -117,16 +123,18 @@ class StreamingShardWriter:
         for index in range(current):
             path = self.folder / self.shard_names[index]
             if not path.is_file() or path.stat().st_size != self._shard_bytes(index):
-                raise ConversionError(f"{path} is missing or incomplete; the progress cannot be "
-                                      "resumed")
+                raise ConversionError(
+                    f"{path} is missing or incomplete; the progress cannot be resumed"
+                )
         group = self.groups[current]
         done = [slot for slot in group if slot.name in done_names]
         end = len(self._header(current)) + sum(slot.nbytes for slot in done)
         path = self.folder / self.shard_names[current]
         if not path.is_file() or path.stat().st_size < end:
-            raise ConversionError(f"{path} is shorter than the progress file says; the progress "
-                                  "cannot be resumed")
-        for later in self.shard_names[current + 1:]:
+            raise ConversionError(
+                f"{path} is shorter than the progress file says; the progress cannot be resumed"
+            )
+        for later in self.shard_names[current + 1 :]:
             (self.folder / later).unlink(missing_ok=True)
         self.handle = open(path, "r+b")  # noqa: SIM115
         self.handle.truncate(end)
@@ -143,8 +151,9 @@ class StreamingShardWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         slot = self.plan[self.next]
         if name != slot.name or tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
-            raise RuntimeError(f"writer expected {slot} but got {name} {tuple(tensor.shape)} "
-                               f"{tensor.dtype}")
+            raise RuntimeError(
+                f"writer expected {slot} but got {name} {tuple(tensor.shape)} {tensor.dtype}"
+            )
         if self.shard_of[name] != self.open_shard:
             self._start_shard(self.shard_of[name])
         data = tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy()
@@ -159,8 +168,12 @@ class StreamingShardWriter:
         if self.handle is not None:
             self.handle.close()
         if len(self.shard_names) > 1:
-            index = {"metadata": {"total_size": sum(s.nbytes for s in self.plan)},
-                     "weight_map": {s.name: self.shard_names[self.shard_of[s.name]]
-                                    for s in sorted(self.plan, key=lambda s: s.name)}}
+            index = {
+                "metadata": {"total_size": sum(s.nbytes for s in self.plan)},
+                "weight_map": {
+                    s.name: self.shard_names[self.shard_of[s.name]]
+                    for s in sorted(self.plan, key=lambda s: s.name)
+                },
+            }
             (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
         return list(self.shard_names)

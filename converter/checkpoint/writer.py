@@ -33,9 +33,19 @@ log = logging.getLogger(__name__)
 
 # Files copied verbatim from the source: tokenizer, chat template, generation defaults, licence.
 VERBATIM_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-    "generation_config.json", "LICENSE", "LICENSE.txt", "LICENSE.md",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "LICENSE",
+    "LICENSE.txt",
+    "LICENSE.md",
 )
 
 
@@ -84,30 +94,47 @@ def clean_stale_staging(dst: Path) -> list[Path]:
         except OSError:
             return removed
         for entry in entries:
-            m = _OWNER.match(entry.name[len(prefix):])
+            m = _OWNER.match(entry.name[len(prefix) :])
             if m is None:
-                log.warning("%s was left by an interrupted conversion into %s (owner unknown); "
-                            "delete it when no conversion is running", entry, dst)
+                log.warning(
+                    "%s was left by an interrupted conversion into %s (owner unknown); "
+                    "delete it when no conversion is running",
+                    entry,
+                    dst,
+                )
                 continue
             pid, host = int(m["pid"]), m["host"]
             if host is not None and host != _host():
-                log.warning("%s belongs to a conversion on host %s; delete it if that run is "
-                            "over", entry, host)
+                log.warning(
+                    "%s belongs to a conversion on host %s; delete it if that run is over",
+                    entry,
+                    host,
+                )
                 continue
             if _alive(pid):
                 if pid != os.getpid():
-                    log.warning("another conversion (process %d) is writing %s right now; the "
-                                "one that finishes last wins", pid, dst)
+                    log.warning(
+                        "another conversion (process %d) is writing %s right now; the "
+                        "one that finishes last wins",
+                        pid,
+                        dst,
+                    )
                 continue
             if kind == "old" and not dst.exists():
                 entry.rename(dst)
-                log.warning("restored %s from %s: an interrupted --overwrite (process %d) had "
-                            "moved it aside", dst, entry.name, pid)
+                log.warning(
+                    "restored %s from %s: an interrupted --overwrite (process %d) had "
+                    "moved it aside",
+                    dst,
+                    entry.name,
+                    pid,
+                )
                 continue
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
-            log.warning("removed %s, left by an interrupted conversion (process %d is gone)",
-                        entry, pid)
+            log.warning(
+                "removed %s, left by an interrupted conversion (process %d is gone)", entry, pid
+            )
     return removed
 
 
@@ -118,30 +145,36 @@ def check_destination(dst: Path, overwrite: bool, src: str | Path | None = None)
     if src is not None and Path(src).exists():
         s, d = Path(src).resolve(), dst.resolve()
         if s == d or d in s.parents:
-            raise ConversionError(f"--dst {dst} overlaps --src {src}; writing there would "
-                                  "replace the source: choose another --dst")
+            raise ConversionError(
+                f"--dst {dst} overlaps --src {src}; writing there would "
+                "replace the source: choose another --dst"
+            )
     probe = dst.absolute().parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise ConversionError(f"--dst {dst} cannot be created: {probe} is a file, not a folder; "
-                              "choose another --dst")
+        raise ConversionError(
+            f"--dst {dst} cannot be created: {probe} is a file, not a folder; choose another --dst"
+        )
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConversionError(f"--dst {dst} cannot be created: {probe} is not writable by this "
-                              "user (or is on a read-only file system); choose another --dst")
+        raise ConversionError(
+            f"--dst {dst} cannot be created: {probe} is not writable by this "
+            "user (or is on a read-only file system); choose another --dst"
+        )
     try:
         clean_stale_staging(dst)
     except OSError as exc:
         log.warning("could not tidy up next to %s: %s", dst, exc.strerror or exc)
     if dst.is_symlink() and not dst.exists():
-        raise ConversionError(f"--dst {dst} is a broken symlink; remove it or choose another "
-                              "--dst")
+        raise ConversionError(f"--dst {dst} is a broken symlink; remove it or choose another --dst")
     if dst.exists():
         if not dst.is_dir():
             raise ConversionError(f"--dst {dst} is a file, not a folder; choose another --dst")
         if any(dst.iterdir()) and not overwrite:
-            raise ConversionError(f"--dst {dst} exists and is not empty; pass --overwrite to "
-                                  "replace it or choose another folder")
+            raise ConversionError(
+                f"--dst {dst} exists and is not empty; pass --overwrite to "
+                "replace it or choose another folder"
+            )
 
 
 @contextmanager
@@ -210,8 +243,10 @@ def staging_folder(dst: Path, overwrite: bool) -> Iterator[Path]:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-{_owner_tag()}-", dir=parent))
     except OSError as exc:
-        raise ConversionError(f"cannot create the output next to --dst {dst}: "
-                              f"{exc.strerror or exc}; choose another --dst") from exc
+        raise ConversionError(
+            f"cannot create the output next to --dst {dst}: "
+            f"{exc.strerror or exc}; choose another --dst"
+        ) from exc
     leftover = None
     try:
         yield tmp

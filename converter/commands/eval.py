@@ -30,8 +30,15 @@ def main(argv: list[str]) -> int:
     tok = load_tokenizer(Path(args.model))
     batch = windows(tok, read_calibration_text(args.text)[0], args.ctx, args.max_tokens)
     ppl = perplexity(load_model(args.model), batch)
-    result = {"model": args.model, "ppl": ppl, "tokens": int(batch.shape[0] * (batch.shape[1] - 1)),
-              "ctx": args.ctx}
-    print(json.dumps(result) if args.json else
-          f"perplexity {ppl:.4f} over {result['tokens']} tokens (ctx {args.ctx})")
+    result = {
+        "model": args.model,
+        "ppl": ppl,
+        "tokens": int(batch.shape[0] * (batch.shape[1] - 1)),
+        "ctx": args.ctx,
+    }
+    print(
+        json.dumps(result)
+        if args.json
+        else f"perplexity {ppl:.4f} over {result['tokens']} tokens (ctx {args.ctx})"
+    )
     return 0

@@ -23,20 +23,42 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m converter inspect", description=__doc__,
-                                epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m converter inspect",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("folder", help="source or converted model folder (with config.json)")
-    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=None,
-                   help="KV cache dtype as served (default: the checkpoint's dtype)")
-    p.add_argument("--kv-memory", default="8GiB",
-                   help="KV cache budget, e.g. 8GiB, 512MiB, 10GB or bytes (default 8GiB)")
-    p.add_argument("--context", type=int, default=4096,
-                   help="tokens per request when counting concurrent requests (default 4096)")
-    p.add_argument("--rope-dim", type=int, default=None,
-                   help="source folders only: rope dims of the previewed conversion")
-    p.add_argument("--kv-lora-rank", type=int, default=512,
-                   help="source folders only: latent rank of the previewed conversion")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPE_BYTES),
+        default=None,
+        help="KV cache dtype as served (default: the checkpoint's dtype)",
+    )
+    p.add_argument(
+        "--kv-memory",
+        default="8GiB",
+        help="KV cache budget, e.g. 8GiB, 512MiB, 10GB or bytes (default 8GiB)",
+    )
+    p.add_argument(
+        "--context",
+        type=int,
+        default=4096,
+        help="tokens per request when counting concurrent requests (default 4096)",
+    )
+    p.add_argument(
+        "--rope-dim",
+        type=int,
+        default=None,
+        help="source folders only: rope dims of the previewed conversion",
+    )
+    p.add_argument(
+        "--kv-lora-rank",
+        type=int,
+        default=512,
+        help="source folders only: latent rank of the previewed conversion",
+    )
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -44,9 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    budget = kv_budget(Path(args.folder), dtype=args.dtype, kv_memory=parse_memory(args.kv_memory),
-                       context=args.context, rope_dim=args.rope_dim,
-                       kv_lora_rank=args.kv_lora_rank)
+    budget = kv_budget(
+        Path(args.folder),
+        dtype=args.dtype,
+        kv_memory=parse_memory(args.kv_memory),
+        context=args.context,
+        rope_dim=args.rope_dim,
+        kv_lora_rank=args.kv_lora_rank,
+    )
     if args.json:
         print(json.dumps(budget.to_dict(), indent=2))
     else:

@@ -18,31 +18,53 @@ https://huggingface.co)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m converter upload", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m converter upload",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("dst", metavar="DST", help="converted folder (the converter's --dst)")
     p.add_argument("--repo-id", required=True, help="Hub model repo, OWNER/NAME")
-    p.add_argument("--private", action="store_true",
-                   help="create the repo private (ignored when it already exists)")
-    p.add_argument("--revision", default=None,
-                   help="branch to commit to (created from main when absent; default main)")
-    p.add_argument("--token", default=None,
-                   help="Hub token with write access (default: HF_TOKEN or the saved login); "
-                        "prefer HF_TOKEN, a flag is visible in the process list")
-    p.add_argument("--exist-ok", action=argparse.BooleanOptionalAction, default=True,
-                   help="upload into an existing repo (default); --no-exist-ok refuses")
-    p.add_argument("--base-model", metavar="OWNER/NAME", default=None,
-                   help="Hub id of the source model, written into the uploaded card's "
-                        "base_model so the Hub links the conversion to it (needed when the "
-                        "folder was converted from a local --src)")
+    p.add_argument(
+        "--private",
+        action="store_true",
+        help="create the repo private (ignored when it already exists)",
+    )
+    p.add_argument(
+        "--revision",
+        default=None,
+        help="branch to commit to (created from main when absent; default main)",
+    )
+    p.add_argument(
+        "--token",
+        default=None,
+        help="Hub token with write access (default: HF_TOKEN or the saved login); "
+        "prefer HF_TOKEN, a flag is visible in the process list",
+    )
+    p.add_argument(
+        "--exist-ok",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="upload into an existing repo (default); --no-exist-ok refuses",
+    )
+    p.add_argument(
+        "--base-model",
+        metavar="OWNER/NAME",
+        default=None,
+        help="Hub id of the source model, written into the uploaded card's "
+        "base_model so the Hub links the conversion to it (needed when the "
+        "folder was converted from a local --src)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     return p
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     for noisy in ("httpx", "httpx2", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     folder = Path(args.dst)
@@ -50,7 +72,14 @@ def main(argv: list[str]) -> int:
         raise ConversionError(f"{folder} is not a folder; pass the converter's --dst")
     from converter.hub.upload import push_folder
 
-    url = push_folder(folder, args.repo_id, private=args.private, revision=args.revision,
-                      token=args.token, exist_ok=args.exist_ok, base_model=args.base_model)
+    url = push_folder(
+        folder,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        token=args.token,
+        exist_ok=args.exist_ok,
+        base_model=args.base_model,
+    )
     print(url)
     return 0

@@ -23,8 +23,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--text", required=True, help="UTF-8 text file or folder (not calibration text)")
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=20480)
-    p.add_argument("--write-card", action="store_true",
-                   help="store the figures in DST/transmla_report.json and its README.md")
+    p.add_argument(
+        "--write-card",
+        action="store_true",
+        help="store the figures in DST/transmla_report.json and its README.md",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
@@ -37,10 +40,12 @@ def main(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(data))
     else:
-        print(f"PPL source {result.ppl_source:.4f}, converted {result.ppl_converted:.4f} "
-              f"({100 * (result.ppl_converted / result.ppl_source - 1):+.2f}%); top-1 agreement "
-              f"{100 * result.top1_agreement:.2f}%; mean KL {result.mean_kl:.4f} nats "
-              f"over {result.tokens} tokens")
+        print(
+            f"PPL source {result.ppl_source:.4f}, converted {result.ppl_converted:.4f} "
+            f"({100 * (result.ppl_converted / result.ppl_source - 1):+.2f}%); top-1 agreement "
+            f"{100 * result.top1_agreement:.2f}%; mean KL {result.mean_kl:.4f} nats "
+            f"over {result.tokens} tokens"
+        )
     return 0
 
 

@@ -19,8 +19,7 @@ from torch import nn
 BLOCK_ROWS = 2048  # intermediate rows per block: 32 MB of fp32 per matrix at hidden 4096
 
 
-def blocked_mlp_forward(mlp: nn.Module, x: torch.Tensor, block: int = BLOCK_ROWS
-                        ) -> torch.Tensor:
+def blocked_mlp_forward(mlp: nn.Module, x: torch.Tensor, block: int = BLOCK_ROWS) -> torch.Tensor:
     """down(act(gate(x)) * up(x)), computed in ``x.dtype`` block by block."""
     act = getattr(mlp, "act_fn", F.silu)
     gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight

@@ -41,8 +41,9 @@ def check_calibration_sizes(samples: int, seqlen: int) -> None:
     if samples < 1:
         raise ConversionError(f"--calib-samples {samples} must be at least 1")
     if seqlen < 2:
-        raise ConversionError(f"--calib-seqlen {seqlen} must be at least 2 tokens (BOS plus "
-                              "one token of text)")
+        raise ConversionError(
+            f"--calib-seqlen {seqlen} must be at least 2 tokens (BOS plus one token of text)"
+        )
 
 
 def check_vllm_servable(rank: int, rope: int, head_dim: int, target: str) -> None:
@@ -78,8 +79,9 @@ def _auto_rope_dim(head_dim: int, elements: int, target: str) -> int:
     return max(fitting) if fitting else min(options)
 
 
-def _budget_elements(spec: SourceSpec, kv_budget: float | None, kv_elements: int | None,
-                     target: str) -> int:
+def _budget_elements(
+    spec: SourceSpec, kv_budget: float | None, kv_elements: int | None, target: str
+) -> int:
     if kv_budget is not None and kv_elements is not None:
         raise ConversionError("pass --kv-budget or --kv-elements, not both")
     if kv_budget is not None:
@@ -96,18 +98,29 @@ def _budget_elements(spec: SourceSpec, kv_budget: float | None, kv_elements: int
             raise ConversionError(
                 f"a budget of {wanted} elements per token per layer is below the smallest size "
                 f"vLLM's MLA backends serve ({min(MLA_HEAD_SIZES)}); raise the budget, or "
-                "pass --target hf for a free size (vLLM then zero-pads it at load)")
+                "pass --target hf for a free size (vLLM then zero-pads it at load)"
+            )
         if sizes[-1] != wanted:
-            log.info("--target vllm: budget %d elements -> %d, the largest size vLLM's MLA "
-                     "backends serve without padding", wanted, sizes[-1])
+            log.info(
+                "--target vllm: budget %d elements -> %d, the largest size vLLM's MLA "
+                "backends serve without padding",
+                wanted,
+                sizes[-1],
+            )
         return sizes[-1]
     return wanted
 
 
-def resolve_settings(spec: SourceSpec, rope_dim: int | None, kv_lora_rank: int | None,
-                     freqfold: int | str | None, dtype: str | None,
-                     kv_budget: float | None = None, kv_elements: int | None = None,
-                     target: str = "vllm") -> ResolvedSettings:
+def resolve_settings(
+    spec: SourceSpec,
+    rope_dim: int | None,
+    kv_lora_rank: int | None,
+    freqfold: int | str | None,
+    dtype: str | None,
+    kv_budget: float | None = None,
+    kv_elements: int | None = None,
+    target: str = "vllm",
+) -> ResolvedSettings:
     """Apply defaults and constraints; clip the rank with a notice; refuse impossible values.
 
     A budget (fraction of the source's KV elements, or an element count) picks rope dim and
@@ -117,21 +130,31 @@ def resolve_settings(spec: SourceSpec, rope_dim: int | None, kv_lora_rank: int |
     budget = None
     if kv_budget is not None or kv_elements is not None:
         if kv_lora_rank is not None:
-            raise ConversionError("--kv-lora-rank and a KV budget both fix the latent rank; "
-                                  "pass one of them")
+            raise ConversionError(
+                "--kv-lora-rank and a KV budget both fix the latent rank; pass one of them"
+            )
         budget = _budget_elements(spec, kv_budget, kv_elements, target)
     if rope_dim is not None:
         r = rope_dim
     elif budget is not None:
         r = _auto_rope_dim(d, budget, target)
-        log.info("rope dim %d chosen for a budget of %d elements (largest divisor of head_dim "
-                 "%d that is <= 64%s and <= budget/4)", r, budget, d,
-                 ", divides 64" if target == "vllm" else "")
+        log.info(
+            "rope dim %d chosen for a budget of %d elements (largest divisor of head_dim "
+            "%d that is <= 64%s and <= budget/4)",
+            r,
+            budget,
+            d,
+            ", divides 64" if target == "vllm" else "",
+        )
     else:
         r = max(_rope_options(d, target))
         if r != min(64, d):
-            log.info("rope dim %d: the largest divisor of head_dim %d that divides 64, the rope "
-                     "size vLLM's GPU prefill kernels serve (--target hf: any)", r, d)
+            log.info(
+                "rope dim %d: the largest divisor of head_dim %d that divides 64, the rope "
+                "size vLLM's GPU prefill kernels serve (--target hf: any)",
+                r,
+                d,
+            )
     # default: "auto", the best FreqFold per layer on held-out chunks (docs/benchmarks.md)
     if freqfold == "smallest":
         freqfold = default_freqfold(d, r)
@@ -147,8 +170,14 @@ def resolve_settings(spec: SourceSpec, rope_dim: int | None, kv_lora_rank: int |
         raise ConversionError(f"--kv-lora-rank {rank} must be at least 1")
     limit = max_rank(spec.kv_width, r)
     if rank > limit:
-        log.warning("kv_lora_rank %d exceeds 2L - r = %d for this model (L = %d); clipped to "
-                    "%d, which keeps [K_nope; V] whole", rank, limit, spec.kv_width, limit)
+        log.warning(
+            "kv_lora_rank %d exceeds 2L - r = %d for this model (L = %d); clipped to "
+            "%d, which keeps [K_nope; V] whole",
+            rank,
+            limit,
+            spec.kv_width,
+            limit,
+        )
         rank = limit
     check_vllm_servable(rank, r, d, target)
     out = dtype or spec.torch_dtype

@@ -25,8 +25,9 @@ from transmla_vllm.checkpoint_format import EMBED, layer_prefix
 class SourceLayers:
     """Builds one source decoder layer at a time (transformers' own class for the family)."""
 
-    def __init__(self, folder: Path, spec: SourceSpec, reader: SourceReader, device: str,
-                 seqlen: int) -> None:
+    def __init__(
+        self, folder: Path, spec: SourceSpec, reader: SourceReader, device: str, seqlen: int
+    ) -> None:
         from transformers import AutoConfig
 
         self.spec, self.reader, self.device = spec, reader, device
@@ -52,9 +53,12 @@ class SourceLayers:
         """Attention and norms in fp32; the MLP (two thirds of the layer) stays as stored,
         memory-mapped, and runs blocked (converter/blocked_mlp.py)."""
         prefix = layer_prefix(i)
-        state = {part: self.reader.get(prefix + part,
-                                       dtype=None if part.startswith("mlp.") else torch.float32)
-                 for part in source_layer_tensors(self.spec)}
+        state = {
+            part: self.reader.get(
+                prefix + part, dtype=None if part.startswith("mlp.") else torch.float32
+            )
+            for part in source_layer_tensors(self.spec)
+        }
         with torch.device("meta"):
             layer = self.layer_cls(self.config, i)
         layer.load_state_dict(state, strict=True, assign=True)
@@ -62,9 +66,13 @@ class SourceLayers:
         return layer.to(self.device).eval()
 
 
-def batched(hidden: torch.Tensor, batch: int, device: str,
-            fn: Callable[[torch.Tensor, slice], torch.Tensor | None],
-            out: torch.Tensor | None = None) -> torch.Tensor | None:
+def batched(
+    hidden: torch.Tensor,
+    batch: int,
+    device: str,
+    fn: Callable[[torch.Tensor, slice], torch.Tensor | None],
+    out: torch.Tensor | None = None,
+) -> torch.Tensor | None:
     """Apply ``fn`` to device batches of ``hidden`` [N, T, D]; collect outputs on the CPU in
     one preallocated tensor (a list + cat would hold the calibration states twice), or in
     ``out``, which may be ``hidden`` itself: each batch is read before its slot is written."""

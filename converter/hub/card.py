@@ -111,8 +111,7 @@ def _kv_section(config: dict[str, Any], summary: dict[str, Any]) -> str:
         "| per token | source (GQA) | converted (MLA) |",
         "|---|---:|---:|",
         f"| elements per layer | {before:,} | {after:,} |",
-        f"| bytes, bf16, all {layers} layers | {2 * before * layers:,} | "
-        f"{2 * after * layers:,} |",
+        f"| bytes, bf16, all {layers} layers | {2 * before * layers:,} | {2 * after * layers:,} |",
         f"| bf16, 32k-token sequence | {_fmt_bytes(2 * before * layers * 32768)} | "
         f"{_fmt_bytes(2 * after * layers * 32768)} |",
         "",
@@ -126,18 +125,19 @@ def _kv_section(config: dict[str, Any], summary: dict[str, Any]) -> str:
         where = "; ".join(
             f"{n} on {', '.join(names)}" for n, names in sorted(served.items(), key=str) if n
         )
-        lines += ["", f"vLLM's MLA kernels take only a few cache-entry sizes, so the plugin "
-                  f"zero-pads this {after}-wide cache entry when loading (exactly, no quality "
-                  f"change) to what the chosen backend serves: {where} elements per token and "
-                  "layer."]
+        lines += [
+            "",
+            f"vLLM's MLA kernels take only a few cache-entry sizes, so the plugin "
+            f"zero-pads this {after}-wide cache entry when loading (exactly, no quality "
+            f"change) to what the chosen backend serves: {where} elements per token and "
+            "layer.",
+        ]
         if None in served:
-            lines += ["", f"Not served as MLA by {', '.join(served[None])}: "
-                      f"{what_serves_it()}."]
+            lines += ["", f"Not served as MLA by {', '.join(served[None])}: {what_serves_it()}."]
     return "\n".join(lines) + "\n"
 
 
-def _settings_section(source: SourceInfo, config: dict[str, Any],
-                      summary: dict[str, Any]) -> str:
+def _settings_section(source: SourceInfo, config: dict[str, Any], summary: dict[str, Any]) -> str:
     tm = config.get("transmla") or {}
     calib = tm.get("calibration") or {}
     files = list(calib.get("files") or [])
@@ -153,26 +153,45 @@ def _settings_section(source: SourceInfo, config: dict[str, Any],
         ("freqfold", tm.get("freqfold", "-")),
     ]
     if calib:
-        rows.append(("calibration tokens",
-                     f"{calib.get('tokens', 0):,} ({calib.get('samples', '?')} chunks x "
-                     f"{calib.get('seqlen', '?')} tokens)"))
+        rows.append(
+            (
+                "calibration tokens",
+                f"{calib.get('tokens', 0):,} ({calib.get('samples', '?')} chunks x "
+                f"{calib.get('seqlen', '?')} tokens)",
+            )
+        )
     described = str(calib.get("source") or "")
     if described.startswith(("dataset ", "the bundled")):  # never a local path
         rows.append(("calibration data", described + (" (as chat)" if calib.get("chat") else "")))
     if files:
-        rows.append(("calibration files", ", ".join(f"`{f}`" for f in files[:5])
-                     + (f" and {len(files) - 5} more" if len(files) > 5 else "")))
-    rows += [("weights dtype", config.get("dtype", "-")),
-             ("converter", f"transmla-vllm {tm.get('converter_version', '?')}")]
+        rows.append(
+            (
+                "calibration files",
+                ", ".join(f"`{f}`" for f in files[:5])
+                + (f" and {len(files) - 5} more" if len(files) > 5 else ""),
+            )
+        )
+    rows += [
+        ("weights dtype", config.get("dtype", "-")),
+        ("converter", f"transmla-vllm {tm.get('converter_version', '?')}"),
+    ]
     layers = summary.get("layers") or []
     rope_e = [x["rope_key_energy"] for x in layers if "rope_key_energy" in x]
     latent_e = [x["latent_energy"] for x in layers if "latent_energy" in x]
     if rope_e:
-        rows.append(("key energy kept by the rope key", f"mean {sum(rope_e) / len(rope_e):.1%}, "
-                                                        f"min {min(rope_e):.1%}"))
+        rows.append(
+            (
+                "key energy kept by the rope key",
+                f"mean {sum(rope_e) / len(rope_e):.1%}, min {min(rope_e):.1%}",
+            )
+        )
     if latent_e:
-        rows.append(("[K_nope; V] energy kept by the latent",
-                     f"mean {sum(latent_e) / len(latent_e):.1%}, min {min(latent_e):.1%}"))
+        rows.append(
+            (
+                "[K_nope; V] energy kept by the latent",
+                f"mean {sum(latent_e) / len(latent_e):.1%}, min {min(latent_e):.1%}",
+            )
+        )
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return f"## How it was made\n\n| setting | value |\n|---|---|\n{table}\n"
 
@@ -180,9 +199,11 @@ def _settings_section(source: SourceInfo, config: dict[str, Any],
 def _quality_section(verification: dict[str, Any] | None) -> str:
     head = "## Quality\n\n"
     if not verification:
-        return (head + "No comparison with the source was recorded for this checkpoint. "
-                "`python -m converter verify --write-card` measures perplexity, top-1 agreement "
-                "and KL against the source on your own text and records them here.\n")
+        return (
+            head + "No comparison with the source was recorded for this checkpoint. "
+            "`python -m converter verify --write-card` measures perplexity, top-1 agreement "
+            "and KL against the source on your own text and records them here.\n"
+        )
     rows = []
     for key, label, fmt in VERIFICATION_ROWS:
         if verification.get(key) is not None:
@@ -222,14 +243,21 @@ model = AutoModelForCausalLM.from_pretrained("{ref}", trust_remote_code=True)
 """
 
 
-def _render(source: SourceInfo, config: dict[str, Any], summary: dict[str, Any],
-            meta: dict[str, Any], verification: dict[str, Any] | None, repo_id: str | None,
-            licence_file: str | None):
+def _render(
+    source: SourceInfo,
+    config: dict[str, Any],
+    summary: dict[str, Any],
+    meta: dict[str, Any],
+    verification: dict[str, Any] | None,
+    repo_id: str | None,
+    licence_file: str | None,
+):
     from huggingface_hub import ModelCard, ModelCardData
 
     tags = list(dict.fromkeys([*(meta.get("tags") or []), *TAGS]))
-    data = ModelCardData(**{**meta, "library_name": "transformers",
-                            "pipeline_tag": "text-generation", "tags": tags})
+    data = ModelCardData(
+        **{**meta, "library_name": "transformers", "pipeline_tag": "text-generation", "tags": tags}
+    )
     tm = config.get("transmla") or {}
     intro = (
         f"# {source.name} with Multi-head Latent Attention\n\n"
@@ -242,13 +270,22 @@ def _render(source: SourceInfo, config: dict[str, Any], summary: dict[str, Any],
         f"values; queries and outputs absorb the change, so vLLM serves it with its own MLA "
         f"kernels and paged latent cache.\n"
     )
-    licence = ("## License\n\nThe source model's license applies"
-               + (f" (`{data.license}`)" if getattr(data, "license", None) else "")
-               + (f"; its `{licence_file}` is copied here" if licence_file else "") + ".\n")
-    parts = (intro, _kv_section(config, summary), _settings_section(source, config, summary),
-             _quality_section(verification), _usage_section(repo_id or LOCAL_MODEL_REF),
-             "Per-layer energy figures are in `transmla_report.json`; the format is the "
-             "DeepSeek-V3 dense layout plus a `transmla` block in `config.json`.\n", licence)
+    licence = (
+        "## License\n\nThe source model's license applies"
+        + (f" (`{data.license}`)" if getattr(data, "license", None) else "")
+        + (f"; its `{licence_file}` is copied here" if licence_file else "")
+        + ".\n"
+    )
+    parts = (
+        intro,
+        _kv_section(config, summary),
+        _settings_section(source, config, summary),
+        _quality_section(verification),
+        _usage_section(repo_id or LOCAL_MODEL_REF),
+        "Per-layer energy figures are in `transmla_report.json`; the format is the "
+        "DeepSeek-V3 dense layout plus a `transmla` block in `config.json`.\n",
+        licence,
+    )
     body = "\n".join(p for p in parts if p)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
@@ -257,13 +294,27 @@ def _licence_file(*folders: Path) -> str | None:
     return next((n for f in folders for n in LICENSE_FILES if (Path(f) / n).is_file()), None)
 
 
-def build_model_card(spec: SourceSpec, config: dict[str, Any], summary: dict[str, Any],
-                     src_arg: str, src_path: Path, *, verification: dict[str, Any] | None = None,
-                     repo_id: str | None = None, folder: Path | None = None):
+def build_model_card(
+    spec: SourceSpec,
+    config: dict[str, Any],
+    summary: dict[str, Any],
+    src_arg: str,
+    src_path: Path,
+    *,
+    verification: dict[str, Any] | None = None,
+    repo_id: str | None = None,
+    folder: Path | None = None,
+):
     """The card as a ``huggingface_hub.ModelCard`` (metadata validated by its parser)."""
     hub_id = (config.get("transmla") or {}).get("base_model") or source_hub_id(src_arg, src_path)
-    source = SourceInfo(hub_id, _name(hub_id, src_arg), spec.architecture, spec.num_heads,
-                        spec.num_kv_heads, spec.head_dim)
+    source = SourceInfo(
+        hub_id,
+        _name(hub_id, src_arg),
+        spec.architecture,
+        spec.num_heads,
+        spec.num_kv_heads,
+        spec.head_dim,
+    )
     meta: dict[str, Any] = {"base_model": hub_id, **source_license(src_path)}
     if hub_id:
         meta["base_model_relation"] = BASE_MODEL_RELATION
@@ -273,10 +324,17 @@ def build_model_card(spec: SourceSpec, config: dict[str, Any], summary: dict[str
     return _render(source, config, summary, meta, verification, repo_id, licence)
 
 
-def write_model_card(folder: Path, spec: SourceSpec, config: dict[str, Any],
-                     summary: dict[str, Any], src_arg: str, src_path: Path, *,
-                     verification: dict[str, Any] | None = None,
-                     repo_id: str | None = None) -> None:
+def write_model_card(
+    folder: Path,
+    spec: SourceSpec,
+    config: dict[str, Any],
+    summary: dict[str, Any],
+    src_arg: str,
+    src_path: Path,
+    *,
+    verification: dict[str, Any] | None = None,
+    repo_id: str | None = None,
+) -> None:
     """Write README.md into ``folder`` (called by the pipeline at conversion time).
 
     ``verification`` (default: ``summary["verification"]``) may hold the keys of
@@ -284,13 +342,20 @@ def write_model_card(folder: Path, spec: SourceSpec, config: dict[str, Any],
     ctx, text. ``repo_id`` names the model in the usage snippets; without it they use
     LOCAL_MODEL_REF, which ``converter.hub.push_folder`` replaces by the Hub id on upload.
     """
-    card = build_model_card(spec, config, summary, src_arg, src_path, verification=verification,
-                            repo_id=repo_id, folder=Path(folder))
+    card = build_model_card(
+        spec,
+        config,
+        summary,
+        src_arg,
+        src_path,
+        verification=verification,
+        repo_id=repo_id,
+        folder=Path(folder),
+    )
     card.save(Path(folder) / CARD_FILE)
 
 
-def render_model_card(folder: Path, *, repo_id: str | None = None,
-                      base_model: str | None = None):
+def render_model_card(folder: Path, *, repo_id: str | None = None, base_model: str | None = None):
     """``folder``'s card rebuilt from its config.json and transmla_report.json, keeping the
     current card's metadata (license, anything a user added). ``base_model`` (a Hub id) names
     the source; otherwise the card's, the config's ``transmla.base_model`` or a Hub id given as
@@ -314,12 +379,17 @@ def render_model_card(folder: Path, *, repo_id: str | None = None,
         hub_id = tm.get("base_model") or (source_hub_id(src_arg, src_arg) if src_arg else None)
     if hub_id and (base_model or not bases):
         meta.update(base_model=hub_id, base_model_relation=BASE_MODEL_RELATION)
-    source = SourceInfo(hub_id, _name(hub_id, src_arg or "model"),
-                        str(tm.get("source_architecture", "the source architecture")),
-                        config.get("num_attention_heads"), tm.get("source_kv_heads"),
-                        tm.get("source_head_dim"))
-    return _render(source, config, summary, meta, summary.get("verification"), repo_id,
-                   _licence_file(folder))
+    source = SourceInfo(
+        hub_id,
+        _name(hub_id, src_arg or "model"),
+        str(tm.get("source_architecture", "the source architecture")),
+        config.get("num_attention_heads"),
+        tm.get("source_kv_heads"),
+        tm.get("source_head_dim"),
+    )
+    return _render(
+        source, config, summary, meta, summary.get("verification"), repo_id, _licence_file(folder)
+    )
 
 
 def refresh_model_card(folder: Path, *, repo_id: str | None = None) -> None:

@@ -29,5 +29,7 @@ def source_hub_id(src_arg: str, src_path: Path | str) -> str | None:
 def check_base_model(base_model: str) -> None:
     """--base-model must be a Hub model id: the Hub rejects a card whose base_model is not."""
     if not HUB_ID.match(base_model or "") or ".." in base_model:
-        raise ConversionError(f"--base-model {base_model!r} is not a Hub model id: use the "
-                              "source's OWNER/NAME on the Hub (e.g. meta-llama/Llama-3.1-8B)")
+        raise ConversionError(
+            f"--base-model {base_model!r} is not a Hub model id: use the "
+            "source's OWNER/NAME on the Hub (e.g. meta-llama/Llama-3.1-8B)"
+        )

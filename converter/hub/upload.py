@@ -39,22 +39,28 @@ def resolve_token(token: str | None = None) -> str:
 
     token = token or get_token()
     if not token:
-        raise ConversionError("no Hugging Face token found: pass --token, set HF_TOKEN, or log "
-                              "in once with `hf auth login` (the token needs write access)")
+        raise ConversionError(
+            "no Hugging Face token found: pass --token, set HF_TOKEN, or log "
+            "in once with `hf auth login` (the token needs write access)"
+        )
     return token
 
 
 def check_repo_id(repo_id: str) -> None:
     if not HUB_ID.match(repo_id or "") or ".." in repo_id or repo_id.endswith((".git", ".")):
-        raise ConversionError(f"--repo-id {repo_id!r} is not a Hub model id: use OWNER/NAME "
-                              "(letters, digits, '-', '_', '.')")
+        raise ConversionError(
+            f"--repo-id {repo_id!r} is not a Hub model id: use OWNER/NAME "
+            "(letters, digits, '-', '_', '.')"
+        )
 
 
 def refusal(folder: Path, problems: list[str]) -> str:
     """One sentence listing every problem, numbered so each can be found in a long message."""
     items = "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
-    return (f"refusing to upload {folder}: {len(problems)} problem(s) would make it a broken "
-            f"checkpoint on the Hub: {items}")
+    return (
+        f"refusing to upload {folder}: {len(problems)} problem(s) would make it a broken "
+        f"checkpoint on the Hub: {items}"
+    )
 
 
 def _offline() -> bool:
@@ -121,9 +127,16 @@ def _describe(exc: BaseException, token: str) -> str:
     return text.replace(token, "***") if token else text
 
 
-def push_folder(folder: Path, repo_id: str, *, private: bool = False,
-                revision: str | None = None, token: str | None = None,
-                exist_ok: bool = True, base_model: str | None = None) -> str:
+def push_folder(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    exist_ok: bool = True,
+    base_model: str | None = None,
+) -> str:
     """Validate ``folder``, create ``repo_id`` (a model repo) and upload the folder; return the
     repo URL.
 
@@ -149,8 +162,9 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False,
     api = HfApi(endpoint=endpoint, token=token)
     step = "creating the repository"
     try:
-        url = api.create_repo(repo_id, private=True if private else None, exist_ok=exist_ok,
-                              repo_type="model")
+        url = api.create_repo(
+            repo_id, private=True if private else None, exist_ok=exist_ok, repo_type="model"
+        )
         if revision and revision != "main":
             step = f"creating branch {revision}"
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
@@ -161,9 +175,11 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False,
             _upload(api, view, repo_id, revision=revision, private=private, size=size)
     except HfHubHTTPError as exc:
         if step.startswith("creating the repo") and exc.response.status_code == 409:
-            raise ConversionError(f"{repo_id} already exists on {api.endpoint}; pass "
-                                  "--exist-ok (exist_ok=True) to upload into it (same-named "
-                                  "files are replaced)") from exc
+            raise ConversionError(
+                f"{repo_id} already exists on {api.endpoint}; pass "
+                "--exist-ok (exist_ok=True) to upload into it (same-named "
+                "files are replaced)"
+            ) from exc
         raise ConversionError(_fail(folder, repo_id, step, exc, token)) from exc
     except (OSError, ValueError, RuntimeError) as exc:
         raise ConversionError(_fail(folder, repo_id, step, exc, token)) from exc
@@ -171,26 +187,39 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False,
         if type(exc).__module__.split(".")[0] not in ("httpx", "httpx2", "requests"):
             raise
         reason = _fail(folder, repo_id, step, exc, token)
-        raise ConversionError(f"{reason} (could not talk to {api.endpoint}: check the network "
-                              "and HF_ENDPOINT)") from exc
+        raise ConversionError(
+            f"{reason} (could not talk to {api.endpoint}: check the network and HF_ENDPOINT)"
+        ) from exc
     log.info("uploaded to %s", url)
     return str(url)
 
 
 def _fail(folder: Path, repo_id: str, step: str, exc: BaseException, token: str) -> str:
-    return (f"uploading {folder} to {repo_id} failed while {step}: {_describe(exc, token)}; "
-            "the local folder is unchanged and running the same command again skips what the "
-            "Hub already holds")
+    return (
+        f"uploading {folder} to {repo_id} failed while {step}: {_describe(exc, token)}; "
+        "the local folder is unchanged and running the same command again skips what the "
+        "Hub already holds"
+    )
 
 
-def _upload(api: Any, folder: Path, repo_id: str, *, revision: str | None, private: bool,
-            size: int) -> None:
+def _upload(
+    api: Any, folder: Path, repo_id: str, *, revision: str | None, private: bool, size: int
+) -> None:
     large = getattr(api, "upload_large_folder", None)
     if size > LARGE_FOLDER_BYTES and large is not None:
         # keeps its resume state in <folder>/.cache/huggingface/: the one write into the folder
-        large(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
-              private=True if private else None)
+        large(
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type="model",
+            revision=revision,
+            private=True if private else None,
+        )
         return
-    api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model",
-                      revision=revision,
-                      commit_message=f"Upload TransMLA checkpoint (transmla-vllm {__version__})")
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        repo_type="model",
+        revision=revision,
+        commit_message=f"Upload TransMLA checkpoint (transmla-vllm {__version__})",
+    )

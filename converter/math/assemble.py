@@ -37,8 +37,12 @@ def _bias_or_zero(bias: torch.Tensor | None, rows: int) -> torch.Tensor:
     return torch.zeros(rows, dtype=torch.float64) if bias is None else bias.to(torch.float64)
 
 
-def assemble_mla(src: GQAAttention, rotation: KeyRotation, latent: LatentBasis,
-                 out_dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+def assemble_mla(
+    src: GQAAttention,
+    rotation: KeyRotation,
+    latent: LatentBasis,
+    out_dtype: torch.dtype = torch.float64,
+) -> dict[str, torch.Tensor]:
     """Return q_proj / kv_a_proj_with_mqa / kv_b_proj / o_proj tensors for one layer.
 
     Every product is taken in fp64; results are stored in ``out_dtype`` head by head, so the
@@ -68,15 +72,18 @@ def assemble_mla(src: GQAAttention, rotation: KeyRotation, latent: LatentBasis,
     kv_b = torch.empty(heads * 2 * d, r_key.shape[1], dtype=f64)
     for h in range(heads):
         block = slice((h // per_group) * d, (h // per_group + 1) * d)
-        wq_h = src.q_weight[h * d:(h + 1) * d].to(f64)
-        bq_h = (torch.zeros(d, dtype=f64) if src.q_bias is None
-                else src.q_bias[h * d:(h + 1) * d].to(f64))
-        q_w[h * rows:h * rows + d] = alpha * wq_h
-        q_w[h * rows + d:(h + 1) * rows] = alpha * rope_map[:, block] @ wq_h
-        q_b[h * rows:h * rows + d] = alpha * bq_h
-        q_b[h * rows + d:(h + 1) * rows] = alpha * rope_map[:, block] @ bq_h
-        kv_b[2 * h * d:(2 * h + 1) * d] = s * nope_map[:, block].T @ r_key
-        kv_b[(2 * h + 1) * d:(2 * h + 2) * d] = r_val[block]
+        wq_h = src.q_weight[h * d : (h + 1) * d].to(f64)
+        bq_h = (
+            torch.zeros(d, dtype=f64)
+            if src.q_bias is None
+            else src.q_bias[h * d : (h + 1) * d].to(f64)
+        )
+        q_w[h * rows : h * rows + d] = alpha * wq_h
+        q_w[h * rows + d : (h + 1) * rows] = alpha * rope_map[:, block] @ wq_h
+        q_b[h * rows : h * rows + d] = alpha * bq_h
+        q_b[h * rows + d : (h + 1) * rows] = alpha * rope_map[:, block] @ bq_h
+        kv_b[2 * h * d : (2 * h + 1) * d] = s * nope_map[:, block].T @ r_key
+        kv_b[(2 * h + 1) * d : (2 * h + 2) * d] = r_val[block]
 
     out = {
         Q_PROJ: q_w,

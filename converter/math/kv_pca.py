@@ -32,7 +32,7 @@ class LatentBasis:
 
     @property
     def value_part(self) -> torch.Tensor:
-        return self.basis[self.nope_dim:]
+        return self.basis[self.nope_dim :]
 
 
 def max_rank(kv_width: int, rope_dim: int) -> int:
@@ -40,8 +40,9 @@ def max_rank(kv_width: int, rope_dim: int) -> int:
     return 2 * kv_width - rope_dim
 
 
-def balanced_kv_basis(kv_gram: torch.Tensor, key_nope_map: torch.Tensor, rank: int,
-                      damping: float = 1e-12) -> LatentBasis:
+def balanced_kv_basis(
+    kv_gram: torch.Tensor, key_nope_map: torch.Tensor, rank: int, damping: float = 1e-12
+) -> LatentBasis:
     """PCA basis of the balanced [k_nope; v] given the (2L, 2L) Gram of [k; v].
 
     ``key_nope_map`` is the (L - r, L) block of the key rotation that yields k_nope.
@@ -72,8 +73,9 @@ def balanced_kv_basis(kv_gram: torch.Tensor, key_nope_map: torch.Tensor, rank: i
     moment = 0.5 * (moment + moment.T)
     total = float(torch.diagonal(moment).sum())
     jitter = damping * max(total, _TINY) / moment.shape[0]
-    evals, evecs = torch.linalg.eigh(moment + jitter * torch.eye(moment.shape[0],
-                                                                  dtype=torch.float64))
+    evals, evecs = torch.linalg.eigh(
+        moment + jitter * torch.eye(moment.shape[0], dtype=torch.float64)
+    )
     order = torch.argsort(evals, descending=True)[:rank]
     kept = float((evals[order] - jitter).clamp(min=0).sum())
     fraction = min(kept / total, 1.0) if total > 0 else 1.0

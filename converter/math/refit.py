@@ -29,12 +29,19 @@ class RefitResult:
 
 def _inner(a: torch.Tensor, b: torch.Tensor) -> float:
     """sum(a * b) for same-shaped matrices, in fp64, a block of rows at a time."""
-    return sum(float((a[i:i + ROWS].to(torch.float64) * b[i:i + ROWS].to(torch.float64)).sum())
-               for i in range(0, a.shape[0], ROWS))
+    return sum(
+        float((a[i : i + ROWS].to(torch.float64) * b[i : i + ROWS].to(torch.float64)).sum())
+        for i in range(0, a.shape[0], ROWS)
+    )
 
 
-def ridge_refit(gram_in: torch.Tensor, cross_out_in: torch.Tensor, w0: torch.Tensor,
-                lam_rel: float, target_energy: float) -> RefitResult:
+def ridge_refit(
+    gram_in: torch.Tensor,
+    cross_out_in: torch.Tensor,
+    w0: torch.Tensor,
+    lam_rel: float,
+    target_energy: float,
+) -> RefitResult:
     """W (out x in) from G = A A^T (in x in, fp64), C = Y A^T (out x in, fp64), the prior W0
     and ||Y||^2. G and C are overwritten (they become G + lam I and C + lam W0)."""
     if gram_in.dtype != torch.float64 or cross_out_in.dtype != torch.float64:
@@ -43,12 +50,18 @@ def ridge_refit(gram_in: torch.Tensor, cross_out_in: torch.Tensor, w0: torch.Ten
     E = max(target_energy, 1e-30)
     w0 = w0.to(G.device)
     # ||W0 A - Y||^2 = tr(W0 G W0^T) - 2 tr(W0 C^T) + ||Y||^2
-    before = sum(float(((w0[i:i + ROWS].double() @ G) * w0[i:i + ROWS].double()).sum())
-                 for i in range(0, w0.shape[0], ROWS)) - 2 * _inner(w0, C) + target_energy
+    before = (
+        sum(
+            float(((w0[i : i + ROWS].double() @ G) * w0[i : i + ROWS].double()).sum())
+            for i in range(0, w0.shape[0], ROWS)
+        )
+        - 2 * _inner(w0, C)
+        + target_energy
+    )
     lam = lam_rel * float(torch.diagonal(G).mean().clamp(min=1e-12))
     G.diagonal().add_(lam)
     for i in range(0, C.shape[0], ROWS):
-        C[i:i + ROWS].add_(w0[i:i + ROWS].double(), alpha=lam)
+        C[i : i + ROWS].add_(w0[i : i + ROWS].double(), alpha=lam)
     factor, info = torch.linalg.cholesky_ex(G)
     if int(info) == 0:
         x = torch.cholesky_solve(C.T, factor)  # W^T, (in x out)

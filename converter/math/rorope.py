@@ -33,7 +33,7 @@ class KeyRotation:
 
     @property
     def nope(self) -> torch.Tensor:
-        return self.matrix[self.rope_dim:]
+        return self.matrix[self.rope_dim :]
 
 
 def valid_freqfolds(head_dim: int, rope_dim: int) -> list[int]:
@@ -49,13 +49,17 @@ def check_rope_settings(head_dim: int, rope_dim: int, freqfold: int) -> None:
     """Raise ValueError with the allowed values when (d, r, f) cannot be converted."""
     if rope_dim <= 0 or rope_dim % 2 or head_dim % rope_dim:
         divisors = [x for x in range(2, head_dim + 1, 2) if head_dim % x == 0]
-        raise ValueError(f"--rope-dim {rope_dim} must be an even divisor of head_dim {head_dim} "
-                         f"(one of {divisors})")
+        raise ValueError(
+            f"--rope-dim {rope_dim} must be an even divisor of head_dim {head_dim} "
+            f"(one of {divisors})"
+        )
     allowed = valid_freqfolds(head_dim, rope_dim)
     if freqfold not in allowed:
-        raise ValueError(f"--freqfold {freqfold} is not compatible with head_dim {head_dim} and "
-                         f"--rope-dim {rope_dim}: it must be a multiple of {head_dim // rope_dim} "
-                         f"that divides {head_dim // 2} (one of {allowed})")
+        raise ValueError(
+            f"--freqfold {freqfold} is not compatible with head_dim {head_dim} and "
+            f"--rope-dim {rope_dim}: it must be a multiple of {head_dim // rope_dim} "
+            f"that divides {head_dim // 2} (one of {allowed})"
+        )
 
 
 def default_freqfold(head_dim: int, rope_dim: int) -> int:
@@ -66,8 +70,9 @@ def default_freqfold(head_dim: int, rope_dim: int) -> int:
     return allowed[0]
 
 
-def key_rotation(key_gram: torch.Tensor, num_kv_heads: int, head_dim: int, rope_dim: int,
-                 freqfold: int) -> KeyRotation:
+def key_rotation(
+    key_gram: torch.Tensor, num_kv_heads: int, head_dim: int, rope_dim: int, freqfold: int
+) -> KeyRotation:
     """Build the RoRoPE rotation from the (L, L) uncentered second moment of calibration keys."""
     check_rope_settings(head_dim, rope_dim, freqfold)
     gram = key_gram.to(torch.float64)

@@ -69,8 +69,9 @@ def dtype_bytes(dtype: str) -> int:
         raise ConversionError(f"--dtype {dtype!r} is not one of {sorted(DTYPE_BYTES)}") from None
 
 
-def capacity(elements: int, layers: int, bytes_per_element: int, kv_memory: int,
-             context: int) -> tuple[int, int]:
+def capacity(
+    elements: int, layers: int, bytes_per_element: int, kv_memory: int, context: int
+) -> tuple[int, int]:
     """(tokens, whole requests of ``context`` tokens) that fit in ``kv_memory`` bytes.
 
     vLLM rounds further down to whole blocks (16 tokens on GPU); that is under 0.1% here.
@@ -79,17 +80,33 @@ def capacity(elements: int, layers: int, bytes_per_element: int, kv_memory: int,
     return tokens, tokens // context
 
 
-def _row(name: str, label: str, elements: int | None, budget: KVBudget,
-         original_elements: int | None, note: str = "") -> CacheRow:
+def _row(
+    name: str,
+    label: str,
+    elements: int | None,
+    budget: KVBudget,
+    original_elements: int | None,
+    note: str = "",
+) -> CacheRow:
     """``capacity_vs_original`` is the exact byte ratio (tokens differ only by rounding)."""
     if elements is None:
         return CacheRow(name, label, None, note=note)
     per_layer = elements * budget.bytes_per_element
-    tokens, requests = capacity(elements, budget.layers, budget.bytes_per_element,
-                                budget.kv_memory_bytes, budget.context)
+    tokens, requests = capacity(
+        elements, budget.layers, budget.bytes_per_element, budget.kv_memory_bytes, budget.context
+    )
     ratio = original_elements / elements if original_elements else 1.0
-    return CacheRow(name, label, elements, per_layer, per_layer * budget.layers, tokens,
-                    requests, round(ratio, 4), note)
+    return CacheRow(
+        name,
+        label,
+        elements,
+        per_layer,
+        per_layer * budget.layers,
+        tokens,
+        requests,
+        round(ratio, 4),
+        note,
+    )
 
 
 def read_folder_config(folder: Path) -> dict[str, Any]:
@@ -135,8 +152,16 @@ def _geometry(cfg: dict[str, Any], rope_dim: int | None, kv_lora_rank: int) -> _
             raise ConversionError(f"converted config is incomplete: {exc}") from exc
         rho, r = shape.kv_lora_rank, shape.qk_rope_head_dim
         arch = (cfg.get("architectures") or [ARCHITECTURE])[0]
-        return _Geometry("converted", arch, layers, kv_heads, head_dim, rho, r,
-                         f"converted latent {rho} + rope {r}")
+        return _Geometry(
+            "converted",
+            arch,
+            layers,
+            kv_heads,
+            head_dim,
+            rho,
+            r,
+            f"converted latent {rho} + rope {r}",
+        )
     from converter.conversion.settings import resolve_settings
     from converter.sources.base import inspect_source
 
@@ -144,13 +169,27 @@ def _geometry(cfg: dict[str, Any], rope_dim: int | None, kv_lora_rank: int) -> _
     # target hf: preview any shape, and show per backend what serves it (None where none does)
     settings = resolve_settings(spec, rope_dim, kv_lora_rank, None, "float32", target="hf")
     rho, r = settings.kv_lora_rank, settings.rope_dim
-    return _Geometry("source", spec.architecture, layers, spec.num_kv_heads, spec.head_dim,
-                     rho, r, f"if converted: latent {rho} + rope {r}")
+    return _Geometry(
+        "source",
+        spec.architecture,
+        layers,
+        spec.num_kv_heads,
+        spec.head_dim,
+        rho,
+        r,
+        f"if converted: latent {rho} + rope {r}",
+    )
 
 
-def kv_budget(folder: Path, *, dtype: str | None = None, kv_memory: int = 8 * 2**30,
-              context: int = 4096, rope_dim: int | None = None,
-              kv_lora_rank: int = 512) -> KVBudget:
+def kv_budget(
+    folder: Path,
+    *,
+    dtype: str | None = None,
+    kv_memory: int = 8 * 2**30,
+    context: int = 4096,
+    rope_dim: int | None = None,
+    kv_lora_rank: int = 512,
+) -> KVBudget:
     """KV cache sizes and capacity of a source folder (with a conversion preview using
     ``rope_dim`` / ``kv_lora_rank``) or of a converted folder (against its recorded source)."""
     if context <= 0:
@@ -158,49 +197,98 @@ def kv_budget(folder: Path, *, dtype: str | None = None, kv_memory: int = 8 * 2*
     cfg = read_folder_config(folder)
     geo = _geometry(cfg, rope_dim, kv_lora_rank)
     dtype = dtype or _config_dtype(cfg)
-    budget = KVBudget(str(folder), geo.kind, geo.architecture, geo.layers, dtype,
-                      dtype_bytes(dtype), kv_memory, context)
+    budget = KVBudget(
+        str(folder),
+        geo.kind,
+        geo.architecture,
+        geo.layers,
+        dtype,
+        dtype_bytes(dtype),
+        kv_memory,
+        context,
+    )
     rho, r = geo.kv_lora_rank, geo.rope_dim
     gqa = 2 * geo.kv_heads * geo.head_dim
-    rows = [_row("original", f"original GQA 2 x {geo.kv_heads} x {geo.head_dim}", gqa, budget,
-                 None),
-            _row("converted", geo.label, rho + r, budget, gqa,
-                           note="checkpoint size, before backend padding")]
+    rows = [
+        _row("original", f"original GQA 2 x {geo.kv_heads} x {geo.head_dim}", gqa, budget, None),
+        _row(
+            "converted",
+            geo.label,
+            rho + r,
+            budget,
+            gqa,
+            note="checkpoint size, before backend padding",
+        ),
+    ]
     for backend in BACKENDS:
         split = served_split(rho, r, backend.name)
         if split is None:
-            rows.append(_row(backend.name, f"served on {backend.name}", None, budget, gqa,
-                             note="no kernel of this backend serves this shape"))
+            rows.append(
+                _row(
+                    backend.name,
+                    f"served on {backend.name}",
+                    None,
+                    budget,
+                    gqa,
+                    note="no kernel of this backend serves this shape",
+                )
+            )
             continue
         note = ""
         if backend.gpu and not backend.fixed_split and r != GPU_PREFILL_ROPE_DIM:
             note = f"rope {r} zero-padded to {GPU_PREFILL_ROPE_DIM}, as every GPU prefill needs"
-        rows.append(_row(backend.name, f"served on {backend.name}: {split[0]} + {split[1]}",
-                         sum(split), budget, gqa, note=note))
+        rows.append(
+            _row(
+                backend.name,
+                f"served on {backend.name}: {split[0]} + {split[1]}",
+                sum(split),
+                budget,
+                gqa,
+                note=note,
+            )
+        )
     return replace(budget, rows=rows)
 
 
 def format_table(budget: KVBudget) -> str:
     """A small aligned text table of the budget (what the CLI prints without --json)."""
-    head = (f"{budget.folder}: {budget.kind} {budget.architecture}, {budget.layers} layers, "
-            f"KV dtype {budget.dtype} ({budget.bytes_per_element} B/element)\n"
-            f"budget {budget.kv_memory_bytes:,} bytes ({budget.kv_memory_bytes / 2**30:.2f} "
-            f"GiB), context {budget.context:,} tokens\n")
-    cols = ("cache layout", "elem/tok/layer", "B/tok/layer", "B/tok (all layers)",
-            "tokens fit", f"requests x {budget.context}", "vs original")
+    head = (
+        f"{budget.folder}: {budget.kind} {budget.architecture}, {budget.layers} layers, "
+        f"KV dtype {budget.dtype} ({budget.bytes_per_element} B/element)\n"
+        f"budget {budget.kv_memory_bytes:,} bytes ({budget.kv_memory_bytes / 2**30:.2f} "
+        f"GiB), context {budget.context:,} tokens\n"
+    )
+    cols = (
+        "cache layout",
+        "elem/tok/layer",
+        "B/tok/layer",
+        "B/tok (all layers)",
+        "tokens fit",
+        f"requests x {budget.context}",
+        "vs original",
+    )
     lines = [cols]
     for row in budget.rows:
         if row.elements_per_token_per_layer is None:
             lines.append((row.label, "-", "-", "-", "-", "-", "not servable"))
             continue
-        lines.append((row.label, f"{row.elements_per_token_per_layer:,}",
-                      f"{row.bytes_per_token_per_layer:,}", f"{row.bytes_per_token:,}",
-                      f"{row.tokens:,}", f"{row.requests:,}", f"{row.capacity_vs_original:.2f}x"))
+        lines.append(
+            (
+                row.label,
+                f"{row.elements_per_token_per_layer:,}",
+                f"{row.bytes_per_token_per_layer:,}",
+                f"{row.bytes_per_token:,}",
+                f"{row.tokens:,}",
+                f"{row.requests:,}",
+                f"{row.capacity_vs_original:.2f}x",
+            )
+        )
     widths = [max(len(r[i]) for r in lines) for i in range(len(cols))]
     out = []
     for n, r in enumerate(lines):
-        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:],
-                                                                       strict=True)]
+        cells = [r[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)
+        ]
         out.append("  ".join(cells).rstrip())
         if n == 0:
             out.append("  ".join("-" * w for w in widths))

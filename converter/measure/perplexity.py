@@ -31,8 +31,9 @@ def load_model(folder: str | Path):
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                    trust_remote_code=True).eval()
+        return AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, trust_remote_code=True
+        ).eval()
     except (OSError, ValueError) as exc:
         raise ConversionError(f"could not load a model from {folder}: {exc}") from exc
 
@@ -71,5 +72,6 @@ def agreement(source, converted, batch: torch.Tensor) -> Agreement:
         kl += float((ls.exp() * (ls - lc)).sum())
         agree += int((ls.argmax(-1) == lc.argmax(-1)).sum())
         count += target.numel()
-    return Agreement(math.exp(nll_s / count), math.exp(nll_c / count), agree / count,
-                     kl / count, count)
+    return Agreement(
+        math.exp(nll_s / count), math.exp(nll_c / count), agree / count, kl / count, count
+    )

@@ -47,8 +47,9 @@ class TransMLARotary(nn.Module):
         super().__init__()
         rope_type = config.rope_parameters.get("rope_type", "default")
         if rope_type not in _SUPPORTED_ROPE:
-            raise ValueError(f"rope_type {rope_type!r} is not supported "
-                             f"(use one of {_SUPPORTED_ROPE})")
+            raise ValueError(
+                f"rope_type {rope_type!r} is not supported (use one of {_SUPPORTED_ROPE})"
+            )
         self.config = config
         self._inv_freq: torch.Tensor | None = None
 
@@ -83,8 +84,10 @@ class TransMLAAttention(nn.Module):
         super().__init__()
         tm = getattr(config, "transmla", None) or {}
         if tm.get("latent_norm", False):
-            raise ValueError("transmla.latent_norm=true is not supported: converted checkpoints "
-                             "carry no latent RMSNorm")
+            raise ValueError(
+                "transmla.latent_norm=true is not supported: converted checkpoints "
+                "carry no latent RMSNorm"
+            )
         if config.q_lora_rank is not None:
             raise ValueError("q_lora_rank must be null for TransMLA checkpoints")
         self.layer_idx = layer_idx
@@ -95,12 +98,17 @@ class TransMLAAttention(nn.Module):
         self.v_dim = config.v_head_dim
         self.scaling = (self.nope_dim + self.rope_dim) ** -0.5
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * (self.nope_dim + self.rope_dim),
-                                bias=bool(tm.get("q_bias", False)))
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.rank + self.rope_dim,
-                                            bias=bool(tm.get("kv_a_bias", False)))
-        self.kv_b_proj = nn.Linear(self.rank, self.num_heads * (self.nope_dim + self.v_dim),
-                                   bias=False)
+        self.q_proj = nn.Linear(
+            hidden,
+            self.num_heads * (self.nope_dim + self.rope_dim),
+            bias=bool(tm.get("q_bias", False)),
+        )
+        self.kv_a_proj_with_mqa = nn.Linear(
+            hidden, self.rank + self.rope_dim, bias=bool(tm.get("kv_a_bias", False))
+        )
+        self.kv_b_proj = nn.Linear(
+            self.rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False
+        )
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=False)
 
     def forward(
@@ -177,7 +185,8 @@ class TransMLAModel(TransMLAPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            TransMLADecoderLayer(config, i) for i in range(config.num_hidden_layers))
+            TransMLADecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
         self.norm = TransMLARMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = TransMLARotary(config)
         self.post_init()
@@ -219,8 +228,9 @@ class TransMLAModel(TransMLAPreTrainedModel):
         x = inputs_embeds
         for layer in self.layers:
             x = layer(x, rope, mask, past_key_values if use_cache else None)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(x),
-                                       past_key_values=past_key_values if use_cache else None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=self.norm(x), past_key_values=past_key_values if use_cache else None
+        )
 
 
 class TransMLAForCausalLM(TransMLAPreTrainedModel, GenerationMixin):
@@ -250,16 +260,21 @@ class TransMLAForCausalLM(TransMLAPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, past_key_values=past_key_values,
-                         inputs_embeds=inputs_embeds, use_cache=use_cache)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits,
-                                      past_key_values=out.past_key_values)
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)

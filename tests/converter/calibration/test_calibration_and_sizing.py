@@ -19,20 +19,36 @@ from converter.sources.base import inspect_source
 from transmla_testing.models import make_model
 from transmla_testing.text import play_text
 
-SMOLLM2 = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
-           "num_attention_heads": 9, "num_key_value_heads": 3, "num_hidden_layers": 30,
-           "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True}
-LLAMA3_8B = {**SMOLLM2, "hidden_size": 4096, "num_attention_heads": 32,
-             "num_key_value_heads": 8, "num_hidden_layers": 32}
+SMOLLM2 = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 576,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "num_hidden_layers": 30,
+    "intermediate_size": 1536,
+    "vocab_size": 49152,
+    "tie_word_embeddings": True,
+}
+LLAMA3_8B = {
+    **SMOLLM2,
+    "hidden_size": 4096,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "num_hidden_layers": 32,
+}
 
 
-@pytest.mark.parametrize("cfg,kw,rope,rank", [
-    (SMOLLM2, dict(kv_elements=320), 64, 256),             # a size vLLM serves: kept
-    (SMOLLM2, dict(kv_elements=192, target="hf"), 32, 160),  # free size, rope <= budget/4
-    (SMOLLM2, dict(kv_elements=128, target="hf"), 32, 96),
-    (LLAMA3_8B, dict(kv_budget=0.30), 64, 512),            # 614 of 2048 -> 576 for vLLM
-    (LLAMA3_8B, dict(kv_budget=0.20), 64, 256),            # 409 -> 320
-])
+@pytest.mark.parametrize(
+    "cfg,kw,rope,rank",
+    [
+        (SMOLLM2, dict(kv_elements=320), 64, 256),  # a size vLLM serves: kept
+        (SMOLLM2, dict(kv_elements=192, target="hf"), 32, 160),  # free size, rope <= budget/4
+        (SMOLLM2, dict(kv_elements=128, target="hf"), 32, 96),
+        (LLAMA3_8B, dict(kv_budget=0.30), 64, 512),  # 614 of 2048 -> 576 for vLLM
+        (LLAMA3_8B, dict(kv_budget=0.20), 64, 256),  # 409 -> 320
+    ],
+)
 def test_budget_picks_rope_and_rank(cfg, kw, rope, rank):
     settings = resolve_settings(inspect_source(cfg), None, None, None, None, **kw)
     assert (settings.rope_dim, settings.kv_lora_rank) == (rope, rank)
@@ -42,16 +58,19 @@ def test_budget_below_vllm_sizes_is_refused_with_the_fix():
     with pytest.raises(ConversionError, match="--target hf"):
         resolve_settings(inspect_source(SMOLLM2), None, None, None, None, kv_elements=192)
     with pytest.raises(ConversionError, match="not both"):
-        resolve_settings(inspect_source(SMOLLM2), None, None, None, None, kv_elements=320,
-                         kv_budget=0.5)
+        resolve_settings(
+            inspect_source(SMOLLM2), None, None, None, None, kv_elements=320, kv_budget=0.5
+        )
 
 
 def test_jsonl_and_chat_documents(tmp_path):
     src = make_model(tmp_path / "src", "llama")
     tok = AutoTokenizer.from_pretrained(src)
     path = tmp_path / "docs.jsonl"
-    path.write_text("\n".join(json.dumps({"body": t}) for t in ("First doc.\n\nIts reply.",
-                                                                "Second doc.")) + "\n")
+    path.write_text(
+        "\n".join(json.dumps({"body": t}) for t in ("First doc.\n\nIts reply.", "Second doc."))
+        + "\n"
+    )
     docs, names = load_documents(CalibrationInput(jsonl=str(path), field="body"), tok)
     assert docs == ["First doc.\n\nIts reply.", "Second doc."] and names == ["docs.jsonl"]
     chat, _ = load_documents(CalibrationInput(jsonl=str(path), field="body", chat=True), tok)
@@ -61,11 +80,22 @@ def test_jsonl_and_chat_documents(tmp_path):
 
 
 def test_bundled_default_calibration(tmp_path):
-    assert sorted(p.name for p in BUNDLED.glob("*.txt")) == ["code.txt", "dialogue.txt",
-                                                            "prose.txt"]
+    assert sorted(p.name for p in BUNDLED.glob("*.txt")) == [
+        "code.txt",
+        "dialogue.txt",
+        "prose.txt",
+    ]
     src = make_model(tmp_path / "src", "qwen2")
-    dst = convert(ConvertOptions(src=str(src), dst=str(tmp_path / "dst"), rope_dim=8,
-                                 kv_lora_rank=16, calib_samples=6, calib_seqlen=64))
+    dst = convert(
+        ConvertOptions(
+            src=str(src),
+            dst=str(tmp_path / "dst"),
+            rope_dim=8,
+            kv_lora_rank=16,
+            calib_samples=6,
+            calib_seqlen=64,
+        )
+    )
     calib = json.loads((dst / "config.json").read_text())["transmla"]["calibration"]
     assert calib["source"].startswith("the bundled") and calib["tokens"] == 6 * 64
     assert calib["files"] == ["code.txt", "dialogue.txt", "prose.txt"]
@@ -74,11 +104,19 @@ def test_bundled_default_calibration(tmp_path):
 def test_freqfold_auto_picks_the_exact_fold_and_records_scores(tmp_path, calib_file):
     # keys shared across heads: with rope = head_dim, FreqFold 1 is exact, wider folds mix
     # frequencies; the held-out error must find that
-    src = make_model(tmp_path / "src", "llama", heads=4, kv_heads=2, head_dim=16,
-                     shared_keys=True)
-    dst = convert(ConvertOptions(src=str(src), dst=str(tmp_path / "dst"), rope_dim=16,
-                                 freqfold="auto", kv_lora_rank=32, calib_text=str(calib_file),
-                                 calib_samples=16, calib_seqlen=64))
+    src = make_model(tmp_path / "src", "llama", heads=4, kv_heads=2, head_dim=16, shared_keys=True)
+    dst = convert(
+        ConvertOptions(
+            src=str(src),
+            dst=str(tmp_path / "dst"),
+            rope_dim=16,
+            freqfold="auto",
+            kv_lora_rank=32,
+            calib_text=str(calib_file),
+            calib_samples=16,
+            calib_seqlen=64,
+        )
+    )
     report = json.loads((dst / "transmla_report.json").read_text())["layers"]
     for layer in report:
         scores = {int(k): v for k, v in layer["freqfold_held_out_error"].items()}
@@ -90,15 +128,45 @@ def test_freqfold_auto_picks_the_exact_fold_and_records_scores(tmp_path, calib_f
 
 
 def test_eval_and_verify_commands(tmp_path, calib_file, capsys):
-    src = make_model(tmp_path / "src", "llama", heads=4, kv_heads=2, head_dim=16, seed=2,
-                     init=(0.1, 0.6, 0.6, 0.6))
-    dst = convert(ConvertOptions(src=str(src), dst=str(tmp_path / "dst"), rope_dim=8,
-                                 kv_lora_rank=24, calib_text=str(calib_file), calib_samples=8,
-                                 calib_seqlen=64))
+    src = make_model(
+        tmp_path / "src",
+        "llama",
+        heads=4,
+        kv_heads=2,
+        head_dim=16,
+        seed=2,
+        init=(0.1, 0.6, 0.6, 0.6),
+    )
+    dst = convert(
+        ConvertOptions(
+            src=str(src),
+            dst=str(tmp_path / "dst"),
+            rope_dim=8,
+            kv_lora_rank=24,
+            calib_text=str(calib_file),
+            calib_samples=8,
+            calib_seqlen=64,
+        )
+    )
     text = tmp_path / "eval.txt"
     text.write_text(play_text("hamlet", "tragedies")[:20000])
-    assert cli_main(["eval", "--model", str(src), "--text", str(text), "--ctx", "64",
-                     "--max-tokens", "1024", "--json"]) == 0
+    assert (
+        cli_main(
+            [
+                "eval",
+                "--model",
+                str(src),
+                "--text",
+                str(text),
+                "--ctx",
+                "64",
+                "--max-tokens",
+                "1024",
+                "--json",
+            ]
+        )
+        == 0
+    )
     got = json.loads(capsys.readouterr().out)
     # independent: transformers' own loss on the same windows
     tok = AutoTokenizer.from_pretrained(src)
@@ -107,13 +175,31 @@ def test_eval_and_verify_commands(tmp_path, calib_file, capsys):
     nll, n = 0.0, 0
     with torch.no_grad():
         for i in range(1024 // 63):
-            row = torch.tensor([[tok.bos_token_id] + ids[i * 63:(i + 1) * 63]])
+            row = torch.tensor([[tok.bos_token_id] + ids[i * 63 : (i + 1) * 63]])
             nll += float(model(row, labels=row).loss) * 63
             n += 63
     assert got["tokens"] == n and got["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-4)
 
-    assert cli_main(["verify", "--src", str(src), "--dst", str(dst), "--text", str(text),
-                     "--ctx", "64", "--max-tokens", "1024", "--json", "--write-card"]) == 0
+    assert (
+        cli_main(
+            [
+                "verify",
+                "--src",
+                str(src),
+                "--dst",
+                str(dst),
+                "--text",
+                str(text),
+                "--ctx",
+                "64",
+                "--max-tokens",
+                "1024",
+                "--json",
+                "--write-card",
+            ]
+        )
+        == 0
+    )
     ver = json.loads(capsys.readouterr().out)
     assert ver["ppl_source"] == pytest.approx(got["ppl"], rel=1e-4)
     assert ver["ppl_converted"] != ver["ppl_source"] and 0.3 < ver["top1_agreement"] < 1
@@ -124,7 +210,7 @@ def test_eval_and_verify_commands(tmp_path, calib_file, capsys):
     kl = nll_c = 0.0
     with torch.no_grad():
         for i in range(1024 // 63):
-            row = torch.tensor([[tok.bos_token_id] + ids[i * 63:(i + 1) * 63]])
+            row = torch.tensor([[tok.bos_token_id] + ids[i * 63 : (i + 1) * 63]])
             ls = model(row).logits[0, :-1].log_softmax(-1)
             lc = conv(row).logits[0, :-1].log_softmax(-1)
             agree += int((ls.argmax(-1) == lc.argmax(-1)).sum())
@@ -139,6 +225,10 @@ def test_eval_and_verify_commands(tmp_path, calib_file, capsys):
     assert report["verification"]["top1_agreement"] == ver["top1_agreement"]
     # the card shows the verified figures themselves, not just a heading
     card = (dst / "README.md").read_text()
-    for figure in (f"{ver['ppl_source']:.3f}", f"{ver['ppl_converted']:.3f}",
-                   f"{ver['top1_agreement']:.2%}", f"{ver['mean_kl']:.4f}"):
+    for figure in (
+        f"{ver['ppl_source']:.3f}",
+        f"{ver['ppl_converted']:.3f}",
+        f"{ver['top1_agreement']:.2%}",
+        f"{ver['mean_kl']:.4f}",
+    ):
         assert figure in card, figure

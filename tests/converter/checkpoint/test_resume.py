@@ -20,12 +20,12 @@ LAYERS = 4
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory) -> Path:
-    return make_model(tmp_path_factory.mktemp("resume") / "src", "llama", layers=LAYERS,
-                      tied=False)
+    return make_model(tmp_path_factory.mktemp("resume") / "src", "llama", layers=LAYERS, tied=False)
 
 
-def run(tmp_path: Path, args: list[str], stop_at: int | None = None, sig: str = "SIGKILL"
-        ) -> subprocess.CompletedProcess:
+def run(
+    tmp_path: Path, args: list[str], stop_at: int | None = None, sig: str = "SIGKILL"
+) -> subprocess.CompletedProcess:
     """The CLI; with ``stop_at`` it sends itself ``sig`` just before the stop_at-th output tensor
     is written (1: embeddings, then 9 per layer), i.e. in the middle of a layer."""
     if stop_at is None:
@@ -47,9 +47,24 @@ def layers_done(dst: Path) -> int:
 
 @pytest.mark.parametrize("method", ["refit", "sequential-global"])
 def test_stopped_runs_resume_to_the_same_checkpoint(src, tmp_path, calib_file, method):
-    common = ["--src", str(src), "--calib-text", str(calib_file), "--calib-samples", "6",
-              "--calib-seqlen", "32", "--rope-dim", "8", "--kv-lora-rank", "24",
-              "--method", method, "--max-shard-size", "200KB"]
+    common = [
+        "--src",
+        str(src),
+        "--calib-text",
+        str(calib_file),
+        "--calib-samples",
+        "6",
+        "--calib-seqlen",
+        "32",
+        "--rope-dim",
+        "8",
+        "--kv-lora-rank",
+        "24",
+        "--method",
+        method,
+        "--max-shard-size",
+        "200KB",
+    ]
     straight = tmp_path / "straight"
     assert run(tmp_path, [*common, "--dst", str(straight)]).returncode == 0
 
@@ -80,17 +95,28 @@ def test_stopped_runs_resume_to_the_same_checkpoint(src, tmp_path, calib_file, m
     assert (dst / "config.json").read_text() == (straight / "config.json").read_text()
     report = json.loads((dst / "transmla_report.json").read_text())
     assert report["seconds"] > earlier > 0  # the time of all runs
-    assert report["layers"] == json.loads((straight / "transmla_report.json").read_text()
-                                          )["layers"]
+    assert report["layers"] == json.loads((straight / "transmla_report.json").read_text())["layers"]
 
 
-def test_resume_refuses_other_settings_and_plain_runs_leave_progress_alone(src, tmp_path,
-                                                                          calib_file):
-    common = ["--src", str(src), "--calib-text", str(calib_file), "--calib-samples", "4",
-              "--calib-seqlen", "32", "--kv-lora-rank", "24"]
+def test_resume_refuses_other_settings_and_plain_runs_leave_progress_alone(
+    src, tmp_path, calib_file
+):
+    common = [
+        "--src",
+        str(src),
+        "--calib-text",
+        str(calib_file),
+        "--calib-samples",
+        "4",
+        "--calib-seqlen",
+        "32",
+        "--kv-lora-rank",
+        "24",
+    ]
     dst = tmp_path / "out"
-    proc = run(tmp_path, [*common, "--dst", str(dst), "--rope-dim", "8", "--resume"],
-               stop_at=1 + 9 + 2)
+    proc = run(
+        tmp_path, [*common, "--dst", str(dst), "--rope-dim", "8", "--resume"], stop_at=1 + 9 + 2
+    )
     assert proc.returncode == -signal.SIGKILL
     assert layers_done(dst) == 1
     proc = run(tmp_path, [*common, "--dst", str(dst), "--rope-dim", "16", "--resume"])
@@ -108,8 +134,21 @@ def test_resume_refuses_other_settings_and_plain_runs_leave_progress_alone(src, 
 def test_a_run_stopped_before_its_first_layer_leaves_nothing_behind(src, tmp_path, calib_file):
     """No progress recorded: the next --resume run starts clean, so shards of the stopped run's
     layout (here 200 KB shards) cannot end up next to the new ones."""
-    common = ["--src", str(src), "--calib-text", str(calib_file), "--calib-samples", "4",
-              "--calib-seqlen", "32", "--rope-dim", "8", "--kv-lora-rank", "24", "--resume"]
+    common = [
+        "--src",
+        str(src),
+        "--calib-text",
+        str(calib_file),
+        "--calib-samples",
+        "4",
+        "--calib-seqlen",
+        "32",
+        "--rope-dim",
+        "8",
+        "--kv-lora-rank",
+        "24",
+        "--resume",
+    ]
     dst = tmp_path / "out"
     proc = run(tmp_path, [*common, "--dst", str(dst), "--max-shard-size", "200KB"], stop_at=4)
     assert proc.returncode == -signal.SIGKILL

@@ -16,14 +16,21 @@ from transmla_testing.models import make_model
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "converter", *args], capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "converter", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
 def tiny_src(tmp_path_factory) -> Path:
-    return make_model(tmp_path_factory.mktemp("cli") / "src", "llama", heads=4, kv_heads=2,
-                      head_dim=16, tied=False)
+    return make_model(
+        tmp_path_factory.mktemp("cli") / "src",
+        "llama",
+        heads=4,
+        kv_heads=2,
+        head_dim=16,
+        tied=False,
+    )
 
 
 def edited_copy(src: Path, dst: Path, **changes) -> Path:
@@ -37,39 +44,60 @@ def edited_copy(src: Path, dst: Path, **changes) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("changes,expected", [
-    ({"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}, "q/k RMSNorm"),
-    ({"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"]}, "already MLA"),
-    ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "unknown model_type"),
-    ({"mlp_bias": True}, "MLP biases"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "'yarn'"),
-])
-def test_unsupported_sources_are_refused_clearly(tiny_src, tmp_path, calib_file, changes,
-                                                 expected):
+@pytest.mark.parametrize(
+    "changes,expected",
+    [
+        ({"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}, "q/k RMSNorm"),
+        ({"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"]}, "already MLA"),
+        ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "unknown model_type"),
+        ({"mlp_bias": True}, "MLP biases"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "'yarn'"),
+    ],
+)
+def test_unsupported_sources_are_refused_clearly(tiny_src, tmp_path, calib_file, changes, expected):
     src = edited_copy(tiny_src, tmp_path / "src", **changes)
-    proc = run_cli("--src", str(src), "--dst", str(tmp_path / "out"), "--calib-text",
-                   str(calib_file))
+    proc = run_cli(
+        "--src", str(src), "--dst", str(tmp_path / "out"), "--calib-text", str(calib_file)
+    )
     assert proc.returncode == 2
     assert expected in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["--rope-dim", "6"], "even divisor of head_dim 16"),
-    (["--rope-dim", "8", "--freqfold", "1"], "multiple of 2"),
-    (["--kv-lora-rank", "0"], "at least 1"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--rope-dim", "6"], "even divisor of head_dim 16"),
+        (["--rope-dim", "8", "--freqfold", "1"], "multiple of 2"),
+        (["--kv-lora-rank", "0"], "at least 1"),
+    ],
+)
 def test_impossible_settings_are_refused(tiny_src, tmp_path, calib_file, args, expected):
-    proc = run_cli("--src", str(tiny_src), "--dst", str(tmp_path / "out"), "--calib-text",
-                   str(calib_file), *args)
+    proc = run_cli(
+        "--src",
+        str(tiny_src),
+        "--dst",
+        str(tmp_path / "out"),
+        "--calib-text",
+        str(calib_file),
+        *args,
+    )
     assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
 
 
 def test_too_short_calibration_says_how_many_tokens(tiny_src, tmp_path):
     (tmp_path / "short.txt").write_text("To be, or not to be.")
-    proc = run_cli("--src", str(tiny_src), "--dst", str(tmp_path / "out"), "--calib-text",
-                   str(tmp_path / "short.txt"), "--calib-seqlen", "64")
+    proc = run_cli(
+        "--src",
+        str(tiny_src),
+        "--dst",
+        str(tmp_path / "out"),
+        "--calib-text",
+        str(tmp_path / "short.txt"),
+        "--calib-seqlen",
+        "64",
+    )
     assert proc.returncode == 2 and "tokens found" in proc.stderr
     assert not (tmp_path / "out").exists()
 
@@ -77,17 +105,33 @@ def test_too_short_calibration_says_how_many_tokens(tiny_src, tmp_path):
 def test_non_empty_destination_needs_overwrite(tiny_src, tmp_path, calib_file):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    proc = run_cli("--src", str(tiny_src), "--dst", str(tmp_path / "out"), "--calib-text",
-                   str(calib_file))
+    proc = run_cli(
+        "--src", str(tiny_src), "--dst", str(tmp_path / "out"), "--calib-text", str(calib_file)
+    )
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
 def test_sharded_output_loads_and_rank_is_clipped(tiny_src, tmp_path, calib_file):
     out = tmp_path / "out"
-    proc = run_cli("--src", str(tiny_src), "--dst", str(out), "--calib-text", str(calib_file),
-                   "--calib-samples", "4", "--calib-seqlen", "64", "--rope-dim", "8",
-                   "--kv-lora-rank", "999", "--max-shard-size", "60KB")
+    proc = run_cli(
+        "--src",
+        str(tiny_src),
+        "--dst",
+        str(out),
+        "--calib-text",
+        str(calib_file),
+        "--calib-samples",
+        "4",
+        "--calib-seqlen",
+        "64",
+        "--rope-dim",
+        "8",
+        "--kv-lora-rank",
+        "999",
+        "--max-shard-size",
+        "60KB",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "clipped to 56" in proc.stderr  # 2 * (2 * 16) - 8
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -102,8 +146,7 @@ def test_sharded_output_loads_and_rank_is_clipped(tiny_src, tmp_path, calib_file
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["kv_lora_rank"] == 56 and cfg["transmla"]["freqfold"] == "auto"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
-                                                 trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=True)
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits).all()
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):

@@ -27,21 +27,37 @@ def write_config(folder: Path, **cfg) -> Path:
     return folder
 
 
-LLAMA3_8B_ATTN = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=4096,
-                      num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                      num_hidden_layers=32, intermediate_size=14336, vocab_size=128256,
-                      rope_theta=500000.0, torch_dtype="bfloat16")
+LLAMA3_8B_ATTN = dict(
+    model_type="llama",
+    architectures=["LlamaForCausalLM"],
+    hidden_size=4096,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    num_hidden_layers=32,
+    intermediate_size=14336,
+    vocab_size=128256,
+    rope_theta=500000.0,
+    torch_dtype="bfloat16",
+)
 
 
 @pytest.fixture(scope="module")
 def tiny_converted(tmp_path_factory, calib_file) -> Path:
     """Source: 2 layers, 2 KV heads x head_dim 16 -> 64 elements; converted latent 24 + rope 8."""
     root = tmp_path_factory.mktemp("inspect")
-    src = make_model(root / "src", "llama", hidden=64, heads=4, kv_heads=2, head_dim=16,
-                     layers=2)
-    return convert(ConvertOptions(src=str(src), dst=str(root / "mla"), rope_dim=8,
-                                  kv_lora_rank=24, calib_text=str(calib_file), calib_samples=4,
-                                  calib_seqlen=32))
+    src = make_model(root / "src", "llama", hidden=64, heads=4, kv_heads=2, head_dim=16, layers=2)
+    return convert(
+        ConvertOptions(
+            src=str(src),
+            dst=str(root / "mla"),
+            rope_dim=8,
+            kv_lora_rank=24,
+            calib_text=str(calib_file),
+            calib_samples=4,
+            calib_seqlen=32,
+        )
+    )
 
 
 def test_llama3_8b_source_preview(tmp_path):
@@ -53,8 +69,14 @@ def test_llama3_8b_source_preview(tmp_path):
     assert got["original"]["tokens"] == 8 * 2**30 // 131072 == 65536
     assert got["original"]["requests"] == 16
     # converted 512 + 64 = 576 elements x 2 B x 32 layers = 36864 B per token
-    for name in ("converted", "CPU_MLA", "FLASHMLA", "FLASH_ATTN_MLA", "FLASHINFER_MLA",
-                 "TRITON_MLA"):
+    for name in (
+        "converted",
+        "CPU_MLA",
+        "FLASHMLA",
+        "FLASH_ATTN_MLA",
+        "FLASHINFER_MLA",
+        "TRITON_MLA",
+    ):
         assert got[name]["bytes_per_token"] == 36864, name
         assert got[name]["tokens"] == 8 * 2**30 // 36864 == 233016
         assert got[name]["requests"] == 56
@@ -64,10 +86,11 @@ def test_llama3_8b_source_preview(tmp_path):
 def test_source_preview_with_rope_not_dividing_64(tmp_path):
     # head_dim 96, rope 96: fixed-split kernels (512 + 64) cannot hold a 96-dim rope key, and
     # no GPU prefill kernel takes it either (they need rope 64), so TRITON_MLA cannot serve it.
-    folder = write_config(tmp_path / "m", **{**LLAMA3_8B_ATTN, "head_dim": 96,
-                                             "num_key_value_heads": 1, "num_hidden_layers": 3})
-    b = kv_budget(folder, dtype="float32", kv_memory=MIB, context=64, rope_dim=96,
-                  kv_lora_rank=64)
+    folder = write_config(
+        tmp_path / "m",
+        **{**LLAMA3_8B_ATTN, "head_dim": 96, "num_key_value_heads": 1, "num_hidden_layers": 3},
+    )
+    b = kv_budget(folder, dtype="float32", kv_memory=MIB, context=64, rope_dim=96, kv_lora_rank=64)
     got = rows(b.to_dict())
     assert got["original"]["elements_per_token_per_layer"] == 192
     assert got["original"]["tokens"] == MIB // (192 * 4 * 3) == 455
@@ -81,8 +104,11 @@ def test_rope_32_is_padded_to_64_on_every_gpu_backend(tmp_path):
     # latent 288 + rope 32 = 320 in the checkpoint; every GPU prefill needs rope 64, so
     # TRITON_MLA serves 288 + 64 rounded up to a head size: 448 + 64 = 512, not 320.
     folder = write_config(tmp_path / "m", **LLAMA3_8B_ATTN)
-    got = rows(kv_budget(folder, dtype="bfloat16", kv_memory=MIB, context=64, rope_dim=32,
-                         kv_lora_rank=288).to_dict())
+    got = rows(
+        kv_budget(
+            folder, dtype="bfloat16", kv_memory=MIB, context=64, rope_dim=32, kv_lora_rank=288
+        ).to_dict()
+    )
     assert got["converted"]["elements_per_token_per_layer"] == 320
     assert got["TRITON_MLA"]["elements_per_token_per_layer"] == 512
     assert got["TRITON_MLA"]["label"].endswith("448 + 64")
@@ -119,8 +145,19 @@ def test_converted_checkpoint_against_hand_computation(tiny_converted):
 
 
 def test_cli_json_and_table(tiny_converted):
-    cmd = [sys.executable, "-m", "converter", "inspect", str(tiny_converted), "--dtype",
-           "bfloat16", "--kv-memory", "1MiB", "--context", "100"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "converter",
+        "inspect",
+        str(tiny_converted),
+        "--dtype",
+        "bfloat16",
+        "--kv-memory",
+        "1MiB",
+        "--context",
+        "100",
+    ]
     proc = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
@@ -133,8 +170,12 @@ def test_cli_json_and_table(tiny_converted):
 
 
 def test_cli_user_errors(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "converter", "inspect", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "converter", "inspect", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "no config.json" in proc.stderr
     assert "Traceback" not in proc.stderr
     with pytest.raises(ConversionError, match="8 parsecs"):

@@ -25,9 +25,19 @@ from transmla_testing.models import make_model
 def test_logged_energy_fractions_match_direct_computation(tmp_path, calib_file, caplog, method):
     src = make_model(tmp_path / "src", "qwen2", heads=4, kv_heads=2, head_dim=16, seed=3)
     caplog.set_level(logging.INFO, logger="converter.conversion.pipeline")
-    dst = convert(ConvertOptions(src=str(src), dst=str(tmp_path / "dst"), rope_dim=8,
-                                 freqfold=2, kv_lora_rank=24, calib_text=str(calib_file),
-                                 method=method, calib_samples=8, calib_seqlen=64))
+    dst = convert(
+        ConvertOptions(
+            src=str(src),
+            dst=str(tmp_path / "dst"),
+            rope_dim=8,
+            freqfold=2,
+            kv_lora_rank=24,
+            calib_text=str(calib_file),
+            method=method,
+            calib_samples=8,
+            calib_seqlen=64,
+        )
+    )
     report = json.loads((dst / "transmla_report.json").read_text())["layers"]
     weights = load_file(str(dst / "model.safetensors"))
 
@@ -39,7 +49,8 @@ def test_logged_energy_fractions_match_direct_computation(tmp_path, calib_file, 
     inputs = {}
     for i, layer in enumerate(model.model.layers):
         layer.self_attn.k_proj.register_forward_hook(
-            lambda m, args, out, i=i: inputs.__setitem__(i, args[0].detach()))
+            lambda m, args, out, i=i: inputs.__setitem__(i, args[0].detach())
+        )
     with torch.no_grad():
         model(input_ids=chunks)
     for i, layer in enumerate(model.model.layers):
@@ -58,24 +69,41 @@ def test_logged_energy_fractions_match_direct_computation(tmp_path, calib_file, 
         assert abs(report[i]["latent_energy"] - latent_energy) < 1e-5
         assert 0.2 < rope_energy < 0.999 and 0.2 < latent_energy < 0.999  # a non-trivial case
         logged = f"rope keeps {100 * rope_energy:.2f}% of key energy"
-        assert any(r.getMessage().startswith(f"layer {i}: ") and logged in r.getMessage()
-                   for r in caplog.records)
+        assert any(
+            r.getMessage().startswith(f"layer {i}: ") and logged in r.getMessage()
+            for r in caplog.records
+        )
 
 
 def test_logit_error_falls_as_rank_grows(tmp_path, calib_file):
-    src = make_model(tmp_path / "src", "llama", heads=4, kv_heads=2, head_dim=16, seed=5,
-                     init=(0.1, 0.6, 0.6, 0.6))  # gentle weights: errors stay in the linear regime
+    src = make_model(
+        tmp_path / "src",
+        "llama",
+        heads=4,
+        kv_heads=2,
+        head_dim=16,
+        seed=5,
+        init=(0.1, 0.6, 0.6, 0.6),
+    )  # gentle weights: errors stay in the linear regime
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     ids = torch.randint(3, 512, (2, 96), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = ref(ids).logits
     errors = []
     for rank in (4, 12, 28, 48):
-        dst = convert(ConvertOptions(src=str(src), dst=str(tmp_path / f"r{rank}"), rope_dim=16,
-                                     freqfold=1, kv_lora_rank=rank, calib_text=str(calib_file),
-                                     calib_samples=8, calib_seqlen=64))
-        mla = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32,
-                                                   trust_remote_code=True)
+        dst = convert(
+            ConvertOptions(
+                src=str(src),
+                dst=str(tmp_path / f"r{rank}"),
+                rope_dim=16,
+                freqfold=1,
+                kv_lora_rank=rank,
+                calib_text=str(calib_file),
+                calib_samples=8,
+                calib_seqlen=64,
+            )
+        )
+        mla = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32, trust_remote_code=True)
         with torch.no_grad():
             errors.append(float((mla(ids).logits - want).norm() / want.norm()))
     assert errors == sorted(errors, reverse=True), errors

@@ -17,13 +17,30 @@ from converter.conversion.pipeline import ConvertOptions, convert
 from transmla_testing.models import make_model
 
 CASES = {
-    "llama-gqa-tied-llama3": dict(family="llama", heads=4, kv_heads=2, head_dim=16, tied=True,
-                                  rope_scaling={"rope_type": "llama3", "factor": 8.0,
-                                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                "original_max_position_embeddings": 64}),
+    "llama-gqa-tied-llama3": dict(
+        family="llama",
+        heads=4,
+        kv_heads=2,
+        head_dim=16,
+        tied=True,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
     "qwen2-bias-untied": dict(family="qwen2", heads=4, kv_heads=2, head_dim=16, tied=False),
-    "mistral-linear-rope": dict(family="mistral", heads=6, kv_heads=3, head_dim=16, tied=False,
-                                hidden=96, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "mistral-linear-rope": dict(
+        family="mistral",
+        heads=6,
+        kv_heads=3,
+        head_dim=16,
+        tied=False,
+        hidden=96,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+    ),
     "llama-mha-hd64": dict(family="llama", heads=2, kv_heads=2, head_dim=64, hidden=128),
     "qwen2-hd128": dict(family="qwen2", heads=2, kv_heads=1, head_dim=128, hidden=128),
 }
@@ -40,10 +57,19 @@ def test_exact_conversion_matches_source_logits(case, tmp_path, calib_file):
     width = kw["kv_heads"] * kw["head_dim"]
     # rope = head_dim keeps every key dim positional: exact in transformers, but a rope above
     # 64 is not served as MLA by vLLM on a GPU, so those cases convert with --target hf
-    dst = convert(ConvertOptions(src=str(src), dst=str(tmp_path / "dst"),
-                                 rope_dim=kw["head_dim"], freqfold=1, kv_lora_rank=width,
-                                 target="vllm" if kw["head_dim"] <= 64 else "hf",
-                                 calib_text=str(calib_file), calib_samples=8, calib_seqlen=64))
+    dst = convert(
+        ConvertOptions(
+            src=str(src),
+            dst=str(tmp_path / "dst"),
+            rope_dim=kw["head_dim"],
+            freqfold=1,
+            kv_lora_rank=width,
+            target="vllm" if kw["head_dim"] <= 64 else "hf",
+            calib_text=str(calib_file),
+            calib_samples=8,
+            calib_seqlen=64,
+        )
+    )
     cfg = json.loads((dst / "config.json").read_text())
     assert cfg["kv_lora_rank"] == width and cfg["qk_rope_head_dim"] == kw["head_dim"]
     assert cfg["tie_word_embeddings"] == kw.get("tied", True)

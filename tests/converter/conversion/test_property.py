@@ -43,17 +43,25 @@ def cases(draw):
     family = draw(st.sampled_from(FAMILIES))
     kv_heads = draw(st.sampled_from([1, 2]))
     heads = kv_heads * draw(st.sampled_from([1, 2])) + draw(
-        st.sampled_from([0, 0, 0, 0, 0, 1]))          # sometimes not a multiple: refused
+        st.sampled_from([0, 0, 0, 0, 0, 1])
+    )  # sometimes not a multiple: refused
     head_dim = draw(st.sampled_from([4, 6, 8, 8, 12, 16, 5]))  # 5 is odd: refused
-    model = dict(family=family, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                 hidden=heads * draw(st.sampled_from([4, 8])),
-                 layers=draw(st.sampled_from([1, 2])),
-                 tied=draw(st.booleans()),
-                 attention_bias=family == "llama" and draw(st.booleans()),  # o_proj bias
-                 mlp_bias=family == "llama" and draw(st.booleans()))
-    flags = dict(rope_dim=draw(st.one_of(st.none(), st.sampled_from([2, 4, 6, 8]))),
-                 kv_lora_rank=draw(st.one_of(st.none(), st.sampled_from([0, 1, 3, 8, 1000]))),
-                 freqfold=draw(st.one_of(st.none(), st.sampled_from([1, 2, 3]))))
+    model = dict(
+        family=family,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        hidden=heads * draw(st.sampled_from([4, 8])),
+        layers=draw(st.sampled_from([1, 2])),
+        tied=draw(st.booleans()),
+        attention_bias=family == "llama" and draw(st.booleans()),  # o_proj bias
+        mlp_bias=family == "llama" and draw(st.booleans()),
+    )
+    flags = dict(
+        rope_dim=draw(st.one_of(st.none(), st.sampled_from([2, 4, 6, 8]))),
+        kv_lora_rank=draw(st.one_of(st.none(), st.sampled_from([0, 1, 3, 8, 1000]))),
+        freqfold=draw(st.one_of(st.none(), st.sampled_from([1, 2, 3]))),
+    )
     return model, flags
 
 
@@ -62,11 +70,20 @@ def write_source(folder: Path, tok: Path, m: dict) -> bool:
     heads not a multiple of KV heads) write only config.json and the tokenizer, and return
     False: the converter must then refuse from config.json alone."""
     config_cls, model_cls, extra = family_classes(m["family"])
-    kw = dict(vocab_size=512, hidden_size=m["hidden"], intermediate_size=2 * m["hidden"],
-              num_hidden_layers=m["layers"], num_attention_heads=m["heads"],
-              num_key_value_heads=m["kv_heads"], head_dim=m["head_dim"],
-              max_position_embeddings=256, tie_word_embeddings=m["tied"], bos_token_id=1,
-              eos_token_id=2, **extra)
+    kw = dict(
+        vocab_size=512,
+        hidden_size=m["hidden"],
+        intermediate_size=2 * m["hidden"],
+        num_hidden_layers=m["layers"],
+        num_attention_heads=m["heads"],
+        num_key_value_heads=m["kv_heads"],
+        head_dim=m["head_dim"],
+        max_position_embeddings=256,
+        tie_word_embeddings=m["tied"],
+        bos_token_id=1,
+        eos_token_id=2,
+        **extra,
+    )
     if m["family"] == "llama":
         kw.update(attention_bias=m["attention_bias"], mlp_bias=m["mlp_bias"])
     try:
@@ -75,8 +92,12 @@ def write_source(folder: Path, tok: Path, m: dict) -> bool:
         config = None
     folder.mkdir(parents=True)
     if config is None:
-        raw = {**kw, "model_type": m["family"], "architectures": [model_cls.__name__],
-               "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+        raw = {
+            **kw,
+            "model_type": m["family"],
+            "architectures": [model_cls.__name__],
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        }
         (folder / "config.json").write_text(json.dumps(raw))
     else:
         torch.manual_seed(0)
@@ -89,19 +110,32 @@ def write_source(folder: Path, tok: Path, m: dict) -> bool:
 def must_refuse(m: dict, f: dict) -> bool:
     """Inputs the converter has to refuse (a partial oracle: others may go either way)."""
     d, r = m["head_dim"], f["rope_dim"]
-    return (m["heads"] % m["kv_heads"] != 0 or d % 2 == 1 or m["attention_bias"]
-            or m["mlp_bias"] or (r is not None and d % r != 0)
-            or (f["kv_lora_rank"] is not None and f["kv_lora_rank"] < 1))
+    return (
+        m["heads"] % m["kv_heads"] != 0
+        or d % 2 == 1
+        or m["attention_bias"]
+        or m["mlp_bias"]
+        or (r is not None and d % r != 0)
+        or (f["kv_lora_rank"] is not None and f["kv_lora_rank"] < 1)
+    )
 
 
 def must_convert(m: dict, f: dict) -> bool:
     """Inputs it has to convert: a valid GQA geometry and default or valid flags."""
-    return (not must_refuse(m, f) and f["freqfold"] is None
-            and (f["rope_dim"] is None or m["head_dim"] % f["rope_dim"] == 0))
+    return (
+        not must_refuse(m, f)
+        and f["freqfold"] is None
+        and (f["rope_dim"] is None or m["head_dim"] % f["rope_dim"] == 0)
+    )
 
 
-@settings(max_examples=15, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=15,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(case=cases())
 def test_converts_and_loads_or_refuses_clearly(assets, case):
     m, f = case
@@ -109,8 +143,14 @@ def test_converts_and_loads_or_refuses_clearly(assets, case):
     try:
         buildable = write_source(root / "src", assets / "tok", m)
         dst = root / "out"
-        opts = ConvertOptions(src=str(root / "src"), dst=str(dst), calib_text=str(
-            assets / "calib.txt"), calib_samples=2, calib_seqlen=16, **f)
+        opts = ConvertOptions(
+            src=str(root / "src"),
+            dst=str(dst),
+            calib_text=str(assets / "calib.txt"),
+            calib_samples=2,
+            calib_seqlen=16,
+            **f,
+        )
         try:
             convert(opts)
         except ConversionError as exc:
@@ -128,8 +168,9 @@ def test_converts_and_loads_or_refuses_clearly(assets, case):
         cfg = json.loads((dst / "config.json").read_text())
         assert cfg["tie_word_embeddings"] == m["tied"]
         assert sorted(p.name for p in root.iterdir()) == ["out", "src"]
-        model = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32,
-                                                     trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            dst, dtype=torch.float32, trust_remote_code=True
+        )
         with torch.no_grad():
             logits = model(torch.tensor([[1, 40, 41, 42, 43, 44]])).logits
         assert logits.shape == (1, 6, 512) and torch.isfinite(logits).all()

@@ -23,8 +23,13 @@ from transmla_testing.models import make_model
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("block", [7, 16, 1000])
 def test_blocked_mlp_matches_transformers_mlp_in_fp32(dtype, block):
-    config = LlamaConfig(hidden_size=24, intermediate_size=40, hidden_act="silu",
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        hidden_size=24,
+        intermediate_size=40,
+        hidden_act="silu",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     stored = LlamaMLP(config).to(dtype)
     reference = LlamaMLP(config)  # the same weights, upcast to fp32 before the product
@@ -42,8 +47,13 @@ def test_blocked_mlp_matches_transformers_mlp_in_fp32(dtype, block):
 
 
 def test_blocked_mlp_refuses_biases():
-    config = LlamaConfig(hidden_size=8, intermediate_size=16, mlp_bias=True, num_attention_heads=2,
-                         num_key_value_heads=2)
+    config = LlamaConfig(
+        hidden_size=8,
+        intermediate_size=16,
+        mlp_bias=True,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     with pytest.raises(ValueError, match="without biases"):
         use_blocked_mlp(LlamaMLP(config))
 
@@ -54,9 +64,20 @@ def test_bf16_source_streams_exactly(tmp_path, calib_file, method):
     fp32: logits match the source model run in fp32 on its bf16 weights, and every dense
     tensor is carried over bit for bit."""
     src = make_model(tmp_path / "src", shared_keys=True, dtype=torch.bfloat16, tied=False)
-    dst = convert(ConvertOptions(src=str(src), dst=str(tmp_path / "dst"), rope_dim=16,
-                                 freqfold=1, kv_lora_rank=32, dtype="float32", method=method,
-                                 calib_text=str(calib_file), calib_samples=8, calib_seqlen=64))
+    dst = convert(
+        ConvertOptions(
+            src=str(src),
+            dst=str(tmp_path / "dst"),
+            rope_dim=16,
+            freqfold=1,
+            kv_lora_rank=32,
+            dtype="float32",
+            method=method,
+            calib_text=str(calib_file),
+            calib_samples=8,
+            calib_seqlen=64,
+        )
+    )
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     mla = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32, trust_remote_code=True)
     ids = torch.randint(3, 512, (2, 96), generator=torch.Generator().manual_seed(0))

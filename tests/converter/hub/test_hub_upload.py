@@ -162,8 +162,9 @@ def damaged_copy(converted: Path, dst: Path) -> Path:
     return dst
 
 
-def test_damaged_folder_is_refused_with_every_problem(converted, hub, tmp_path, monkeypatch,
-                                                      capsys):
+def test_damaged_folder_is_refused_with_every_problem(
+    converted, hub, tmp_path, monkeypatch, capsys
+):
     folder = damaged_copy(converted, tmp_path / "damaged")
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     lost = sorted(set(index["weight_map"].values()))[1]
@@ -174,8 +175,13 @@ def test_damaged_folder_is_refused_with_every_problem(converted, hub, tmp_path, 
     (folder / "modeling_transmla.py").unlink()
     (folder / "README.md").write_text("---\nbase_model: /home/me/src\n---\n# card\n")
     problems = validate_folder(folder)
-    expected = [f"names {lost}", "which is missing", "config.json lacks kv_lora_rank",
-                "modeling_transmla.py is missing", "'/home/me/src' is not a Hub model id"]
+    expected = [
+        f"names {lost}",
+        "which is missing",
+        "config.json lacks kv_lora_rank",
+        "modeling_transmla.py is missing",
+        "'/home/me/src' is not a Hub model id",
+    ]
     for fragment in expected:
         assert any(fragment in p for p in problems), (fragment, problems)
     assert len(problems) == 4
@@ -188,13 +194,16 @@ def test_damaged_folder_is_refused_with_every_problem(converted, hub, tmp_path, 
     assert hub.requests == []
 
 
-@pytest.mark.parametrize("damage,fragment", [
-    ("unindexed", "not covered by model.safetensors.index.json"),
-    ("bias_flag", "tensor(s) the config does not imply"),
-    ("rope_dim", "disagree with config.json"),
-    ("tokenizer", "the tokenizer does not load"),
-    ("tied", "tensor(s) the config does not imply"),
-])
+@pytest.mark.parametrize(
+    "damage,fragment",
+    [
+        ("unindexed", "not covered by model.safetensors.index.json"),
+        ("bias_flag", "tensor(s) the config does not imply"),
+        ("rope_dim", "disagree with config.json"),
+        ("tokenizer", "the tokenizer does not load"),
+        ("tied", "tensor(s) the config does not imply"),
+    ],
+)
 def test_each_kind_of_damage_is_named(converted, tmp_path, damage, fragment):
     folder = damaged_copy(converted, tmp_path / "damaged")
     config_path, index_path = folder / "config.json", folder / "model.safetensors.index.json"
@@ -216,9 +225,22 @@ def test_each_kind_of_damage_is_named(converted, tmp_path, damage, fragment):
 
 
 def _convert_args(src: Path, dst: Path, calib: Path) -> list[str]:
-    return ["--src", str(src), "--dst", str(dst), "--calib-text", str(calib),
-            "--calib-samples", "4", "--calib-seqlen", "32", "--rope-dim", "8",
-            "--kv-lora-rank", "16"]
+    return [
+        "--src",
+        str(src),
+        "--dst",
+        str(dst),
+        "--calib-text",
+        str(calib),
+        "--calib-samples",
+        "4",
+        "--calib-seqlen",
+        "32",
+        "--rope-dim",
+        "8",
+        "--kv-lora-rank",
+        "16",
+    ]
 
 
 def test_convert_with_push_to_hub(hub, monkeypatch, tmp_path, calib_file):
@@ -251,8 +273,12 @@ def test_upload_base_model_names_the_source_in_the_hub_card(converted, hub, monk
     with pytest.raises(ConversionError, match="is not a Hub model id"):
         push_folder(converted, REPO_ID, base_model="not an id")
     assert hub.routes_called() == []
-    assert cli_main(["upload", str(converted), "--repo-id", REPO_ID, "--base-model",
-                     "acme/tiny-qwen-base"]) == 0
+    assert (
+        cli_main(
+            ["upload", str(converted), "--repo-id", REPO_ID, "--base-model", "acme/tiny-qwen-base"]
+        )
+        == 0
+    )
     card = ModelCard(hub.files(REPO_ID)["README.md"].decode())
     assert card.data.base_model == "acme/tiny-qwen-base"
     assert card.data.base_model_relation == "quantized"

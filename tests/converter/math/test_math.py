@@ -24,7 +24,7 @@ def neox_rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
     inv = theta ** (-torch.arange(0, d, 2) / d)
     ang = pos[:, None] * inv[None]
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
-    rot = torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1)
+    rot = torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1)
     return x * cos + rot * sin
 
 
@@ -33,8 +33,9 @@ def gptj_rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
     inv = theta ** (-torch.arange(0, r, 2) / r)
     ang = pos[:, None] * inv[None]
     x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()],
-                       -1).flatten(-2)
+    return torch.stack(
+        [x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], -1
+    ).flatten(-2)
 
 
 def gqa_logits(src: GQAAttention, x: torch.Tensor, theta: float) -> torch.Tensor:
@@ -46,7 +47,7 @@ def gqa_logits(src: GQAAttention, x: torch.Tensor, theta: float) -> torch.Tensor
     q = neox_rope(q.view(t, h, d).transpose(0, 1), pos, theta)
     k = neox_rope(k.view(t, g, d).transpose(0, 1), pos, theta)
     k = k.repeat_interleave(h // g, 0)
-    return q @ k.transpose(-1, -2) * d ** -0.5
+    return q @ k.transpose(-1, -2) * d**-0.5
 
 
 def gqa_values(src: GQAAttention, x: torch.Tensor) -> torch.Tensor:
@@ -55,14 +56,16 @@ def gqa_values(src: GQAAttention, x: torch.Tensor) -> torch.Tensor:
     return v.view(t, g, d).transpose(0, 1).repeat_interleave(h // g, 0)
 
 
-def mla_logits_values(w: dict, x: torch.Tensor, heads: int, nope: int, rope: int, vdim: int,
-                      theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def mla_logits_values(
+    w: dict, x: torch.Tensor, heads: int, nope: int, rope: int, vdim: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     t = x.shape[0]
     pos = torch.arange(t, dtype=torch.float64)
     q = x @ w["self_attn.q_proj.weight"].T + w.get("self_attn.q_proj.bias", 0)
     q = q.view(t, heads, nope + rope).transpose(0, 1)
     kv = x @ w["self_attn.kv_a_proj_with_mqa.weight"].T + w.get(
-        "self_attn.kv_a_proj_with_mqa.bias", 0)
+        "self_attn.kv_a_proj_with_mqa.bias", 0
+    )
     rank = kv.shape[-1] - rope
     c, k_pe = kv[:, :rank], kv[:, rank:]
     kvb = (c @ w["self_attn.kv_b_proj.weight"].T).view(t, heads, nope + vdim).transpose(0, 1)
@@ -73,8 +76,9 @@ def mla_logits_values(w: dict, x: torch.Tensor, heads: int, nope: int, rope: int
     return logits, v
 
 
-def random_layer(seed: int, hidden: int, heads: int, groups: int, d: int, bias: bool,
-                 shared_keys: bool) -> GQAAttention:
+def random_layer(
+    seed: int, hidden: int, heads: int, groups: int, d: int, bias: bool, shared_keys: bool
+) -> GQAAttention:
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):
@@ -86,9 +90,18 @@ def random_layer(seed: int, hidden: int, heads: int, groups: int, d: int, bias: 
         scales = torch.linspace(1.0, -0.5, groups).repeat_interleave(d)[:, None]
         wk = wk[:d].repeat(groups, 1) * scales
         bk = None if bk is None else bk[:d].repeat(groups) * scales[:, 0]
-    return GQAAttention(rnd(heads * d, hidden), wk, rnd(groups * d, hidden),
-                        rnd(hidden, heads * d), heads, groups, d,
-                        rnd(heads * d) if bias else None, bk, rnd(groups * d) if bias else None)
+    return GQAAttention(
+        rnd(heads * d, hidden),
+        wk,
+        rnd(groups * d, hidden),
+        rnd(hidden, heads * d),
+        heads,
+        groups,
+        d,
+        rnd(heads * d) if bias else None,
+        bk,
+        rnd(groups * d) if bias else None,
+    )
 
 
 def gram_of(src: GQAAttention, x: torch.Tensor) -> torch.Tensor:
@@ -175,8 +188,8 @@ def test_ridge_refit_matches_direct_least_squares_and_its_residuals():
     lam = lam_rel * float(torch.diagonal(g).mean())
     fit = ridge_refit(g.clone(), c.clone(), w0.float(), lam_rel, float(y.pow(2).sum()))
     # min ||A W^T - Y||^2 + lam ||W - W0||^2 as one stacked least-squares problem
-    lhs = torch.cat([a, lam ** 0.5 * torch.eye(n_in, dtype=torch.float64)])
-    rhs = torch.cat([y, lam ** 0.5 * w0.float().double().T])
+    lhs = torch.cat([a, lam**0.5 * torch.eye(n_in, dtype=torch.float64)])
+    rhs = torch.cat([y, lam**0.5 * w0.float().double().T])
     want = torch.linalg.lstsq(lhs, rhs).solution.T
     torch.testing.assert_close(fit.weight, want, rtol=1e-9, atol=1e-9)
     energy = float(y.pow(2).sum())
