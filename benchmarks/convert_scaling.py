@@ -46,7 +46,9 @@ def make_checkpoint(folder: Path, layers: int, seed: int = 0, shape: dict | None
     from safetensors.torch import save_file
 
     from converter.calibration.text import BUNDLED
+    from converter.sources.base import inspect_source, source_layer_tensors, source_tensors
     from transmla_testing.models import make_tokenizer
+    from transmla_vllm.checkpoint_format import EMBED, FINAL_NORM, LM_HEAD, layer_prefix
 
     shape = SHAPE if shape is None else shape
     if (folder / CONFIG_FILE).is_file():
@@ -57,52 +59,6 @@ def make_checkpoint(folder: Path, layers: int, seed: int = 0, shape: dict | None
         8000,
         texts=[p.read_text() for p in sorted(BUNDLED.glob("*.txt"))],
         chat_template=False,
-    )
-    D, H, G, d, F, V = (
-        shape[k]
-        for k in (
-            "hidden_size",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "intermediate_size",
-            "vocab_size",
-        )
-    )
-    gen = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) / shape[-1] ** 0.5).to(torch.bfloat16)
-
-    weight_map: dict[str, str] = {}
-
-    def save(name: str, tensors: dict[str, torch.Tensor]) -> None:
-        save_file(tensors, str(folder / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in tensors})
-
-    save("embed.safetensors", {"model.embed_tokens.weight": rnd(V, D)})
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        save(
-            f"layer-{i:03d}.safetensors",
-            {
-                p + "self_attn.q_proj.weight": rnd(H * d, D),
-                p + "self_attn.k_proj.weight": rnd(G * d, D),
-                p + "self_attn.v_proj.weight": rnd(G * d, D),
-                p + "self_attn.o_proj.weight": rnd(D, H * d),
-                p + "mlp.gate_proj.weight": rnd(F, D),
-                p + "mlp.up_proj.weight": rnd(F, D),
-                p + "mlp.down_proj.weight": rnd(D, F),
-                p + "input_layernorm.weight": torch.ones(D, dtype=torch.bfloat16),
-                p + "post_attention_layernorm.weight": torch.ones(D, dtype=torch.bfloat16),
-            },
-        )
-    save(
-        "head.safetensors",
-        {"model.norm.weight": torch.ones(D, dtype=torch.bfloat16), "lm_head.weight": rnd(V, D)},
-    )
-    (folder / INDEX_FILE).write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
     )
     config = {
         "architectures": ["LlamaForCausalLM"],
@@ -117,6 +73,34 @@ def make_checkpoint(folder: Path, layers: int, seed: int = 0, shape: dict | None
         "bos_token_id": 1,
         "eos_token_id": 2,
     }
+    # names and shapes as the converter expects them from this config (sources/base.py)
+    spec = inspect_source(config)
+    gen = torch.Generator().manual_seed(seed)
+
+    def tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, dtype=torch.bfloat16)
+        return (torch.randn(*shape, generator=gen) / shape[-1] ** 0.5).to(torch.bfloat16)
+
+    weight_map: dict[str, str] = {}
+
+    def save(file: str, names: dict[str, tuple[int, ...]]) -> None:
+        save_file(
+            {n: tensor(n, s) for n, s in names.items()},
+            str(folder / file),
+            metadata={"format": "pt"},
+        )
+        weight_map.update({n: file for n in names})
+
+    every = source_tensors(spec)
+    save("embed.safetensors", {EMBED: every[EMBED]})
+    per_layer = source_layer_tensors(spec)
+    for i in range(layers):
+        save(f"layer-{i:03d}.safetensors", {layer_prefix(i) + n: s for n, s in per_layer.items()})
+    save("head.safetensors", {n: every[n] for n in (FINAL_NORM, LM_HEAD)})
+    (folder / INDEX_FILE).write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
+    )
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 

@@ -55,9 +55,10 @@ class WeightChecks:
         shape = tuple(tensor.shape)
         module = _forbidden_module(name)
         if module is not None:
+            kind = "a latent RMSNorm" if module.startswith("kv_a") else "a query RMSNorm"
             raise ValueError(
-                f"Checkpoint tensor '{name}' is a latent RMSNorm ({module}); the TransMLA "
-                "format has none (the conversion is exact only without it). Reconvert."
+                f"Checkpoint tensor '{name}' is {kind} ({module}); the TransMLA format has "
+                "none (the conversion is exact only without it). Reconvert."
             )
         expected = self.expected.get(name)
         if expected is None:

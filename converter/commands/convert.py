@@ -76,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         choices=["vllm", "hf"],
         default="vllm",
-        help="vllm (default): round a budget down to a size vLLM's MLA backends "
-        "serve unpadded (320/512/576); hf: any size",
+        help="vllm (default): only shapes vLLM serves as MLA on a GPU (rope 64 or a "
+        "divisor of it, latent <= 512; others are refused with what would serve them), and "
+        "a budget rounded down to a size served unpadded (320/512/576); hf: any size, for "
+        "transformers",
     )
     size.add_argument(
         "--freqfold",
