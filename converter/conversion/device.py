@@ -53,4 +53,15 @@ def release_memory(reader: SourceReader) -> None:
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux's VmHWM, not ``ru_maxrss``: a process
+    started by vfork + exec (Python's subprocess) inherits its parent's high-water mark in
+    ``ru_maxrss``, so a conversion launched by a benchmark holding a model would report the
+    benchmark's memory."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,7 +1,7 @@
 """The memory-saving parts of the streaming converter compute what the plain path computes.
 
-The source MLP stays in its stored dtype and runs blocked (converter/blocked_mlp.py); dense
-weights are copied to the output without passing through fp32; the calibration stream is
+The source MLP stays in its stored dtype and runs blocked (converter/conversion/blocked_mlp.py);
+dense weights are copied to the output without passing through fp32; the calibration stream is
 updated in place. These tests hold each of them to an independent reference.
 """
 
@@ -92,3 +92,29 @@ def test_bf16_source_streams_exactly(tmp_path, calib_file, method):
             stored = reader.get(name, dtype=None)
             assert stored.dtype == torch.bfloat16
             assert torch.equal(out.get_tensor(name), stored.float()), name
+
+
+def test_peak_rss_is_the_conversions_own_not_its_parents():
+    """A conversion started by a process that holds a model (the benchmarks do) must report its
+    own peak memory: ru_maxrss after vfork + exec carries the parent's high-water mark."""
+    import subprocess
+    import sys
+
+    from converter.conversion.device import peak_rss_bytes
+
+    ballast = torch.ones(600 * 2**20, dtype=torch.uint8)  # 600 MiB resident in this process
+    assert peak_rss_bytes() > 600 * 2**20
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from converter.conversion.device import peak_rss_bytes as p; print(p())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    del ballast
+    # the child imports torch (a few hundred MB at most) but never holds the 600 MiB
+    own = int(child.stdout)
+    assert 0 < own < 500 * 2**20, own
