@@ -35,6 +35,7 @@ class SourceReader:
         self.files: dict[str, str] = {}  # tensor name -> file name
         self._handles: dict[str, object] = {}
         self._checked: set[str] = set()
+        self._finite: set[str] = set()  # tensors already checked for NaN / inf
         index = folder / INDEX_FILE
         if index.is_file():
             try:
@@ -184,6 +185,9 @@ class SourceReader:
                 f"tensor {name!r} has dtype {tensor.dtype}; quantized or "
                 "integer checkpoints are not supported (dequantize first)"
             )
+        if name not in self._finite:
+            _check_finite(name, file, tensor)
+            self._finite.add(name)
         return tensor if dtype is None else tensor.to(dtype)
 
     def release(self) -> None:
@@ -193,6 +197,23 @@ class SourceReader:
 
     def total_bytes(self) -> int:
         return sum((self.folder / f).stat().st_size for f in set(self.files.values()))
+
+
+def _check_finite(name: str, file: str, tensor: torch.Tensor, rows: int = 4096) -> None:
+    """Refuse a tensor holding NaN or inf, naming it and counting them: the math downstream
+    would fail far from the cause (an eigensolver that does not converge) or, for tensors it
+    only copies, pass the damage on. Checked block by block, so a memory-mapped tensor never
+    needs a full-size mask."""
+    flat = tensor.reshape(tensor.shape[0], -1) if tensor.dim() > 1 else tensor.reshape(-1, 1)
+    bad = sum(
+        int((~torch.isfinite(flat[i : i + rows])).sum()) for i in range(0, flat.shape[0], rows)
+    )
+    if bad:
+        raise ConversionError(
+            f"source tensor {name!r} (in {file}) holds {bad:,} non-finite value(s) (NaN or inf) "
+            f"of {tensor.numel():,}; the checkpoint is damaged: download it again or restore "
+            "that file"
+        )
 
 
 def _natural(name: str) -> tuple:

@@ -149,6 +149,11 @@ def check_destination(dst: Path, overwrite: bool, src: str | Path | None = None)
                 f"--dst {dst} overlaps --src {src}; writing there would "
                 "replace the source: choose another --dst"
             )
+        if s in d.parents:
+            raise ConversionError(
+                f"--dst {dst} is inside --src {src}; writing there would put a model folder "
+                "into the source model: choose a --dst outside it"
+            )
     probe = dst.absolute().parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from converter.calibration.text import read_calibration_text
+from converter.checkpoint.fingerprint import check_converted_from
 from converter.checkpoint.source import load_tokenizer
 from converter.errors import ConversionError
 from converter.measure.perplexity import agreement, load_model, windows
@@ -31,6 +33,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
+    note = check_converted_from(Path(args.src), Path(args.dst))  # before any forward pass
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     tok = load_tokenizer(Path(args.src))
     batch = windows(tok, read_calibration_text(args.text)[0], args.ctx, args.max_tokens)
     result = agreement(load_model(args.src), load_model(args.dst), batch)

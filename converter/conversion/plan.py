@@ -17,6 +17,7 @@ import torch
 from converter import __version__
 from converter.calibration.chunks import token_chunks
 from converter.calibration.text import CalibrationInput, load_documents
+from converter.checkpoint.fingerprint import source_fingerprint
 from converter.checkpoint.resume import resume_folder
 from converter.checkpoint.source import load_tokenizer, read_config, resolve_source
 from converter.checkpoint.source_reader import SourceReader
@@ -27,6 +28,7 @@ from converter.conversion.methods import DEFAULT_METHOD, METHODS, Method
 from converter.conversion.settings import (
     DTYPES,
     ResolvedSettings,
+    check_calibration_context,
     check_calibration_sizes,
     resolve_settings,
 )
@@ -130,6 +132,7 @@ def prepare(opts: ConvertOptions) -> ConversionPlan:
     method = METHODS[opts.method]
     src = resolve_source(opts.src, opts.revision)
     spec = inspect_source(read_config(src))
+    check_calibration_context(opts.calib_seqlen, spec)
     freqfold = opts.freqfold
     if method.name == "transmla" and freqfold is None:
         freqfold = "smallest"  # the published method picks FreqFold by hand, never on data
@@ -190,7 +193,10 @@ def prepare(opts: ConvertOptions) -> ConversionPlan:
         rope_parameters=spec.rope_parameters,
         dtype=settings.out_dtype,
         token_ids=spec.token_ids,
-        provenance=_provenance(opts, spec, method, settings, calibration),
+        provenance={
+            **_provenance(opts, spec, method, settings, calibration),
+            "source_fingerprint": source_fingerprint(spec, reader),
+        },
     )
     return ConversionPlan(
         opts, dst, src, spec, reader, method, settings, device, calibration, shape, config, layout

@@ -46,6 +46,42 @@ def check_calibration_sizes(samples: int, seqlen: int) -> None:
         )
 
 
+# rope laws whose ``factor`` stretches the positions the model was trained on
+_EXTENDING_ROPE_TYPES = ("linear", "llama3", "dynamic", "yarn")
+
+
+def check_calibration_context(seqlen: int, spec: SourceSpec, flag: str = "--calib-seqlen") -> None:
+    """Refuse sequences longer than the model's context: statistics from positions it never
+    saw would steer the conversion. Where the rope scaling says the model reaches further than
+    max_position_embeddings, go on with a note."""
+    context = spec.max_position_embeddings
+    if seqlen <= context:
+        return
+    params = spec.rope_parameters
+    factor = params.get("factor")
+    reach = context
+    if params.get("rope_type") in _EXTENDING_ROPE_TYPES and factor:
+        reach = max(context, int(params.get("original_max_position_embeddings", context) * factor))
+    if seqlen <= reach:
+        log.info(
+            "%s %d is beyond max_position_embeddings %d; the %s rope scaling (factor %g) "
+            "extends the context to %d tokens, so calibration goes on",
+            flag,
+            seqlen,
+            context,
+            params["rope_type"],
+            factor,
+            reach,
+        )
+        return
+    raise ConversionError(
+        f"{flag} {seqlen} is longer than the model's context ({context} tokens, "
+        f"max_position_embeddings{'' if reach == context else f'; {reach} with its rope scaling'}"
+        f"): statistics from positions the model never saw would mislead the conversion; use "
+        f"{flag} {reach} or less"
+    )
+
+
 def check_vllm_servable(rank: int, rope: int, head_dim: int, target: str) -> None:
     """With ``--target vllm``, refuse a shape no GPU can serve as MLA (the prefill kernels of
     every NVIDIA GPU need rope 64; see transmla_vllm/backends.py); warn about the rest."""

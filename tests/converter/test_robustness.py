@@ -393,6 +393,111 @@ def test_empty_calibration_says_how_many_tokens(src, tmp_path, capsys, caplog, t
     assert_nothing_left(dst)
 
 
+def _digest(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def _poison(name: str, value: float, count: int):
+    def damage(state: dict) -> None:
+        flat = state[name].view(-1)
+        flat[torch.arange(count) * 7] = value
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    "name,value,count",
+    [
+        ("model.layers.1.self_attn.k_proj.weight", float("nan"), 1),  # ran into eigh before
+        ("model.layers.0.mlp.down_proj.weight", float("inf"), 3),  # only carried by calibration
+        ("lm_head.weight", float("-inf"), 2),  # never touched by calibration: copied
+    ],
+)
+def test_non_finite_source_tensors_are_named_with_their_count(
+    src, tmp_path, calib_file, capsys, caplog, name, value, count
+):
+    bad = linked_copy(src, tmp_path / "src")
+    edit_tensors(bad, "model.safetensors", _poison(name, value, count))
+    before = _digest(bad)
+    dst = tmp_path / "out"
+    rc, err = run_in_process(capsys, caplog, *cli_args(bad, dst, calib_file))
+    assert rc == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert f"source tensor {name!r}" in errors[0]
+    assert f"holds {count:,} non-finite value(s)" in errors[0], errors[0]
+    assert_nothing_left(dst)
+    assert _digest(bad) == before  # the source is only read
+
+
+def test_calibration_longer_than_the_context_is_refused(src, tmp_path, calib_file, capsys, caplog):
+    dst = tmp_path / "out"  # the tiny model has max_position_embeddings 1024
+    args = ["--src", str(src), "--dst", str(dst), "--calib-text", str(calib_file)]
+    rc, err = run_in_process(
+        capsys, caplog, *args, "--calib-samples", "2", "--calib-seqlen", "2048"
+    )
+    assert_refused(
+        rc, err, caplog, dst, "--calib-seqlen 2048 is longer than the model's context (1024"
+    )
+    assert "use --calib-seqlen 1024 or less" in err
+
+
+def test_rope_scaling_that_reaches_further_lets_calibration_go_on(src, caplog):
+    from converter.checkpoint.source import read_config
+    from converter.conversion.settings import check_calibration_context
+
+    cfg = read_config(src)
+    linear = inspect_source({**cfg, "rope_scaling": {"rope_type": "linear", "factor": 4.0}})
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="converter.conversion.settings"):
+        check_calibration_context(2048, linear)  # 1024 x 4 = 4096 positions: goes on
+    assert any("extends the context to 4096 tokens" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ConversionError, match="4096 with its rope scaling"):
+        check_calibration_context(8192, linear)
+
+
+@pytest.fixture(scope="module")
+def converted_src(src, tmp_path_factory, calib_file) -> Path:
+    dst = tmp_path_factory.mktemp("verify") / "mla"
+    assert cli_main(cli_args(src, dst, calib_file, "--rope-dim", "8", "--kv-lora-rank", "24")) == 0
+    return dst
+
+
+def test_verify_refuses_a_source_that_is_not_the_one_converted(
+    src, converted_src, tmp_path, calib_file, capsys
+):
+    """Another vocabulary, another shape, or the same shape from another seed are refused
+    before any forward pass; a moved copy of the right source still verifies."""
+    other_vocab = make_model(
+        tmp_path / "vocab",
+        "llama",
+        heads=4,
+        kv_heads=2,
+        head_dim=16,
+        layers=2,
+        tied=False,
+        vocab_size=600,
+    )
+    other_seed = make_model(
+        tmp_path / "seed", "llama", heads=4, kv_heads=2, head_dim=16, layers=2, tied=False, seed=5
+    )
+    text = ["--text", str(calib_file), "--ctx", "32", "--max-tokens", "64"]
+    for other, expected in (
+        (other_vocab, "do not belong together (vocabulary 600 vs 512"),
+        (other_seed, "is not the model --dst"),
+    ):
+        before = _digest(converted_src)
+        rc = cli_main(["verify", "--src", str(other), "--dst", str(converted_src), *text])
+        err = capsys.readouterr().err
+        assert rc == 2 and expected in err and "Traceback" not in err, err
+        assert len([x for x in err.splitlines() if x.startswith("error")]) == 1, err
+        assert _digest(converted_src) == before
+    moved = tmp_path / "moved-elsewhere" / "renamed"
+    shutil.copytree(src, moved)
+    assert cli_main(["verify", "--src", str(moved), "--dst", str(converted_src), *text]) == 0
+    assert "PPL source" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------
 # destination
 # ---------------------------------------------------------------------------------------------
@@ -405,12 +510,14 @@ def test_destination_problems_are_refused_before_any_work(
         (afile / "out", (), f"{afile} is a file, not a folder"),  # parent is a file
         (afile, ("--overwrite",), "is a file, not a folder"),  # never replace a file
         (src, ("--overwrite",), "overlaps --src"),  # would replace the source
+        (src / "mla", (), "is inside --src"),  # would write a model into the source
     ):
         rc, err = run_in_process(capsys, caplog, *cli_args(src, dst, calib_file), *extra)
         assert rc == 2 and expected in err and "Traceback" not in err, err
         assert not any("calibration:" in r.getMessage() for r in caplog.records)
     assert afile.read_text() == "not a folder"
     assert (src / "model.safetensors").is_file() and (src / "config.json").is_file()
+    assert not (src / "mla").exists()
 
 
 def _mount_tmpfs(folder: Path, options: str) -> bool:
