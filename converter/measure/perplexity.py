@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from converter.calibration.chunks import body_length, bos_chunks
 from converter.errors import ConversionError
+from transmla_vllm.checkpoint_format import ARCHITECTURE, REMOTE_CODE_FILE
 
 
 @dataclass(frozen=True)
@@ -27,15 +28,42 @@ class Agreement:
     tokens: int
 
 
-def load_model(folder: str | Path):
-    from transformers import AutoModelForCausalLM
+# vLLM's --kv-cache-dtype names that our remote code simulates (modeling_transmla.KV_CACHE_DTYPES)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
+
+def load_model(folder: str | Path, kv_cache_dtype: str = "auto", fp8_query: bool = True):
+    """The model in fp32. A ``kv_cache_dtype`` other than "auto" makes a converted model
+    simulate vLLM's fp8 latent cache (``fp8_query``: the absorbed query is quantized too, as
+    FLASHMLA / FLASHINFER_MLA do); see docs/fp8_cache.md."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ConversionError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}")
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, trust_remote_code=True
+        if kv_cache_dtype == "auto":
+            return AutoModelForCausalLM.from_pretrained(
+                folder, dtype=torch.float32, trust_remote_code=True
+            ).eval()
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+        if ARCHITECTURE not in (getattr(config, "architectures", None) or []):
+            raise ConversionError(
+                f"--kv-cache-dtype {kv_cache_dtype} simulates the MLA latent cache: {folder} "
+                "is not a converted (TransMLA) folder"
+            )
+        config.kv_cache_dtype, config.fp8_query = kv_cache_dtype, fp8_query
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, config=config, dtype=torch.float32, trust_remote_code=True
         ).eval()
     except (OSError, ValueError) as exc:
         raise ConversionError(f"could not load a model from {folder}: {exc}") from exc
+    attn = model.model.layers[0].self_attn
+    if getattr(attn, "kv_cache_dtype", None) != kv_cache_dtype:
+        raise ConversionError(
+            f"{Path(folder) / REMOTE_CODE_FILE} predates the fp8 cache simulation; copy "
+            "converter/remote_code/modeling_transmla.py over it"
+        )
+    return model
 
 
 def windows(tokenizer, text: str, ctx: int, max_tokens: int) -> torch.Tensor:
