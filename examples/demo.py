@@ -18,6 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from transmla_vllm.backends import served_elements
 from transmla_vllm.checkpoint_format import CONFIG_FILE, REPORT_FILE
 
 
@@ -130,10 +131,11 @@ def main() -> int:
         f"converted MLA   : {after} elements/layer -> {2 * after * layers:,} bytes "
         f"({100 * (1 - after / before):.1f}% smaller)"
     )
-    print(
-        f"served on CPU   : padded to 576 elements/layer -> {2 * 576 * layers:,} bytes "
-        "(CPU_MLA only takes 576; GPU backends take 320/512/576)"
-    )
+    rank, rope = cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
+    for backend in ("CPU_MLA", "TRITON_MLA", "FLASH_ATTN_MLA"):  # what the plugin pads to
+        served = served_elements(rank, rope, backend)
+        size = f"{served} elements/layer -> {2 * served * layers:,} bytes" if served else "-"
+        print(f"served, {backend:<14}: {size}{' (this run)' if backend == 'CPU_MLA' else ''}")
     print(f"server log: {work / 'server.log'}")
     return 0
 
