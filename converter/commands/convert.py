@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from converter import __version__
+from converter.commands import setup_logging
 from converter.conversion.methods import DEFAULT_METHOD, METHODS
 from converter.errors import ConversionError
 
@@ -168,12 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(args.debug)
     from converter.conversion.pipeline import ConvertOptions, convert
 
     freqfold = args.freqfold

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
+from converter.commands import setup_logging
 from converter.errors import ConversionError
 
 DESCRIPTION = """\
@@ -61,12 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("httpx", "httpx2", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(args.debug)
     folder = Path(args.dst)
     if not folder.is_dir():
         raise ConversionError(f"{folder} is not a folder; pass the converter's --dst")
