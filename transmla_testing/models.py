@@ -1,4 +1,5 @@
-"""Tiny seeded LLaMA / Qwen2 / Mistral checkpoints and the BPE tokenizers they carry."""
+"""Tiny seeded LLaMA / Qwen2 / Mistral / Qwen3 / Qwen3-MoE checkpoints and the BPE tokenizers
+they carry."""
 
 from __future__ import annotations
 
@@ -59,12 +60,30 @@ def family_classes(family: str) -> tuple[type, type, dict]:
         MistralForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
     )
 
     return {
         "llama": (LlamaConfig, LlamaForCausalLM, {}),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"use_sliding_window": False}),
         "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"use_sliding_window": False}),
+        # 4 experts, top 2 (renormalised); layer 1 of 2 keeps a dense MLP (mlp_only_layers)
+        "qwen3_moe": (
+            Qwen3MoeConfig,
+            Qwen3MoeForCausalLM,
+            {
+                "use_sliding_window": False,
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "norm_topk_prob": True,
+                "moe_intermediate_size": 32,
+                "mlp_only_layers": [1],
+            },
+        ),
     }[family]
 
 
@@ -86,7 +105,8 @@ def make_model(
     init: tuple[float, float, float, float] = (1.0, 2.0, 2.0, 2.0),
 ) -> Path:
     """Save a random model (and tokenizer) in HF format. ``shared_keys`` makes every KV head's
-    key projection a scalar multiple of head 0's, so no key energy falls outside rope dims."""
+    key projection a scalar multiple of head 0's, so no key energy falls outside rope dims
+    (+-1 for families with a per-head k norm: the normalised keys are then equal up to sign)."""
     folder.mkdir(parents=True, exist_ok=True)
     make_tokenizer(folder, vocab_size)
     common = dict(
@@ -126,8 +146,11 @@ def make_model(
         if shared_keys:
             for layer in model.model.layers:
                 k = layer.self_attn.k_proj
-                # powers of two: the keys stay exact multiples after a cast to bf16 / fp16
-                scales = ((-0.5) ** torch.arange(kv_heads)).repeat_interleave(head_dim)
+                # powers of two: the keys stay exact multiples after a cast to bf16 / fp16;
+                # +-1 under a k norm (RMSNorm(c k) = sign(c) RMSNorm(k) only when |c| = 1,
+                # the epsilon breaks it otherwise)
+                base = -1.0 if hasattr(layer.self_attn, "k_norm") else -0.5
+                scales = (base ** torch.arange(kv_heads)).repeat_interleave(head_dim)
                 k.weight.copy_(k.weight[:head_dim].repeat(kv_heads, 1) * scales[:, None])
                 if k.bias is not None:
                     k.bias.copy_(k.bias[:head_dim].repeat(kv_heads) * scales)

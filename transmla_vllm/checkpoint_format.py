@@ -4,13 +4,14 @@ writing order, and config fields.
 The converter writes it; the vLLM plugin's load checks, Hub validation and the transformers
 remote code read it. It is the DeepSeek-V2/V3 dense layout (``model_type: deepseek_v3`` so vLLM
 switches MLA on) with three differences recorded in the ``transmla`` block: no latent RMSNorm,
-optional q / kv_a biases, and the source model's rope scaling kept as is. Pure Python (no vLLM
-import), so the converter can use it anywhere.
+optional q / kv_a biases, and the source model's rope scaling kept as is. Sources with per-head
+q/k RMSNorm (Qwen3) add the normed attention tensors below and a ``qk_norm`` block. Pure Python
+(no vLLM import), so the converter can use it anywhere.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 FORMAT_VERSION = 1
@@ -72,10 +73,45 @@ POST_ATTN_NORM = "post_attention_layernorm.weight"
 GATE_PROJ = "mlp.gate_proj.weight"
 UP_PROJ = "mlp.up_proj.weight"
 DOWN_PROJ = "mlp.down_proj.weight"
+# Normed attention (sources with per-head q/k RMSNorm before RoPE, e.g. Qwen3; method.md
+# section 5): the source's own query and key projections and norms run uncached, then linear maps
+# take the normalised heads into the converted coordinates. Per token:
+#   q_h = q_head_map_h(q_norm(q_head_proj(x)_h))            (one (dn + r) x d map per head)
+#   [latent; rope key] = kv_a_proj_with_mqa(x) + kv_a_key_map(k_norm(k_head_proj(x)))
+# so kv_a_proj_with_mqa holds the part linear in x (the values) and the cache is unchanged.
+Q_HEAD_PROJ = "self_attn.q_head_proj.weight"
+Q_NORM = "self_attn.q_norm.weight"
+Q_HEAD_MAP = "self_attn.q_head_map.weight"
+K_HEAD_PROJ = "self_attn.k_head_proj.weight"
+K_NORM = "self_attn.k_norm.weight"
+KV_A_KEY_MAP = "self_attn.kv_a_key_map.weight"
 # Writing order within a layer: attention (biases only where the config has them), then the
 # tensors the conversion copies from the source unchanged.
 ATTN_TENSORS = (Q_PROJ, Q_BIAS, KV_A_PROJ, KV_A_BIAS, KV_B_PROJ, O_PROJ)
+NORMED_ATTN_TENSORS = (
+    Q_HEAD_PROJ,
+    Q_NORM,
+    Q_HEAD_MAP,
+    K_HEAD_PROJ,
+    K_NORM,
+    KV_A_KEY_MAP,
+    KV_A_PROJ,
+    KV_A_BIAS,
+    KV_B_PROJ,
+    O_PROJ,
+)
 DENSE_TENSORS = (INPUT_NORM, POST_ATTN_NORM, GATE_PROJ, UP_PROJ, DOWN_PROJ)
+# Mixture-of-experts MLP (Qwen3-MoE), copied from the source under its own names: the router,
+# then each expert's gate / up / down projections.
+ROUTER = "mlp.gate.weight"
+EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")
+
+
+def expert_tensor(expert: int, part: str) -> str:
+    """Layer-relative name of one expert's projection (``part`` in EXPERT_PARTS)."""
+    return f"mlp.experts.{expert}.{part}.weight"
+
+
 # DeepSeek tensors a converted checkpoint must never carry (the conversion is exact only
 # without a latent or query norm).
 FORBIDDEN_SUFFIXES = ("kv_a_layernorm.weight", "q_a_layernorm.weight")
@@ -97,6 +133,69 @@ def transmla_block(cfg: Any) -> dict[str, Any]:
     return dict(block) if isinstance(block, dict) else {}
 
 
+# Key of the ``transmla`` block that switches the normed attention on (absent: plain path).
+QK_NORM_KEY = "qk_norm"
+
+
+@dataclass(frozen=True)
+class QKNorm:
+    """The normed attention's source geometry: per-head RMSNorm over ``head_dim`` on the
+    query (``num_heads`` heads) and the keys (``num_kv_heads`` heads), epsilon ``eps``."""
+
+    num_kv_heads: int
+    head_dim: int
+    eps: float
+
+    @property
+    def key_width(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+def qk_norm(cfg: Any) -> QKNorm | None:
+    """The normed-attention block of a converted config (None: the plain LLaMA-style path)."""
+    block = transmla_block(cfg).get(QK_NORM_KEY)
+    if not block:
+        return None
+    return QKNorm(int(block["num_kv_heads"]), int(block["head_dim"]), float(block["eps"]))
+
+
+# Key of the ``transmla`` block that says how the MLP is built when it is not the dense SiLU
+# MLP. The DeepSeek fields stay dense (n_routed_experts 0) on purpose: a stock DeepSeek class
+# must not load these experts with DeepSeek's routing.
+MLP_KEY = "mlp"
+QWEN3_MOE = "qwen3_moe"
+
+
+@dataclass(frozen=True)
+class MoEMLP:
+    """A Qwen3-MoE MLP: softmax over ``num_experts`` router logits, top ``num_experts_per_tok``,
+    weights renormalised to sum 1 when ``norm_topk_prob``, no shared expert. ``sparse_layers``
+    are the layers that have it; the others keep the dense MLP of ``intermediate_size``."""
+
+    num_experts: int
+    num_experts_per_tok: int
+    norm_topk_prob: bool
+    moe_intermediate_size: int
+    sparse_layers: tuple[int, ...]
+    type: str = QWEN3_MOE
+
+
+def moe_mlp(cfg: Any) -> MoEMLP | None:
+    """The MoE block of a converted config (None: every layer has the dense MLP)."""
+    block = transmla_block(cfg).get(MLP_KEY)
+    if not block:
+        return None
+    if block.get("type") != QWEN3_MOE:
+        raise ValueError(f"transmla.{MLP_KEY}.type {block.get('type')!r} is not {QWEN3_MOE!r}")
+    return MoEMLP(
+        num_experts=int(block["num_experts"]),
+        num_experts_per_tok=int(block["num_experts_per_tok"]),
+        norm_topk_prob=bool(block["norm_topk_prob"]),
+        moe_intermediate_size=int(block["moe_intermediate_size"]),
+        sparse_layers=tuple(int(i) for i in block["sparse_layers"]),
+    )
+
+
 def biases(cfg: Any) -> tuple[bool, bool]:
     """(q_proj bias, kv_a_proj_with_mqa bias) of a converted config (dict or object)."""
     block = transmla_block(cfg)
@@ -115,6 +214,12 @@ class CheckpointLayout:
     tie_word_embeddings: bool
     q_bias: bool
     kv_a_bias: bool
+    qk_norm: QKNorm | None = None
+    moe: MoEMLP | None = None
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether ``layer`` has the mixture-of-experts MLP."""
+        return self.moe is not None and layer in self.moe.sparse_layers
 
     def attention_shapes(self) -> dict[str, tuple[int, ...]]:
         """Layer-relative attention tensors (compact: any padding happens at load)."""
@@ -131,20 +236,43 @@ class CheckpointLayout:
         }
         absent = {Q_BIAS} if not self.q_bias else set()
         absent |= {KV_A_BIAS} if not self.kv_a_bias else set()
-        return {n: every[n] for n in ATTN_TENSORS if n not in absent}
+        names = ATTN_TENSORS
+        if self.qk_norm is not None:
+            n = self.qk_norm
+            every |= {
+                Q_HEAD_PROJ: (heads * n.head_dim, d),
+                Q_NORM: (n.head_dim,),
+                Q_HEAD_MAP: (q_rows, n.head_dim),
+                K_HEAD_PROJ: (n.key_width, d),
+                K_NORM: (n.head_dim,),
+                KV_A_KEY_MAP: (kv_a_rows, n.key_width),
+            }
+            names = NORMED_ATTN_TENSORS
+        return {n: every[n] for n in names if n not in absent}
 
-    def dense_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Layer-relative tensors copied from the source."""
+    def dense_shapes(self, layer: int = 0) -> dict[str, tuple[int, ...]]:
+        """Layer-relative tensors copied from the source: norms and MLP (dense or experts)."""
         d, inter = self.shape.hidden_size, self.intermediate_size
-        shapes = ((d,), (d,), (inter, d), (inter, d), (d, inter))
-        return dict(zip(DENSE_TENSORS, shapes, strict=True))
+        if not self.is_sparse(layer):
+            shapes = ((d,), (d,), (inter, d), (inter, d), (d, inter))
+            return dict(zip(DENSE_TENSORS, shapes, strict=True))
+        moe = self.moe
+        assert moe is not None
+        e_inter = moe.moe_intermediate_size
+        shapes = ((e_inter, d), (e_inter, d), (d, e_inter))
+        part_shapes = dict(zip(EXPERT_PARTS, shapes, strict=True))
+        out = {INPUT_NORM: (d,), POST_ATTN_NORM: (d,), ROUTER: (moe.num_experts, d)}
+        for e in range(moe.num_experts):
+            out.update({expert_tensor(e, p): s for p, s in part_shapes.items()})
+        return out
 
     def tensors(self) -> dict[str, tuple[int, ...]]:
         """Every tensor of the checkpoint by full name, in writing order."""
         d = self.shape.hidden_size
         out = {EMBED: (self.vocab_size, d)}
-        per_layer = {**self.attention_shapes(), **self.dense_shapes()}
+        attention = self.attention_shapes()
         for i in range(self.num_layers):
+            per_layer = {**attention, **self.dense_shapes(i)}
             out.update({layer_prefix(i) + n: s for n, s in per_layer.items()})
         out[FINAL_NORM] = (d,)
         if not self.tie_word_embeddings:
@@ -168,6 +296,8 @@ class CheckpointLayout:
             tie_word_embeddings=bool(get("tie_word_embeddings", False)),
             q_bias=q_bias,
             kv_a_bias=kv_a_bias,
+            qk_norm=qk_norm(cfg),
+            moe=moe_mlp(cfg),
         )
 
 
@@ -221,6 +351,8 @@ def build_config(
             "kv_a_bias": layout.kv_a_bias,
             "latent_norm": False,
             "rope_layout": "interleaved",
+            **({QK_NORM_KEY: asdict(layout.qk_norm)} if layout.qk_norm else {}),
+            **({MLP_KEY: asdict(layout.moe)} if layout.moe else {}),
             **provenance,
         },
     }

@@ -13,8 +13,12 @@ from typing import TYPE_CHECKING, Any
 from transmla_vllm.checkpoint_format import (
     CONFIG_FILE,
     FORMAT_VERSION,
+    MLP_KEY,
+    QK_NORM_KEY,
     SUPPORTED_ROPE_TYPES,
     LatentDims,
+    moe_mlp,
+    qk_norm,
     transmla_block,
 )
 
@@ -63,8 +67,9 @@ def validate_config(hf_config: Any, raw: dict[str, Any] | None = None) -> Latent
     n_experts = getattr(hf_config, "n_routed_experts", 0) or 0
     if n_experts > 0:
         raise ValueError(
-            f"TransMLA config field 'n_routed_experts' is {n_experts}: MoE MLPs are "
-            "not supported, it must be 0."
+            f"TransMLA config field 'n_routed_experts' is {n_experts}: DeepSeek MoE MLPs are "
+            f"not supported, it must be 0 (Qwen3-MoE experts are described in "
+            f"'transmla.{MLP_KEY}')."
         )
     act = getattr(hf_config, "hidden_act", "silu")
     if act != "silu":
@@ -95,6 +100,25 @@ def validate_config(hf_config: Any, raw: dict[str, Any] | None = None) -> Latent
     if not isinstance(heads, int) or heads <= 0:
         raise ValueError(f"TransMLA config field 'num_attention_heads' is invalid ({heads!r}).")
     rope_parameters_for(hf_config)  # raises on an unsupported rope_type
+    try:
+        normed = qk_norm(hf_config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(
+            f"TransMLA config field 'transmla.{QK_NORM_KEY}' is malformed ({exc!r}); it needs "
+            "num_kv_heads, head_dim and eps. Reconvert the checkpoint."
+        ) from None
+    try:
+        moe = moe_mlp(hf_config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(
+            f"TransMLA config field 'transmla.{MLP_KEY}' is malformed ({exc!r}). Reconvert."
+        ) from None
+    if moe is not None and not 1 <= moe.num_experts_per_tok <= moe.num_experts:
+        raise ValueError(f"TransMLA config field 'transmla.{MLP_KEY}' is inconsistent ({moe}).")
+    if normed is not None and min(normed.num_kv_heads, normed.head_dim) <= 0:
+        raise ValueError(
+            f"TransMLA config field 'transmla.{QK_NORM_KEY}' has a non-positive size ({normed})."
+        )
     return LatentDims(
         kv_lora_rank=hf_config.kv_lora_rank,
         qk_rope_head_dim=rope,

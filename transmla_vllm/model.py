@@ -1,4 +1,5 @@
-"""vLLM model class for TransMLA checkpoints (dense LLaMA/Qwen2/Mistral converted to MLA).
+"""vLLM model class for TransMLA checkpoints (LLaMA/Qwen2/Mistral/Qwen3/Qwen3-MoE converted to
+MLA).
 
 Built from vLLM's own MLA layers (``MultiHeadLatentAttentionWrapper``), so the MLA backends, the
 paged latent cache and weight absorption for decode are vLLM's. It differs from the stock
@@ -7,6 +8,9 @@ paged latent cache and weight absorption for decode are vLLM's. It differs from 
 * no latent RMSNorm (``kv_a_layernorm``): the conversion is linear, a norm would change every
   score;
 * optional ``q_proj`` / ``kv_a_proj_with_mqa`` biases (Qwen2 q/k/v biases);
+* per-head q/k RMSNorm sources (Qwen3): the normed projections of ``normed_attention`` feed the
+  same MLA wrapper;
+* Qwen3-MoE MLPs on vLLM's fused MoE layer with Qwen3's routing (``moe``);
 * ``tie_word_embeddings`` honoured;
 * the source rope law (default / linear / llama3) kept as is, GPT-J interleaved, no
   DeepSeek-YaRN rewrite and no mscale in the softmax scale;
@@ -47,6 +51,7 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import SupportsPP
 from vllm.model_executor.models.utils import (
     PPMissingLayer,
+    extract_layer_index,
     is_pp_missing_parameter,
     make_empty_intermediate_tensors_factory,
     make_layers,
@@ -54,8 +59,10 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
-from transmla_vllm.checkpoint_format import GATE_PROJ, UP_PROJ, biases
+from transmla_vllm.checkpoint_format import GATE_PROJ, UP_PROJ, biases, moe_mlp, qk_norm
 from transmla_vllm.config_checks import rope_parameters_for
+from transmla_vllm.moe import EXPERTS_PREFIX, MLP_MODULE, TransMLAQwen3MoE
+from transmla_vllm.normed_attention import add_normed_projections
 from transmla_vllm.padding import PADDING
 from transmla_vllm.serve_plan import ServePlan, ensure_served_shape
 from transmla_vllm.weight_checks import WeightChecks
@@ -150,14 +157,16 @@ class TransMLAAttention(nn.Module):
         src = plan.source
         self.scaling = (src.qk_nope_head_dim + src.qk_rope_head_dim) ** -0.5
         q_bias, kv_a_bias = biases(config)
+        normed = qk_norm(config)
 
-        self.q_proj = ColumnParallelLinear(
-            self.hidden_size,
-            self.num_heads * self.qk_head_dim,
-            bias=q_bias,
-            quant_config=quant_config,
-            prefix=f"{prefix}.q_proj",
-        )
+        if normed is None:
+            self.q_proj = ColumnParallelLinear(
+                self.hidden_size,
+                self.num_heads * self.qk_head_dim,
+                bias=q_bias,
+                quant_config=quant_config,
+                prefix=f"{prefix}.q_proj",
+            )
         self.kv_a_proj_with_mqa = ReplicatedLinear(
             self.hidden_size,
             self.kv_lora_rank + self.qk_rope_head_dim,
@@ -165,6 +174,13 @@ class TransMLAAttention(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.kv_a_proj_with_mqa",
         )
+        # what the MLA wrapper calls as its q and kv_a projections: ours for the normed path
+        if normed is None:
+            self.q_path, self.kv_a_path = self.q_proj, self.kv_a_proj_with_mqa
+        else:
+            self.q_path, self.kv_a_path = add_normed_projections(
+                self, normed, self.kv_a_proj_with_mqa, quant_config, prefix
+            )
         self.kv_b_proj = ColumnParallelLinear(
             self.kv_lora_rank,
             self.num_heads * (self.qk_nope_head_dim + self.v_head_dim),
@@ -193,10 +209,10 @@ class TransMLAAttention(nn.Module):
                 rotary_emb=self.rotary_emb,
                 o_proj=self.o_proj,
                 fused_qkv_a_proj=None,
-                kv_a_proj_with_mqa=self.kv_a_proj_with_mqa,
+                kv_a_proj_with_mqa=self.kv_a_path,
                 q_a_layernorm=None,
                 q_b_proj=None,
-                q_proj=self.q_proj,
+                q_proj=self.q_path,
                 indexer=None,
                 is_sparse=False,
                 topk_indices_buffer=None,
@@ -235,10 +251,8 @@ class TransMLAAttention(nn.Module):
 
     def _forward_mha(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         heads, nope, rope = self.num_local_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
-        q = self.q_proj(hidden_states)[0].view(-1, heads, self.qk_head_dim)
-        latent, k_pe = self.kv_a_proj_with_mqa(hidden_states)[0].split(
-            [self.kv_lora_rank, rope], dim=-1
-        )
+        q = self.q_path(hidden_states)[0].view(-1, heads, self.qk_head_dim)
+        latent, k_pe = self.kv_a_path(hidden_states)[0].split([self.kv_lora_rank, rope], dim=-1)
         kv = self.kv_b_proj(latent.contiguous())[0].view(-1, heads, nope + self.v_head_dim)
         k_nope, v = kv.split([nope, self.v_head_dim], dim=-1)
         q_pe, k_pe = self.rotary_emb(positions, q[..., nope:], k_pe.unsqueeze(1))
@@ -268,12 +282,17 @@ class TransMLADecoderLayer(nn.Module):
             vllm_config.quant_config,
             prefix=f"{prefix}.self_attn",
         )
-        self.mlp = TransMLAMLP(
-            config.hidden_size,
-            config.intermediate_size,
-            vllm_config.quant_config,
-            prefix=f"{prefix}.mlp",
-        )
+        moe = moe_mlp(config)
+        self.mlp: nn.Module
+        if moe is not None and extract_layer_index(prefix) in moe.sparse_layers:
+            self.mlp = TransMLAQwen3MoE(vllm_config, moe, prefix=f"{prefix}.mlp")
+        else:
+            self.mlp = TransMLAMLP(
+                config.hidden_size,
+                config.intermediate_size,
+                vllm_config.quant_config,
+                prefix=f"{prefix}.mlp",
+            )
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -421,6 +440,16 @@ class TransMLAForCausalLM(nn.Module, SupportsPP):
         """Whether this pipeline rank holds the parameter checkpoint tensor ``name`` loads."""
         return not is_pp_missing_parameter(self._param_name(name)[0], self)
 
+    def _load_expert(self, name: str, tensor: torch.Tensor) -> set[str]:
+        """One expert tensor (``...layers.{i}.mlp.experts.{e}.{part}.weight``) through its fused
+        MoE layer's own loader; returns the parameter names it set."""
+        layer, _, relative = name.partition("." + EXPERTS_PREFIX)
+        mlp_path = f"{layer}.{MLP_MODULE}"
+        if is_pp_missing_parameter(mlp_path, self):
+            return set()
+        moe = self.get_submodule(mlp_path)
+        return {f"{mlp_path}.{p}" for p in moe.load_experts([(relative, tensor)])}
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Check, pad and load the checkpoint; every expected tensor must be there."""
         checks = WeightChecks(self.config, self.plan.source)
@@ -430,6 +459,9 @@ class TransMLAForCausalLM(nn.Module, SupportsPP):
             if checks.skipped(name):
                 continue
             checks.check(name, loaded_weight)
+            if "." + EXPERTS_PREFIX in name:
+                loaded_params |= self._load_expert(name, loaded_weight)
+                continue
             param_name, shard_id = self._param_name(name)
             if is_pp_missing_parameter(param_name, self):
                 continue

@@ -40,3 +40,11 @@ def use_blocked_mlp(mlp: nn.Module, block: int = BLOCK_ROWS) -> nn.Module:
             raise ValueError("blocked MLP forward supports MLPs without biases only")
     mlp.forward = functools.partial(blocked_mlp_forward, mlp, block=block)
     return mlp
+
+
+def use_blocked_mlps(mlp: nn.Module, block: int = BLOCK_ROWS) -> nn.Module:
+    """``use_blocked_mlp`` on a dense MLP, or on every expert of a mixture of experts (its
+    router stays as it is); returns ``mlp``."""
+    for module in getattr(mlp, "experts", None) or [mlp]:
+        use_blocked_mlp(module, block)
+    return mlp

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from converter.conversion.blocked_mlp import use_blocked_mlp
-from transmla_vllm.checkpoint_format import DENSE_TENSORS
+from converter.conversion.blocked_mlp import use_blocked_mlps
+from transmla_vllm.checkpoint_format import CheckpointLayout
 
 
 def converted_layer(
@@ -23,10 +23,11 @@ def converted_layer(
     with torch.device("meta"):
         conv = TransMLADecoderLayer(cfg, index)
     state = {name: t.to(torch.float32) for name, t in mla.items()}  # no copy: already fp32
-    for name in DENSE_TENSORS:
-        state[name] = layer.state_dict()[name].detach()
+    source = layer.state_dict()
+    for name in CheckpointLayout.from_config(cfg).dense_shapes(index):
+        state[name] = source[name].detach()
     conv.load_state_dict(state, strict=True, assign=True)
-    use_blocked_mlp(conv.mlp)
+    use_blocked_mlps(conv.mlp)
     return conv.to(device).eval()
 
 

@@ -16,7 +16,7 @@ from converter.conversion.settings import ResolvedSettings
 from converter.conversion.source_layers import SourceLayers, batched
 from converter.conversion.stages import LayerWork
 from converter.sources.base import SourceSpec
-from transmla_vllm.checkpoint_format import ATTN_TENSORS, DENSE_TENSORS
+from transmla_vllm.checkpoint_format import CheckpointLayout
 
 
 @dataclass
@@ -74,6 +74,7 @@ def convert_layer(
     )
     # dense tensors as stored (the MLP is still memory-mapped): the writer casts them
     state = layer.state_dict()
-    tensors = {name: work.mla[name] for name in ATTN_TENSORS if name in work.mla}
-    tensors.update({name: state[name].detach().to("cpu") for name in DENSE_TENSORS})
+    layout = CheckpointLayout.from_config(mla_config)
+    tensors = {name: work.mla[name] for name in layout.attention_shapes()}
+    tensors.update({name: state[name].detach().to("cpu") for name in layout.dense_shapes(i)})
     return LayerResult(tensors, next_src, work.next_conv, work.report)

@@ -36,7 +36,7 @@ from converter.errors import ConversionError
 from converter.hub.ids import check_base_model
 from converter.math.rorope import default_freqfold
 from converter.sources.base import SourceSpec, inspect_source
-from transmla_vllm.checkpoint_format import CheckpointLayout, MLAShape, build_config
+from transmla_vllm.checkpoint_format import CheckpointLayout, MLAShape, QKNorm, build_config
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,10 @@ def prepare(opts: ConvertOptions) -> ConversionPlan:
         tie_word_embeddings=spec.tie_word_embeddings,
         q_bias=bool(spec.q_bias),
         kv_a_bias=bool(spec.k_bias or spec.v_bias),
+        qk_norm=QKNorm(spec.num_kv_heads, spec.head_dim, spec.rms_norm_eps)
+        if spec.qk_norm
+        else None,
+        moe=spec.moe,
     )
     config = build_config(
         layout=layout,

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from converter.checkpoint.source_reader import SourceReader
-from converter.conversion.blocked_mlp import use_blocked_mlp
+from converter.conversion.blocked_mlp import use_blocked_mlps
 from converter.sources.base import SourceSpec, adapter_for, source_layer_tensors
-from transmla_vllm.checkpoint_format import EMBED, layer_prefix
+from transmla_vllm.checkpoint_format import EMBED, ROUTER, layer_prefix
 
 
 class SourceLayers:
@@ -55,14 +56,22 @@ class SourceLayers:
         prefix = layer_prefix(i)
         state = {
             part: self.reader.get(
-                prefix + part, dtype=None if part.startswith("mlp.") else torch.float32
+                prefix + part,
+                dtype=None if part.startswith("mlp.") and part != ROUTER else torch.float32,
             )
-            for part in source_layer_tensors(self.spec)
+            for part in source_layer_tensors(self.spec, i)
         }
         with torch.device("meta"):
             layer = self.layer_cls(self.config, i)
+            moe = self.spec.moe
+            if moe is not None and i in moe.sparse_layers:
+                # Qwen3-MoE routing with one module per expert, under the checkpoint's names,
+                # so the experts stay memory-mapped (transformers' own block fuses them)
+                from converter.remote_code.modeling_transmla import TransMLAQwen3MoE
+
+                layer.mlp = TransMLAQwen3MoE(self.spec.hidden_size, asdict(moe))
         layer.load_state_dict(state, strict=True, assign=True)
-        use_blocked_mlp(layer.mlp)
+        use_blocked_mlps(layer.mlp)
         return layer.to(self.device).eval()
 
 

@@ -17,6 +17,7 @@ from converter.conversion.converted_layer import ConvertedRunner, converted_laye
 from converter.conversion.source_layers import accumulate_gram, batched
 from converter.errors import ConversionError
 from converter.math.assemble import GQAAttention, assemble_mla
+from converter.math.assemble_normed import assemble_normed_mla
 from converter.math.kv_pca import balanced_kv_basis
 from converter.math.refit import ridge_refit
 from converter.math.rorope import key_rotation, valid_freqfolds
@@ -83,10 +84,20 @@ def kv_statistics(work: LayerWork) -> None:
 
     def add(h: torch.Tensor, _sl: slice) -> None:
         x = work.layer.input_layernorm(h)
-        accumulate_gram(gram, torch.cat([attn.k_proj(x), attn.v_proj(x)], -1))
+        accumulate_gram(gram, torch.cat([source_keys(attn, x), attn.v_proj(x)], -1))
 
     batched(work.h_in[: work.n_train], work.batch, work.device, add)
     work.kv_gram = gram.cpu()
+
+
+def source_keys(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The keys the conversion rotates and compresses: k_proj(x), or with a per-head k norm
+    (Qwen3) the normalised keys of all KV heads, concatenated (method.md section 5)."""
+    keys = attn.k_proj(x)
+    norm = getattr(attn, "k_norm", None)
+    if norm is None:
+        return keys
+    return norm(keys.unflatten(-1, (-1, attn.head_dim))).flatten(-2)
 
 
 def _source_weights(layer: nn.Module) -> GQAAttention:
@@ -108,6 +119,7 @@ def _source_weights(layer: nn.Module) -> GQAAttention:
         cpu(attn.q_proj, "bias"),
         cpu(attn.k_proj, "bias"),
         cpu(attn.v_proj, "bias"),
+        *(cpu(getattr(attn, n)) if hasattr(attn, n) else None for n in ("q_norm", "k_norm")),
     )
 
 
@@ -119,7 +131,9 @@ def _build(work: LayerWork, fold: int) -> tuple[dict[str, torch.Tensor], dict[st
         gram[:width, :width], spec.num_kv_heads, spec.head_dim, work.rope_dim, fold
     )
     latent = balanced_kv_basis(gram, rotation.nope, work.kv_lora_rank)
-    mla = assemble_mla(_source_weights(work.layer), rotation, latent, out_dtype=torch.float32)
+    src = _source_weights(work.layer)
+    build = assemble_mla if src.k_norm is None else assemble_normed_mla
+    mla = build(src, rotation, latent, out_dtype=torch.float32)
     report = {
         "rope_key_energy": rotation.rope_energy_fraction,
         "latent_energy": latent.latent_energy_fraction,

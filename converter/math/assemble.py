@@ -31,10 +31,35 @@ class GQAAttention:
     q_bias: torch.Tensor | None = None
     k_bias: torch.Tensor | None = None
     v_bias: torch.Tensor | None = None
+    # per-head RMSNorm weights (d,) applied before RoPE (Qwen3); None: no q/k norm
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
 
 
 def _bias_or_zero(bias: torch.Tensor | None, rows: int) -> torch.Tensor:
     return torch.zeros(rows, dtype=torch.float64) if bias is None else bias.to(torch.float64)
+
+
+def kv_b_proj(src: GQAAttention, rotation: KeyRotation, latent: LatentBasis) -> torch.Tensor:
+    """kv_b_proj in fp64: head h reads KV head g = h // (H/G), [s * Q_nope[:, g]^T R_K ; R_V[g]]
+    (the same for the plain and the normed attention: both cache the same latent)."""
+    heads, d = src.num_heads, src.head_dim
+    per_group = heads // src.num_kv_heads
+    f64 = torch.float64
+    nope_map = rotation.nope.to(f64)
+    r_key, r_val = latent.key_part.to(f64), latent.value_part.to(f64)
+    kv_b = torch.empty(heads * 2 * d, r_key.shape[1], dtype=f64)
+    for h in range(heads):
+        block = slice((h // per_group) * d, (h // per_group + 1) * d)
+        kv_b[2 * h * d : (2 * h + 1) * d] = latent.key_scale * nope_map[:, block].T @ r_key
+        kv_b[(2 * h + 1) * d : (2 * h + 2) * d] = r_val[block]
+    return kv_b
+
+
+def softmax_scale_gain(head_dim: int, rope_dim: int) -> float:
+    """sqrt((d + r)/d): the query gain that keeps logits when the softmax scale becomes
+    (d + r)^-1/2 (the converted nope part is d wide, the rope part r)."""
+    return ((head_dim + rope_dim) / head_dim) ** 0.5
 
 
 def assemble_mla(
@@ -65,11 +90,10 @@ def assemble_mla(
     kv_a_w = torch.cat([latent_w, rope_map @ wk])
     kv_a_b = torch.cat([latent_b, rope_map @ bk])
 
-    alpha = ((d + r) / d) ** 0.5
+    alpha = softmax_scale_gain(d, r)
     rows = d + r  # q rows per head: nope part, then rope part
     q_w = torch.empty(heads * rows, src.q_weight.shape[1], dtype=out_dtype)
     q_b = torch.empty(heads * rows, dtype=f64)
-    kv_b = torch.empty(heads * 2 * d, r_key.shape[1], dtype=f64)
     for h in range(heads):
         block = slice((h // per_group) * d, (h // per_group + 1) * d)
         wq_h = src.q_weight[h * d : (h + 1) * d].to(f64)
@@ -82,13 +106,11 @@ def assemble_mla(
         q_w[h * rows + d : (h + 1) * rows] = alpha * rope_map[:, block] @ wq_h
         q_b[h * rows : h * rows + d] = alpha * bq_h
         q_b[h * rows + d : (h + 1) * rows] = alpha * rope_map[:, block] @ bq_h
-        kv_b[2 * h * d : (2 * h + 1) * d] = s * nope_map[:, block].T @ r_key
-        kv_b[(2 * h + 1) * d : (2 * h + 2) * d] = r_val[block]
 
     out = {
         Q_PROJ: q_w,
         KV_A_PROJ: kv_a_w.to(out_dtype),
-        KV_B_PROJ: kv_b.to(out_dtype),
+        KV_B_PROJ: kv_b_proj(src, rotation, latent).to(out_dtype),
         O_PROJ: src.o_weight.to(out_dtype),
     }
     if src.q_bias is not None:

@@ -1,10 +1,12 @@
 """TransMLA model for transformers (``trust_remote_code=True``).
 
-A converted LLaMA / Qwen2 / Mistral checkpoint in DeepSeek-V3 dense layout, served by plain
-torch code so it can be evaluated and fine-tuned without vLLM. It differs from stock DeepSeek
+A converted LLaMA / Qwen2 / Mistral / Qwen3 checkpoint in DeepSeek-V3 dense layout, served by
+plain torch code so it can be evaluated and fine-tuned without vLLM. It differs from stock DeepSeek
 code exactly where converted checkpoints differ: no latent RMSNorm (the source model had none, and
 RMSNorm does not commute with the conversion), optional q / kv_a biases (Qwen2), tied embeddings,
-and the source's rope scaling law applied to an r-dim interleaved (GPT-J) rope.
+the source's rope scaling law applied to an r-dim interleaved (GPT-J) rope, and for Qwen3 its
+per-head q/k RMSNorm kept in front of linear maps to the converted query and latent. Qwen3-MoE
+keeps its mixture-of-experts MLPs and routing (``transmla.mlp``), not DeepSeek's.
 
 For evaluation only, ``config.kv_cache_dtype`` ("fp8" / "fp8_e4m3" / "fp8_e5m2"; default "auto"
 = off) reproduces what vLLM's fp8 MLA KV cache does to decoding (docs/fp8_cache.md).
@@ -100,6 +102,20 @@ def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     return out.flatten(-2)
 
 
+class HeadwiseLinear(nn.Module):
+    """One (out x in) map per head, weight stored as (heads * out, in): [..., heads, in] ->
+    [..., heads, out]. The normed attention's query map (per-head q norm comes before it)."""
+
+    def __init__(self, heads: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.heads, self.out_features = heads, out_features
+        self.weight = nn.Parameter(torch.empty(heads * out_features, in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.view(self.heads, self.out_features, -1)
+        return torch.einsum("...hi,hoi->...ho", x, weight)
+
+
 class TransMLAAttention(nn.Module):
     def __init__(self, config: DeepseekV3Config, layer_idx: int) -> None:
         super().__init__()
@@ -127,11 +143,29 @@ class TransMLAAttention(nn.Module):
         self.v_dim = config.v_head_dim
         self.scaling = (self.nope_dim + self.rope_dim) ** -0.5
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(
-            hidden,
-            self.num_heads * (self.nope_dim + self.rope_dim),
-            bias=bool(tm.get("q_bias", False)),
-        )
+        # per-head q/k RMSNorm sources (Qwen3): the source projections and norms stay, linear
+        # maps follow them (format: transmla_vllm/checkpoint_format.py, normed attention)
+        self.qk_norm = tm.get("qk_norm")
+        if self.qk_norm:
+            kv_heads, head_dim = self.qk_norm["num_kv_heads"], self.qk_norm["head_dim"]
+            eps = self.qk_norm["eps"]
+            self.head_dim = head_dim
+            self.q_head_proj = nn.Linear(hidden, self.num_heads * head_dim, bias=False)
+            self.q_norm = TransMLARMSNorm(head_dim, eps)
+            self.q_head_map = HeadwiseLinear(
+                self.num_heads, head_dim, self.nope_dim + self.rope_dim
+            )
+            self.k_head_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
+            self.k_norm = TransMLARMSNorm(head_dim, eps)
+            self.kv_a_key_map = nn.Linear(
+                kv_heads * head_dim, self.rank + self.rope_dim, bias=False
+            )
+        else:
+            self.q_proj = nn.Linear(
+                hidden,
+                self.num_heads * (self.nope_dim + self.rope_dim),
+                bias=bool(tm.get("q_bias", False)),
+            )
         self.kv_a_proj_with_mqa = nn.Linear(
             hidden, self.rank + self.rope_dim, bias=bool(tm.get("kv_a_bias", False))
         )
@@ -139,6 +173,16 @@ class TransMLAAttention(nn.Module):
             self.rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False
         )
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=False)
+
+    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query [B, T, heads, nope + rope] and [latent; rope key] [B, T, rank + rope]."""
+        if not self.qk_norm:
+            q = self.q_proj(hidden_states)
+            return q.unflatten(-1, (self.num_heads, -1)), self.kv_a_proj_with_mqa(hidden_states)
+        q = self.q_norm(self.q_head_proj(hidden_states).unflatten(-1, (-1, self.head_dim)))
+        k = self.k_norm(self.k_head_proj(hidden_states).unflatten(-1, (-1, self.head_dim)))
+        kv_a = self.kv_a_proj_with_mqa(hidden_states) + self.kv_a_key_map(k.flatten(-2))
+        return self.q_head_map(q), kv_a
 
     def forward(
         self,
@@ -148,9 +192,9 @@ class TransMLAAttention(nn.Module):
         past_key_values: Cache | None,
     ) -> torch.Tensor:
         bsz, seq, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(bsz, seq, self.num_heads, -1).transpose(1, 2)
-        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(hidden_states).split([self.rank, self.rope_dim], -1)
+        q, kv_a = self.project(hidden_states)
+        q_nope, q_pe = q.transpose(1, 2).split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_pe = kv_a.split([self.rank, self.rope_dim], -1)
         if self.fp8 is not None:
             return self.fp8_cache_attention(q_nope, q_pe, latent, k_pe, rope, mask, past_key_values)
         kv = self.kv_b_proj(latent).view(bsz, seq, self.num_heads, -1).transpose(1, 2)
@@ -206,11 +250,55 @@ class TransMLAMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class TransMLAQwen3MoE(nn.Module):
+    """A Qwen3-MoE MLP (config ``transmla.mlp``): transformers' own Qwen3-MoE router (softmax,
+    top-k, optional renormalisation) and experts (``Qwen3MoeMLP``), combined as transformers'
+    ``Qwen3MoeExperts`` does. The experts stay one module each so the checkpoint's per-expert
+    tensor names load and save as they are (transformers applies its fused-expert weight mapping
+    to its own classes only, not to remote code)."""
+
+    def __init__(self, hidden_size: int, moe: dict) -> None:
+        super().__init__()
+        from transformers import Qwen3MoeConfig
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import (
+            Qwen3MoeMLP,
+            Qwen3MoeTopKRouter,
+        )
+
+        cfg = Qwen3MoeConfig(
+            hidden_size=hidden_size,
+            num_experts=moe["num_experts"],
+            num_experts_per_tok=moe["num_experts_per_tok"],
+            norm_topk_prob=moe["norm_topk_prob"],
+            moe_intermediate_size=moe["moe_intermediate_size"],
+            hidden_act="silu",
+        )
+        self.gate = Qwen3MoeTopKRouter(cfg)
+        self.experts = nn.ModuleList(
+            Qwen3MoeMLP(cfg, intermediate_size=cfg.moe_intermediate_size)
+            for _ in range(cfg.num_experts)
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        _, weights, chosen = self.gate(x)
+        out = torch.zeros_like(x)
+        for expert in chosen.unique().tolist():
+            token, slot = torch.where(chosen == expert)
+            y = self.experts[expert](x[token]) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out.view_as(hidden_states)
+
+
 class TransMLADecoderLayer(nn.Module):
     def __init__(self, config: DeepseekV3Config, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = TransMLAAttention(config, layer_idx)
-        self.mlp = TransMLAMLP(config)
+        moe = (getattr(config, "transmla", None) or {}).get("mlp")
+        if moe and layer_idx in moe["sparse_layers"]:
+            self.mlp = TransMLAQwen3MoE(config.hidden_size, moe)
+        else:
+            self.mlp = TransMLAMLP(config)
         self.input_layernorm = TransMLARMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = TransMLARMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -222,15 +310,17 @@ class TransMLADecoderLayer(nn.Module):
 class TransMLAPreTrainedModel(PreTrainedModel):
     config_class = DeepseekV3Config
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # heal trains through it (converter/heal)
     _no_split_modules = ["TransMLADecoderLayer"]
     _keys_to_ignore_on_load_unexpected = [r"rotary\.inv_freq"]
 
     def _init_weights(self, module: nn.Module) -> None:
         std = getattr(self.config, "initializer_range", 0.02)
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, HeadwiseLinear)) or type(module).__name__ == (
+            "Qwen3MoeTopKRouter"
+        ):
             nn.init.normal_(module.weight, std=std)
-            if module.bias is not None:
+            if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=std)
@@ -247,6 +337,7 @@ class TransMLAModel(TransMLAPreTrainedModel):
         )
         self.norm = TransMLARMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = TransMLARotary(config)
+        self.gradient_checkpointing = False  # gradient_checkpointing_enable() switches it on
         self.post_init()
 
     def forward(
@@ -285,7 +376,10 @@ class TransMLAModel(TransMLAPreTrainedModel):
         rope = self.rotary(position_ids)
         x = inputs_embeds
         for layer in self.layers:
-            x = layer(x, rope, mask, past_key_values if use_cache else None)
+            if self.gradient_checkpointing and self.training:  # keep only each layer's input
+                x = self._gradient_checkpointing_func(layer.__call__, x, rope, mask, None)
+            else:
+                x = layer(x, rope, mask, past_key_values if use_cache else None)
         return BaseModelOutputWithPast(
             last_hidden_state=self.norm(x), past_key_values=past_key_values if use_cache else None
         )

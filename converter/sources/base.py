@@ -6,7 +6,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from converter.errors import ConversionError, UnsupportedModelError
-from transmla_vllm.checkpoint_format import EMBED, FINAL_NORM, LM_HEAD, layer_prefix
+from transmla_vllm.checkpoint_format import (
+    DOWN_PROJ,
+    EMBED,
+    EXPERT_PARTS,
+    FINAL_NORM,
+    GATE_PROJ,
+    LM_HEAD,
+    ROUTER,
+    UP_PROJ,
+    MoEMLP,
+    expert_tensor,
+    layer_prefix,
+)
 
 
 @dataclass(frozen=True)
@@ -31,6 +43,8 @@ class SourceSpec:
     v_bias: bool
     torch_dtype: str
     token_ids: dict[str, Any] = field(default_factory=dict)
+    qk_norm: bool = False  # per-head q/k RMSNorm before RoPE (Qwen3): the normed attention path
+    moe: MoEMLP | None = None  # Qwen3-MoE experts (copied unchanged); None: dense MLPs only
 
     @property
     def kv_width(self) -> int:
@@ -57,11 +71,15 @@ SOURCE_LAYER_TENSORS = (
     "self_attn.q_proj.bias",
     "self_attn.k_proj.bias",
     "self_attn.v_proj.bias",
+    "self_attn.q_norm.weight",
+    "self_attn.k_norm.weight",
 )
 
 
-def source_layer_tensors(spec: SourceSpec) -> dict[str, tuple[int, ...]]:
-    """Layer-relative tensors a source with this config must hold, with their shapes."""
+def source_layer_tensors(spec: SourceSpec, layer: int = 0) -> dict[str, tuple[int, ...]]:
+    """Layer-relative tensors layer ``layer`` of a source with this config must hold, with
+    their shapes (a mixture-of-experts layer holds the router and experts, named as in the
+    converted format, instead of the dense MLP)."""
     D, H, G, d = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
     inter = spec.intermediate_size
     shapes = dict(
@@ -80,6 +98,8 @@ def source_layer_tensors(spec: SourceSpec) -> dict[str, tuple[int, ...]]:
                 (H * d,),
                 (G * d,),
                 (G * d,),
+                (d,),
+                (d,),
             ],
             strict=True,
         )
@@ -89,7 +109,18 @@ def source_layer_tensors(spec: SourceSpec) -> dict[str, tuple[int, ...]]:
         for p, has in (("q", spec.q_bias), ("k", spec.k_bias), ("v", spec.v_bias))
         if not has
     }
-    return {n: s for n, s in shapes.items() if n not in absent}
+    if not spec.qk_norm:
+        absent |= {"self_attn.q_norm.weight", "self_attn.k_norm.weight"}
+    out = {n: s for n, s in shapes.items() if n not in absent}
+    if spec.moe is not None and layer in spec.moe.sparse_layers:
+        moe, inter_e = spec.moe, spec.moe.moe_intermediate_size
+        for name in (GATE_PROJ, UP_PROJ, DOWN_PROJ):
+            del out[name]
+        out[ROUTER] = (moe.num_experts, D)
+        for e in range(moe.num_experts):
+            parts = ((inter_e, D), (inter_e, D), (D, inter_e))
+            out.update({expert_tensor(e, p): s for p, s in zip(EXPERT_PARTS, parts, strict=True)})
+    return out
 
 
 def source_tensors(spec: SourceSpec) -> dict[str, tuple[int, ...]]:
@@ -98,9 +129,8 @@ def source_tensors(spec: SourceSpec) -> dict[str, tuple[int, ...]]:
     out = {EMBED: (spec.vocab_size, D), FINAL_NORM: (D,)}
     if not spec.tie_word_embeddings:
         out[LM_HEAD] = (spec.vocab_size, D)
-    per_layer = source_layer_tensors(spec)
     for i in range(spec.num_layers):
-        out.update({layer_prefix(i) + k: v for k, v in per_layer.items()})
+        out.update({layer_prefix(i) + k: v for k, v in source_layer_tensors(spec, i).items()})
     return out
 
 
@@ -114,6 +144,11 @@ class FamilyAdapter:
     modeling_module = ""
     layer_class = ""
     rotary_class = ""
+    qk_norm = False  # per-head q/k RMSNorm before RoPE (converted through the normed path)
+
+    def moe(self, cfg: dict[str, Any], num_layers: int) -> MoEMLP | None:
+        """The mixture-of-experts MLP the family's config describes (None: dense MLPs)."""
+        return None
 
     def refuse_reasons(self, cfg: dict[str, Any]) -> list[str]:
         """Features of this config that cannot be converted, as user-facing sentences."""
@@ -122,9 +157,9 @@ class FamilyAdapter:
             reasons.append("it has MLP biases (mlp_bias=true); the DeepSeek layout has none")
         if cfg.get("attn_logit_softcapping") or cfg.get("final_logit_softcapping"):
             reasons.append("it uses attention/logit softcapping")
-        if any(cfg.get(k) for k in MOE_KEYS):
+        if self.moe(cfg, 0) is None and any(cfg.get(k) for k in MOE_KEYS):
             reasons.append("it has a mixture-of-experts MLP")
-        if any(cfg.get(k) for k in QK_NORM_KEYS):
+        if not self.qk_norm and any(cfg.get(k) for k in QK_NORM_KEYS):
             reasons.append(
                 "it has per-head q/k RMSNorm, which does not commute with the key rotation"
             )
@@ -180,13 +215,14 @@ def _adapters() -> list[FamilyAdapter]:
     from converter.sources.llama import LlamaAdapter
     from converter.sources.mistral import MistralAdapter
     from converter.sources.qwen2 import Qwen2Adapter
+    from converter.sources.qwen3 import Qwen3Adapter, Qwen3MoeAdapter
 
-    return [LlamaAdapter(), Qwen2Adapter(), MistralAdapter()]
+    return [LlamaAdapter(), Qwen2Adapter(), MistralAdapter(), Qwen3Adapter(), Qwen3MoeAdapter()]
 
 
 SUPPORTED = (
-    "dense, full-attention LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM "
-    "checkpoints convert (see README)"
+    "full-attention LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, Qwen3ForCausalLM "
+    "or Qwen3MoeForCausalLM checkpoints convert (see README)"
 )
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
 QK_NORM_KEYS = ("use_qk_norm", "qk_layernorm", "qk_norm")
@@ -195,8 +231,6 @@ _WINDOW = "sliding-window layers ({}) are not supported"
 _MOE = "mixture-of-experts MLPs ({}) are not supported"
 _MLA = "the source is already MLA ({}); there is nothing to convert, serve it as it is"
 KNOWN_REFUSALS = {
-    "qwen3": _QK_NORM.format("Qwen3"),
-    "qwen3_moe": _QK_NORM.format("Qwen3-MoE") + ", and its MLPs are mixtures of experts",
     "gemma3": "per-head q/k RMSNorm and sliding-window layers (Gemma-3) are not supported",
     "gemma3_text": "per-head q/k RMSNorm and sliding-window layers (Gemma-3) are not supported",
     "gemma2": "sliding-window layers and attention softcap (Gemma-2) are not supported",
@@ -297,6 +331,7 @@ def inspect_source(cfg: dict[str, Any]) -> SourceSpec:
             f"head_dim {head_dim} is odd; RoPE needs pairs, so this model cannot be converted"
         )
     q_bias, k_bias, v_bias = adapter.biases(cfg)
+    num_layers = _positive_int(cfg, "num_hidden_layers")
     tokens = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
     dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", "")
     try:
@@ -311,7 +346,7 @@ def inspect_source(cfg: dict[str, Any]) -> SourceSpec:
         family=adapter.family,
         architecture=(archs or [adapter.architectures[0]])[0],
         hidden_size=hidden,
-        num_layers=_positive_int(cfg, "num_hidden_layers"),
+        num_layers=num_layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
@@ -326,4 +361,6 @@ def inspect_source(cfg: dict[str, Any]) -> SourceSpec:
         v_bias=v_bias,
         torch_dtype=dtype,
         token_ids=tokens,
+        qk_norm=adapter.qk_norm,
+        moe=adapter.moe(cfg, num_layers),
     )

@@ -145,7 +145,7 @@ def cli_args(src: Path, dst: Path, calib: Path, *extra: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# unsupported sources (test_cli.py covers qwen3, deepseek_v3, gpt2, mlp_bias and yarn)
+# unsupported sources (test_cli.py covers olmo2, deepseek_v3, gpt2, mlp_bias and yarn)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "changes,expected",
@@ -194,6 +194,33 @@ def test_unsupported_sources_are_refused_before_any_work(
     dst = tmp_path / "out"
     rc, err = run_in_process(capsys, caplog, *cli_args(bad, dst, calib_file))
     assert_refused(rc, err, caplog, dst, expected)
+
+
+QWEN3 = {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}
+
+
+# Qwen3 converts (its q/k norm takes the normed path); what still cannot be served is refused
+@pytest.mark.parametrize(
+    "changes,expected",
+    [
+        ({**QWEN3, "use_sliding_window": True, "sliding_window": 32}, "use_sliding_window=true"),
+        (
+            {**QWEN3, "layer_types": ["full_attention", "sliding_attention"]},
+            "'sliding_attention'",
+        ),
+        ({**QWEN3, "attention_bias": True}, "bias on o_proj"),
+        ({**QWEN3, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "'yarn'"),
+    ],
+    ids=["sliding-window", "layer-types", "o-proj-bias", "yarn"],
+)
+def test_qwen3_refusals_keep_their_reasons(
+    src, tmp_path, calib_file, capsys, caplog, changes, expected
+):
+    bad = linked_copy(src, tmp_path / "src", **changes)
+    dst = tmp_path / "out"
+    rc, err = run_in_process(capsys, caplog, *cli_args(bad, dst, calib_file))
+    assert_refused(rc, err, caplog, dst, expected)
+    assert "qwen3 model" in err
 
 
 # ---------------------------------------------------------------------------------------------

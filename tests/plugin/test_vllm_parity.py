@@ -176,3 +176,57 @@ def test_mla_disabled_runs_ordinary_attention_exactly(converted, reference, tmp_
     assert got["info"]["use_mla"] is False
     assert "MLA disabled" in got["log"], got["log"][-4000:]
     assert_parity(got["results"], want)
+
+
+# Qwen3 (per-head q/k RMSNorm): the normed projections feed vLLM's MLA wrapper the same
+# [latent; rope key] as a LLaMA conversion; latent 96 + rope 64 padded to 512 + 64 at load.
+# Qwen3-MoE adds experts (layer 0; layer 1 dense) served by vLLM's fused MoE layer.
+QWEN3 = dict(heads=4, kv_heads=2, head_dim=64, hidden=128, tied=False)
+
+
+@pytest.fixture(scope="module")
+def qwen3(calib_file, tmp_path_factory):
+    """Compact conversions of a tiny Qwen3 and Qwen3-MoE, made on first use."""
+    from transmla_testing.models import make_model
+
+    root = tmp_path_factory.mktemp("qwen3")
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            made[family] = convert(
+                ConvertOptions(
+                    src=str(make_model(root / f"{family}-src", family, seed=11, **QWEN3)),
+                    dst=str(root / f"{family}-mla"),
+                    rope_dim=64,
+                    kv_lora_rank=96,
+                    calib_text=str(calib_file),
+                    calib_samples=8,
+                    calib_seqlen=64,
+                )
+            )
+        return made[family]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    "family,tp,env",
+    [
+        ("qwen3", 1, {}),
+        ("qwen3", 2, {}),
+        ("qwen3_moe", 1, IN_PROCESS),
+        ("qwen3", 1, {**IN_PROCESS, "VLLM_MLA_DISABLE": "1"}),
+    ],
+    ids=["qwen3", "qwen3-tp2", "qwen3-moe", "qwen3-mla-off"],
+)
+def test_vllm_qwen3_matches_transformers(qwen3, reference, tmp_path, family, tp, env):
+    model = qwen3(family)
+    prompts, want = reference(model)
+    got = run_vllm(model, prompts, tmp_path, tp=tp, env=env)
+    if "VLLM_MLA_DISABLE" in env:  # the same normed projections feed ordinary attention
+        assert got["info"]["use_mla"] is False and "MLA disabled" in got["log"]
+    else:
+        assert got["info"]["use_mla"] is True and got["info"]["head_size"] == 576
+        assert "latent 96 -> 512" in got["log"], got["log"][-4000:]
+    assert_parity(got["results"], want)

@@ -158,3 +158,40 @@ def test_a_run_stopped_before_its_first_layer_leaves_nothing_behind(src, tmp_pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in dst.glob("*.safetensors")) == ["model.safetensors"]
     assert not (dst / "model.safetensors.index.json").exists()
+
+
+def test_qwen3_moe_resumes_to_the_same_checkpoint(tmp_path, calib_file):
+    """The normed attention and the copied experts resume like any layer: layer 0 (experts)
+    done, SIGKILL inside layer 1 (dense MLP), the next run finishes bit for bit."""
+    src = make_model(tmp_path / "src", "qwen3_moe", tied=False)
+    common = [
+        "--src",
+        str(src),
+        "--calib-text",
+        str(calib_file),
+        "--calib-samples",
+        "4",
+        "--calib-seqlen",
+        "32",
+        "--rope-dim",
+        "8",
+        "--kv-lora-rank",
+        "24",
+        "--freqfold",
+        "2",
+    ]
+    straight = tmp_path / "straight"
+    assert run(tmp_path, [*common, "--dst", str(straight)]).returncode == 0
+    dst = tmp_path / "resumed"
+    args = [*common, "--dst", str(dst), "--resume"]
+    # embeddings, then layer 0: 9 normed attention tensors, 2 norms, router, 4 experts x 3
+    proc = run(tmp_path, args, stop_at=1 + 24 + 5)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert layers_done(dst) == 1
+    proc = run(tmp_path, args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    want, got = tensors(straight), tensors(dst)
+    assert list(want) == list(got) and "model.layers.0.mlp.experts.3.down_proj.weight" in got
+    for name, tensor in want.items():
+        assert got[name].equal(tensor), name
+    assert (dst / "config.json").read_text() == (straight / "config.json").read_text()

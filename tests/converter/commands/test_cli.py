@@ -47,7 +47,7 @@ def edited_copy(src: Path, dst: Path, **changes) -> Path:
 @pytest.mark.parametrize(
     "changes,expected",
     [
-        ({"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}, "q/k RMSNorm"),
+        ({"model_type": "olmo2", "architectures": ["Olmo2ForCausalLM"]}, "q/k RMSNorm"),
         ({"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"]}, "already MLA"),
         ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "unknown model_type"),
         ({"mlp_bias": True}, "MLP biases"),
@@ -62,6 +62,36 @@ def test_unsupported_sources_are_refused_clearly(tiny_src, tmp_path, calib_file,
     assert proc.returncode == 2
     assert expected in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_qwen3_converts_with_its_qk_norm(tmp_path, calib_file):
+    """Qwen3 was refused (per-head q/k RMSNorm); it now converts through the normed path."""
+    src = make_model(tmp_path / "src", "qwen3", heads=4, kv_heads=2, head_dim=16, tied=False)
+    out = tmp_path / "out"
+    proc = run_cli(
+        "--src",
+        str(src),
+        "--dst",
+        str(out),
+        "--calib-text",
+        str(calib_file),
+        "--rope-dim",
+        "8",
+        "--kv-lora-rank",
+        "24",
+        "--calib-samples",
+        "4",
+        "--calib-seqlen",
+        "32",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["transmla"]["qk_norm"] == {"num_kv_heads": 2, "head_dim": 16, "eps": 1e-6}
+    assert cfg["transmla"]["source_architecture"] == "Qwen3ForCausalLM"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "model.layers.0.self_attn.kv_a_key_map.weight" in names
+    assert "model.layers.0.self_attn.q_proj.weight" not in names
 
 
 @pytest.mark.parametrize(

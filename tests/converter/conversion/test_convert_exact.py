@@ -1,8 +1,9 @@
 """Test 1 of the spine: conversions that must be exact match the source's logits.
 
-Keys of all KV heads are scalar multiples of one another, so with rope dim = head_dim and
-FreqFold 1 all key energy sits in the rope part, and a latent rank >= the V rank keeps
-everything: the converted model (our transformers remote code) must reproduce the source.
+Keys of all KV heads are scalar multiples of one another (for Qwen3, whose keys are normalised
+per head, equal up to sign after the norm), so with rope dim = head_dim and FreqFold 1 all key
+energy sits in the rope part, and a latent rank >= the V rank keeps everything: the converted
+model (our transformers remote code) must reproduce the source.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ CASES = {
     ),
     "llama-mha-hd64": dict(family="llama", heads=2, kv_heads=2, head_dim=64, hidden=128),
     "qwen2-hd128": dict(family="qwen2", heads=2, kv_heads=1, head_dim=128, hidden=128),
+    # per-head q/k RMSNorm: the normed attention path (identical normalised keys up to sign)
+    "qwen3-qk-norm-untied": dict(family="qwen3", heads=4, kv_heads=2, head_dim=16, tied=False),
+    # Qwen3 attention plus experts (layer 0) and a dense MLP (layer 1), copied through
+    "qwen3-moe": dict(family="qwen3_moe", heads=4, kv_heads=2, head_dim=16, tied=False),
 }
 
 
@@ -73,6 +78,9 @@ def test_exact_conversion_matches_source_logits(case, tmp_path, calib_file):
     cfg = json.loads((dst / "config.json").read_text())
     assert cfg["kv_lora_rank"] == width and cfg["qk_rope_head_dim"] == kw["head_dim"]
     assert cfg["tie_word_embeddings"] == kw.get("tied", True)
+    if kw["family"] == "qwen3_moe":  # Qwen3's routing, said in our block; DeepSeek's fields dense
+        assert cfg["transmla"]["mlp"]["type"] == "qwen3_moe" and cfg["n_routed_experts"] == 0
+        assert cfg["transmla"]["mlp"]["sparse_layers"] == [0]
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     mla = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32, trust_remote_code=True)
     assert type(mla).__name__ == "TransMLAForCausalLM"
