@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from converter.conversion.reconstruct import Reconstruct
 from converter.conversion.stages import (
     RefitOProj,
     Stage,
@@ -56,6 +57,12 @@ METHODS = {
             "source",
             (*_CLOSED_FORM, RefitOProj("local")),
             "published statistics + least-squares o_proj refit per layer",
+        ),
+        Method(
+            "refit-recon",
+            "source",
+            (*_CLOSED_FORM, RefitOProj("local"), Reconstruct()),
+            "refit, then gradient reconstruction of each layer's attention output",
         ),
         Method(
             "sequential-refit",

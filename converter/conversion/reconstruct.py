@@ -1,0 +1,201 @@
+"""Layer-wise reconstruction: gradient steps on the converted attention after the closed form.
+
+The closed form (RoRoPE + FreqFold + balanced KV PCA, then the o_proj refit) minimises proxies:
+the energy of the dropped key/value directions, then o_proj alone. This stage optimises every
+converted attention weight (q_proj with its rope rows, kv_a_proj_with_mqa with the rope key,
+kv_b_proj, o_proj and biases; for q/k-normed sources the linear maps after the norms) jointly,
+so that the converted attention output matches the source's on the calibration stream. The loss
+it optimises is the one the conversion is judged by per layer (docs/method.md section 6).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from converter.conversion.source_layers import batched
+from converter.conversion.stages import LayerWork
+from transmla_vllm.checkpoint_format import (
+    KV_A_BIAS,
+    KV_A_KEY_MAP,
+    KV_A_PROJ,
+    KV_B_PROJ,
+    O_PROJ,
+    Q_BIAS,
+    Q_HEAD_MAP,
+    Q_PROJ,
+)
+
+log = logging.getLogger(__name__)
+
+# the converted attention's own weights (what the closed form chose); the source projections
+# and norms a q/k-normed layer keeps (q_head_proj, k_head_proj, q_norm, k_norm) stay fixed
+# held-out relative error below which the closed form is taken as exact (fp32 rounding)
+EXACT = 1e-9
+TRAINABLE = (Q_PROJ, Q_BIAS, KV_A_PROJ, KV_A_BIAS, KV_B_PROJ, O_PROJ, Q_HEAD_MAP, KV_A_KEY_MAP)
+
+
+@dataclass(frozen=True)
+class Reconstruct:
+    """Adam on the converted layer's attention weights; loss ||attn_conv(x) - attn_src(x)||^2 /
+    ||attn_src(x)||^2 on minibatches of the training chunks.
+
+    Why the attention output and not the layer output: the MLP and norms are the source's and
+    stay fixed, and the layer output differs from the source's only through the attention
+    output (residual + attention feeds the MLP), so a zero attention error is a zero layer
+    error; the attention-only loss skips the MLP's forward and backward (about half a
+    SmolLM2 layer's compute) and is the held-out error FreqFold is already chosen by.
+
+    The weights with the least error on held-out chunks (the plan's, or the last eighth of the
+    training chunks when none are held out) are kept, among the closed-form init and the end of
+    every epoch; the init wins unless the error drops by ``min_gain`` (relative), so an exact
+    init (nothing to fix) is returned bit for bit. Minibatch order comes from ``seed`` only.
+    """
+
+    epochs: int = 1
+    chunks_per_step: int = 2
+    lr: float = 1e-2  # Adam step, relative to each tensor's RMS
+    warmup: float = 0.1  # fraction of the steps with a linear ramp (Adam's first steps are noisy)
+    min_steps: int = 24  # few calibration chunks: more epochs, so Adam gets somewhere
+    seed: int = 0
+    min_gain: float = 0.01
+
+    @torch.no_grad()
+    def __call__(self, work: LayerWork) -> None:
+        started = time.time()
+        n_fit, held = _split(work)
+        if n_fit < 1 or not held:
+            work.report["reconstruction"] = {"skipped": "needs two calibration chunks or more"}
+            return
+        runner = work.runner()
+        attn, norm = runner.conv.self_attn, runner.conv.input_layernorm
+        # targets on the CPU, like the stream: one more stream-sized tensor, whatever the depth
+        target = batched(work.h_in, work.batch, work.device, lambda h, _: work.source_attention(h))
+        names = [n for n in TRAINABLE if n in work.mla]
+        params = _attach(attn, work, names)
+
+        def held_out_error() -> float:
+            num = den = 0.0
+            for sl in _slices(held, work.batch):
+                got = runner.attention(work.h_in[sl].to(work.device))
+                want = target[sl].to(work.device)
+                num += float((got - want).double().pow(2).sum())
+                den += float(want.double().pow(2).sum())
+            return num / max(den, 1e-30)
+
+        init = {n: work.mla[n] for n in names}
+        best_err = err0 = held_out_error()
+        if err0 < EXACT:
+            _install(attn, work, init)
+            work.report["reconstruction"] = {"skipped": f"exact init (error {err0:.2e})"}
+            return
+        best, best_epoch = init, 0
+        steps_per_epoch = math.ceil(n_fit / self.chunks_per_step)
+        epochs = max(self.epochs, math.ceil(self.min_steps / steps_per_epoch))
+        total = epochs * steps_per_epoch
+        opt = torch.optim.Adam(
+            [{"params": [p], "lr": self.lr * _rms(p)} for p in params.values()],
+            betas=(0.9, 0.99),
+        )
+        warm = max(1.0, self.warmup * total)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt,
+            lambda s: (
+                min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+            ),
+        )
+        gen = torch.Generator().manual_seed(self.seed)
+        losses = []
+        for epoch in range(1, epochs + 1):
+            order = torch.randperm(n_fit, generator=gen)
+            epoch_loss = 0.0
+            for start in range(0, n_fit, self.chunks_per_step):
+                idx = order[start : start + self.chunks_per_step]
+                x = norm(work.h_in[idx].to(work.device))
+                want = target[idx].to(work.device)
+                with torch.enable_grad():
+                    got = attn(x, runner.rope, runner.mask, None)
+                    loss = (got - want).pow(2).sum() / want.pow(2).sum().clamp(min=1e-30)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                opt.step()
+                sched.step()
+                epoch_loss += float(loss) * len(idx)
+            losses.append(epoch_loss / n_fit)
+            err = held_out_error()
+            if err < best_err:
+                best_err, best_epoch = err, epoch
+                best = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+        if best_err > err0 * (1 - self.min_gain):
+            best, best_err, best_epoch = init, err0, 0
+        _install(attn, work, best)
+        work.report["reconstruction"] = {
+            "held_out_error": [err0, best_err],
+            "train_loss_per_epoch": losses,
+            "kept_epoch": best_epoch,
+            "steps": total,
+            "seconds": round(time.time() - started, 2),
+        }
+        log.info(
+            "layer %d: reconstruction %d steps, held-out attention error %.4f -> %.4f (%s), %.1f s",
+            work.index,
+            total,
+            err0,
+            best_err,
+            f"epoch {best_epoch}" if best_epoch else "closed form kept",
+            time.time() - started,
+        )
+
+
+def _split(work: LayerWork) -> tuple[int, list[int]]:
+    """(chunks the optimiser sees, held-out chunk indices it is judged on)."""
+    total = work.h_in.shape[0]
+    if total > work.n_train:
+        return work.n_train, list(range(work.n_train, total))
+    n_fit = work.n_train - max(1, work.n_train // 8)
+    return n_fit, list(range(n_fit, work.n_train))
+
+
+def _slices(indices: list[int], batch: int) -> list[slice]:
+    """Contiguous index list -> slices of at most ``batch``."""
+    first, last = indices[0], indices[-1] + 1
+    return [slice(s, min(s + batch, last)) for s in range(first, last, batch)]
+
+
+def _rms(p: torch.Tensor) -> float:
+    rms = float(p.detach().double().pow(2).mean().sqrt())
+    return rms if rms > 0 else 1e-3
+
+
+def _module(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """'self_attn.q_proj.weight' under the decoder layer -> (q_proj module, 'weight')."""
+    path, attr = name.rsplit(".", 1)
+    return root.get_submodule(path.removeprefix("self_attn.")), attr
+
+
+def _attach(attn: nn.Module, work: LayerWork, names: list[str]) -> dict[str, nn.Parameter]:
+    """Trainable copies of the assembled tensors in the converted attention. Copies: a tensor
+    there may be the source layer's own (o_proj before a refit, on CPU), which must not move."""
+    for p in attn.parameters():
+        p.requires_grad_(False)
+    params = {}
+    for name in names:
+        module, attr = _module(attn, name)
+        params[name] = nn.Parameter(work.mla[name].to(work.device, torch.float32, copy=True))
+        setattr(module, attr, params[name])
+    return params
+
+
+def _install(attn: nn.Module, work: LayerWork, chosen: dict[str, torch.Tensor]) -> None:
+    """``chosen`` becomes the layer's tensors: in ``work.mla`` (what the writer reads, fp32 on
+    the CPU) and in the converted attention the later stages run."""
+    for name, tensor in chosen.items():
+        tensor = tensor.to("cpu", torch.float32).contiguous()
+        work.mla[name] = tensor
+        module, attr = _module(attn, name)
+        setattr(module, attr, nn.Parameter(tensor.to(work.device), requires_grad=False))
