@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,8 +145,11 @@ class ResumeState:
 
 
 @contextmanager
-def resumable_folder(dst: Path, overwrite: bool) -> Iterator[Path]:
-    """Like ``staging_folder`` but fixed-named, locked, and kept when anything fails."""
+def resumable_folder(
+    dst: Path, overwrite: bool, progress: Callable[[Path], str] | None = None
+) -> Iterator[Path]:
+    """Like ``staging_folder`` but fixed-named, locked, and kept when anything fails.
+    ``progress(folder)`` says what is kept (default: the layers a conversion finished)."""
     check_destination(dst, overwrite)
     folder = resume_folder(dst)
     try:
@@ -169,10 +172,11 @@ def resumable_folder(dst: Path, overwrite: bool) -> Iterator[Path]:
             yield folder
         except BaseException:
             done = _layers_done(folder)
+            kept = f"{_layers(done)} done" if done else "no layer finished yet"
             log.warning(
                 "progress kept in %s (%s); rerun the same command with --resume to continue",
                 folder,
-                f"{_layers(done)} done" if done else "no layer finished yet",
+                progress(folder) if progress is not None else kept,
             )
             raise
         for pattern in _PRIVATE:

@@ -22,4 +22,5 @@ COMMANDS = {
     "inspect": "KV cache sizes and capacity of a source or converted folder",
     "eval": "perplexity of a source or converted folder on a text file",
     "verify": "compare a converted folder with its source (PPL, top-1 agreement, KL)",
+    "heal": "distil the source into a converted folder (KL on real text), best held-out PPL kept",
 }

@@ -29,6 +29,7 @@ other commands (python -m converter COMMAND --help):
   inspect   KV cache sizes and capacity of a source or converted folder
   eval      perplexity of a model folder on a text file
   verify    compare a converted folder with its source
+  heal      distil the source into a converted folder (or --heal-tokens here)
 
 examples:
   python -m converter --src ./SmolLM2-135M-Instruct --dst ./smollm2-mla --calib-text book.txt
@@ -162,6 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
         "continues from the last finished layer. Costs one write of the "
         "calibration states per layer",
     )
+    heal = p.add_argument_group("heal (python -m converter heal --help)")
+    heal.add_argument(
+        "--heal-tokens",
+        type=int,
+        default=None,
+        help="after converting, distil the source into the result on this many tokens of the "
+        "calibration text (the unhealed conversion is not kept)",
+    )
+    heal.add_argument(
+        "--heal-train",
+        choices=["attention", "all"],
+        default="attention",
+        help="weights the heal trains (default attention)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     p.add_argument("--version", action="version", version=f"transmla-vllm {__version__}")
     return p
@@ -216,7 +231,12 @@ def main(argv: list[str]) -> int:
 
                 check_repo_id(args.push_to_hub)
                 resolve_token()
-            dst = convert(opts)
+            if args.heal_tokens is not None:
+                from converter.heal import convert_and_heal
+
+                dst = convert_and_heal(opts, args.heal_tokens, args.heal_train)
+            else:
+                dst = convert(opts)
             if args.push_to_hub:
                 from converter.hub.upload import push_folder
 
@@ -287,6 +307,8 @@ def _preflight(args: argparse.Namespace) -> None:
 
     check_calibration_sizes(args.calib_samples, args.calib_seqlen)
     parse_size(args.max_shard_size)
+    if args.heal_tokens is not None and args.heal_tokens < 1:
+        raise ConversionError(f"--heal-tokens {args.heal_tokens} must be at least 1")
     if args.base_model is not None:
         from converter.hub.ids import check_base_model
 

@@ -17,7 +17,13 @@ from typing import Any
 from converter.hub.ids import source_hub_id
 from converter.sources.base import SourceSpec
 from transmla_vllm.backends import BACKENDS, served_elements, what_serves_it
-from transmla_vllm.checkpoint_format import CARD_FILE, CONFIG_FILE, REPORT_FILE
+from transmla_vllm.checkpoint_format import (
+    CARD_FILE,
+    CONFIG_FILE,
+    REPORT_FILE,
+    moe_mlp,
+    qk_norm,
+)
 
 TAGS = ["mla", "transmla", "vllm", "deepseek_v3"]
 # The Hub accepts base_model_relation adapter / merge / quantized / finetune. A TransMLA
@@ -137,6 +143,32 @@ def _kv_section(config: dict[str, Any], summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _attention_rows(config: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Rows for sources that are not plain dense GQA: Qwen3's per-head q/k RMSNorm, Qwen3-MoE's
+    experts."""
+    rows: list[tuple[str, Any]] = []
+    if qk_norm(config) is not None:
+        rows.append(
+            (
+                "per-head q/k RMSNorm",
+                "kept: the source's q/k projections and norms run before linear maps to the "
+                "query and the cached latent + rope key (same cache, wider uncached projection)",
+            )
+        )
+    moe = moe_mlp(config)
+    if moe is not None:
+        rows.append(
+            (
+                "MLP",
+                f"mixture of {moe.num_experts} experts, top {moe.num_experts_per_tok}"
+                f"{' renormalised' if moe.norm_topk_prob else ''} (Qwen3-MoE routing), in "
+                f"{len(moe.sparse_layers)} of {config['num_hidden_layers']} layers; copied "
+                "unchanged",
+            )
+        )
+    return rows
+
+
 def _settings_section(source: SourceInfo, config: dict[str, Any], summary: dict[str, Any]) -> str:
     tm = config.get("transmla") or {}
     calib = tm.get("calibration") or {}
@@ -147,6 +179,7 @@ def _settings_section(source: SourceInfo, config: dict[str, Any], summary: dict[
     rows: list[tuple[str, Any]] = [
         ("source", source.ref),
         ("source architecture", source.architecture + (f": {geometry}" if geometry else "")),
+        *_attention_rows(config),
         ("method", tm.get("method", "transmla")),
         ("rope_dim (shared rope key)", tm.get("rope_dim", config.get("qk_rope_head_dim"))),
         ("kv_lora_rank (latent)", tm.get("kv_lora_rank", config.get("kv_lora_rank"))),
@@ -214,6 +247,34 @@ def _quality_section(verification: dict[str, Any] | None) -> str:
     return head + "| metric | value |\n|---|---:|\n" + "\n".join(rows) + "\n"
 
 
+def _heal_section(heal: dict[str, Any] | None) -> str:
+    """What ``python -m converter heal`` did: settings and held-out perplexity before / after."""
+    if not heal:
+        return ""
+    st, figures = heal.get("settings") or {}, heal.get("held_out_ppl") or {}
+    rows = [
+        ("teacher", "the source model"),
+        ("loss", st.get("loss", "-")),
+        ("weights trained", st.get("train", "-")),
+        (
+            "training tokens",
+            f"{st.get('tokens', 0):,} ({st.get('passes', 1)} pass(es), "
+            f"sequences of {st.get('seqlen', '?')})",
+        ),
+        ("learning rate, batch", f"{st.get('lr', '?')}, {st.get('batch_size', '?')} sequences"),
+        ("held-out text", f"{st.get('held_out', '-')} ({st.get('held_out_tokens', 0):,} tokens)"),
+    ]
+    for key, label in (("teacher", "source"), ("before", "before heal"), ("after", "healed")):
+        if figures.get(key) is not None:
+            rows.append((f"held-out perplexity, {label}", f"{figures[key]:.3f}"))
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return (
+        "## Heal\n\nAfter conversion the attention was trained by distillation from the source "
+        "(`python -m converter heal`); the weights with the best held-out perplexity were "
+        f"kept.\n\n| setting | value |\n|---|---|\n{table}\n"
+    )
+
+
 def _usage_section(ref: str) -> str:
     return f"""## Use
 
@@ -264,7 +325,9 @@ def _render(
         f"This is {source.ref} ({source.architecture}, grouped-query attention) converted to "
         f"Multi-head Latent Attention (the attention of DeepSeek-V2/V3) by "
         f"[transmla-vllm](https://pypi.org/project/transmla-vllm/) "
-        f"{tm.get('converter_version', '')}, without training. The KV cache keeps one latent "
+        f"{tm.get('converter_version', '')}, "
+        + ("then healed by distillation from it" if summary.get("heal") else "without training")
+        + f". The KV cache keeps one latent "
         f"of {config['kv_lora_rank']} plus one shared rope key of "
         f"{config['qk_rope_head_dim']} per token and layer instead of per-head keys and "
         f"values; queries and outputs absorb the change, so vLLM serves it with its own MLA "
@@ -280,6 +343,7 @@ def _render(
         intro,
         _kv_section(config, summary),
         _settings_section(source, config, summary),
+        _heal_section(summary.get("heal")),
         _quality_section(verification),
         _usage_section(repo_id or LOCAL_MODEL_REF),
         "Per-layer energy figures are in `transmla_report.json`; the format is the "

@@ -1,0 +1,182 @@
+"""Heal on one GPU for the Llama-3.1-8B recipe: memory and speed (torch only, no vLLM).
+
+Builds a Llama-3.1-8B-shaped teacher and its MLA student (rope 64 + latent 512, the default
+conversion) in GPU memory with random weights -- heal's memory and speed do not depend on the
+values, and nothing has to be downloaded -- then runs the real loop (converter.heal.loop.train:
+bf16 autocast, trained attention weights in fp32 with AdamW, gradient checkpointing, chunked
+KL) for a few steps, and prints the peak GPU memory (torch.cuda.max_memory_allocated) next to
+converter.heal.memory's estimate, and tokens per second.
+
+    python benchmarks/heal_gpu.py                          # GPU: 8B, 2 x 2048 tokens per step
+    python benchmarks/heal_gpu.py --estimate-only          # the computed estimate, no GPU needed
+    python benchmarks/heal_gpu.py --tiny --device cpu      # dry run of the whole script on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+LLAMA_31_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=128256,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    rope_parameters={
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+)
+TINY = {
+    **LLAMA_31_8B,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "vocab_size": 1024,
+}
+
+
+def configs(shape: dict, rope: int = 64, rank: int = 512):
+    """(teacher LlamaConfig, its SourceSpec, student DeepseekV3Config, student layout)."""
+    from transformers import DeepseekV3Config, LlamaConfig
+
+    from converter.sources.base import inspect_source
+    from transmla_vllm.checkpoint_format import CheckpointLayout, MLAShape, build_config
+
+    teacher = LlamaConfig(**shape)
+    spec = inspect_source({**teacher.to_dict(), "architectures": ["LlamaForCausalLM"]})
+    rank = min(rank, 2 * spec.kv_width - rope)
+    layout = CheckpointLayout(
+        shape=MLAShape(rank, rope, spec.head_dim, spec.head_dim, spec.hidden_size, spec.num_heads),
+        vocab_size=spec.vocab_size,
+        intermediate_size=spec.intermediate_size,
+        num_layers=spec.num_layers,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        q_bias=False,
+        kv_a_bias=False,
+    )
+    student = build_config(
+        layout=layout,
+        rms_norm_eps=spec.rms_norm_eps,
+        max_position_embeddings=spec.max_position_embeddings,
+        rope_parameters=spec.rope_parameters,
+        dtype="bfloat16",
+        token_ids={},
+        provenance={},
+    )
+    return (
+        teacher,
+        spec,
+        DeepseekV3Config(**{k: v for k, v in student.items() if k != "auto_map"}),
+        layout,
+    )
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--tiny", action="store_true", help="a 2-layer model (dry run)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--train", default="attention", choices=["attention", "all"])
+    p.add_argument("--estimate-only", action="store_true", help="print the estimate and stop")
+    p.add_argument("--json", default=None, help="also write the result to this file")
+    args = p.parse_args()
+
+    from converter.heal.data import HealData
+    from converter.heal.loop import LoopState, TrainSettings, train
+    from converter.heal.memory import estimate, trainable_names
+    from converter.heal.objective import held_out_nll
+
+    shape = TINY if args.tiny else LLAMA_31_8B
+    teacher_cfg, spec, student_cfg, layout = configs(shape)
+    device = args.device
+    # the recipe checkpoints (the 8B activations do not fit twice over otherwise)
+    est = estimate(spec, layout, args.train, args.batch_size, args.seqlen, device)
+    print(est.describe(), flush=True)
+    result = {
+        "model": "tiny" if args.tiny else "Llama-3.1-8B shape",
+        "device": device,
+        "batch_size": args.batch_size,
+        "seqlen": args.seqlen,
+        "train": args.train,
+        "estimate_gb": {k: round(v / 1e9, 2) for k, v in est.parts.items()},
+        "estimate_total_gb": round(est.total / 1e9, 2),
+    }
+    if args.estimate_only:
+        print(json.dumps(result, indent=1))
+        return 0
+    from transformers import LlamaForCausalLM
+
+    from converter.heal.run import make_trainable
+    from converter.remote_code.modeling_transmla import TransMLAForCausalLM
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    started = time.time()
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        teacher = LlamaForCausalLM(teacher_cfg).eval().requires_grad_(False)
+        student = TransMLAForCausalLM(student_cfg)
+    torch.set_default_dtype(torch.float32)
+    make_trainable(student, trainable_names(layout, args.train))
+    built = time.time() - started
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(spec.vocab_size, (args.steps * args.batch_size, args.seqlen), generator=g)
+    data = HealData(rows, rows[: args.batch_size])
+    cfg = TrainSettings(
+        tokens=rows.numel(),
+        batch_size=args.batch_size,
+        lr=1e-4,
+        eval_every=args.steps,
+        hidden_weight=0.0,
+        device=device,
+    )
+    t0 = time.time()
+    held_out_nll(student, data.held_out, device, args.batch_size)
+    eval_s = time.time() - t0
+    t0 = time.time()
+    train(student, teacher, data, cfg, LoopState())  # evaluates before and after: 2 x eval_s
+    train_s = max(time.time() - t0 - 2 * eval_s, 1e-9)
+    result.update(
+        build_s=round(built, 1),
+        step_s=round(train_s / args.steps, 3),
+        tokens_per_s=round(rows.numel() / train_s, 1),
+        hours_per_100m_tokens=round(1e8 / (rows.numel() / train_s) / 3600, 2),
+    )
+    if device == "cuda":
+        result.update(
+            peak_gpu_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2),
+            peak_gpu_reserved_gb=round(torch.cuda.max_memory_reserved() / 1e9, 2),
+            gpu=torch.cuda.get_device_name(),
+        )
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+"""Heal: distil the source model (teacher) into its converted checkpoint (student).
+
+The conversion is closed-form and layer-local; a short end-to-end distillation (KL between the
+two next-token laws on real text) recovers most of what it loses. Same checkpoint format in and
+out, so the plugin serves a healed folder unchanged.
+
+    data.py       text -> training sequences and a held-out slice kept out of every pass
+    inputs.py     the teacher / student pair, checked before anything heavy
+    memory.py     what a run needs, estimated up front and refused when it cannot fit
+    objective.py  the distillation loss and the held-out perplexity
+    loop.py       the training loop: evaluation, best state, progress bar
+    state.py      --resume: the loop's state in the resume folder
+    output.py     the healed folder: shards, config, report, card
+    run.py        heal() and convert-then-heal, start to end
+"""
+
+from converter.heal.run import HealOptions, convert_and_heal, heal
+
+__all__ = ["HealOptions", "convert_and_heal", "heal"]

@@ -1,0 +1,155 @@
+"""What a heal run needs, estimated before any weight is loaded, so a run that cannot fit is
+refused in one sentence instead of dying in the middle.
+
+Both models are resident (the teacher runs alongside the student: for the sizes this tool
+targets the teacher's weights cost less than caching its logits would, see docs). Counted: the
+teacher's weights; the student's (frozen ones in the run dtype, trained ones in fp32 with their
+gradient and two AdamW moments); activations, with gradient checkpointing (every layer's input,
+one layer's recomputation and its gradients) or without (every layer's activations: faster by
+one forward pass, used when that fits in half of what is free); the loss, computed over chunks
+of positions so
+only LOSS_CHUNK rows of logits exist at a time; a fixed runtime overhead. The copy of the best
+trained weights is kept in host RAM.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from converter.errors import ConversionError
+from converter.heal.objective import LOSS_CHUNK
+from converter.sources.base import SourceSpec, source_tensors
+from transmla_vllm.checkpoint_format import CheckpointLayout, layer_prefix
+
+OVERHEAD = {"cpu": 0.6e9, "cuda": 1.5e9}  # interpreter + torch; CUDA context and allocator slack
+FIT = 0.9  # refuse above this share of what is available
+NO_CHECKPOINTING_SHARE = 0.5  # skip gradient checkpointing when the run fits in this share
+
+
+def _count(shapes: dict[str, tuple[int, ...]]) -> int:
+    return sum(math.prod(s) for s in shapes.values())
+
+
+def trainable_names(layout: CheckpointLayout, train: str) -> list[str]:
+    """Checkpoint tensors a run trains: the attention ones (default) or all."""
+    if train == "all":
+        return list(layout.tensors())
+    attn = layout.attention_shapes()
+    return [layer_prefix(i) + n for i in range(layout.num_layers) for n in attn]
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    device: str
+    parts: dict[str, float]  # bytes on the device
+    host: float  # bytes in host RAM besides what ``parts`` puts there on cpu
+    available: float | None  # bytes free on the device (None: unknown)
+    host_available: float | None
+    checkpointing: bool = True
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values()) + (self.host if self.device == "cpu" else 0.0)
+
+    def fits(self, share: float = FIT) -> bool:
+        return self.available is None or self.total <= share * self.available
+
+    def describe(self) -> str:
+        parts = " + ".join(f"{k} {v / 1e9:.2f}" for k, v in self.parts.items())
+        if self.device == "cpu":
+            parts += f" + best-state copy {self.host / 1e9:.2f}"
+        free = f" of {self.available / 1e9:.1f} GB available" if self.available else ""
+        total = f"{self.total / 1e9:.2f} GB{free}"
+        text = f"memory estimate on {self.device} (computed, GB): {parts} = {total}"
+        text += f"; gradient checkpointing {'on' if self.checkpointing else 'off'}"
+        if self.device != "cpu":
+            text += f"; host RAM {self.host / 1e9:.2f} GB for the best-state copy"
+        return text
+
+    def check(self) -> None:
+        if not self.fits():
+            raise ConversionError(
+                f"heal needs an estimated {self.total / 1e9:.1f} GB on {self.device} but only "
+                f"{self.available / 1e9:.1f} GB is free: lower --batch-size or --seqlen, train "
+                "only the attention (--train attention), or use a device with more memory"
+            )
+        if self.device != "cpu" and self.host_available is not None:
+            if self.host > FIT * self.host_available:
+                raise ConversionError(
+                    f"heal needs an estimated {self.host / 1e9:.1f} GB of host RAM for the copy "
+                    f"of the best weights but only {self.host_available / 1e9:.1f} GB is free; "
+                    "train only the attention (--train attention) or use a machine with more RAM"
+                )
+
+
+def estimate(
+    spec: SourceSpec,
+    layout: CheckpointLayout,
+    train: str,
+    batch_size: int,
+    seqlen: int,
+    device: str,
+    checkpointing: bool = True,
+    free: float | None = None,
+) -> MemoryEstimate:
+    """Bytes a run of these sizes needs (fp32 on cpu; bf16 weights and activations on cuda)."""
+    wide = 4
+    act = 4 if device == "cpu" else 2
+    n_teacher = _count(source_tensors(spec))
+    shapes = layout.tensors()
+    n_student = _count(shapes)
+    n_train = sum(math.prod(shapes[n]) for n in trainable_names(layout, train))
+    s, tokens = layout.shape, batch_size * seqlen
+    heads, hidden, inter = s.num_heads, s.hidden_size, layout.intermediate_size
+    # one layer's activations (attention scores and probabilities in fp32)
+    per_token = heads * (3 * s.q_head_dim + 2 * s.v_head_dim) + 4 * inter + 4 * hidden
+    layer = act * tokens * per_token + 2 * 4 * batch_size * heads * seqlen * seqlen
+    if checkpointing:  # every layer's input, one layer recomputed, its gradients
+        activations = act * tokens * hidden * (layout.num_layers + 2) + 2 * layer
+    else:
+        activations = (layout.num_layers + 1) * layer
+    parts = {
+        "teacher": float(act * n_teacher),
+        "student": float(act * (n_student - n_train) + wide * n_train),
+        "gradients+AdamW": float(3 * wide * n_train),
+        "activations": float(activations),
+        "loss": float(6 * 4 * min(tokens, LOSS_CHUNK) * layout.vocab_size),
+        "overhead": OVERHEAD["cpu" if device == "cpu" else "cuda"],
+    }
+    available = free if free is not None else _available(device)
+    host = float(wide * n_train)
+    return MemoryEstimate(device, parts, host, available, _available("cpu"), checkpointing)
+
+
+def plan_memory(
+    spec: SourceSpec,
+    layout: CheckpointLayout,
+    train: str,
+    batch_size: int,
+    seqlen: int,
+    device: str,
+) -> MemoryEstimate:
+    """Without gradient checkpointing when that fits comfortably, else with it."""
+    fast = estimate(spec, layout, train, batch_size, seqlen, device, checkpointing=False)
+    if fast.fits(NO_CHECKPOINTING_SHARE):
+        return fast
+    return estimate(spec, layout, train, batch_size, seqlen, device, checkpointing=True)
+
+
+def _available(device: str) -> float | None:
+    if device == "cpu":
+        try:
+            with open("/proc/meminfo", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024.0
+        except OSError:
+            return None
+        return None
+    if not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info()
+    return float(free)

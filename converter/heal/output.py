@@ -1,0 +1,56 @@
+"""The healed folder: the student's format unchanged (same tensors, shapes, dtype and shard
+size rule), its tokenizer and card metadata kept, the heal settings and figures added to the
+config's ``transmla`` block, the report and the card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from converter.checkpoint.stream_writer import StreamingShardWriter, TensorSlot
+from converter.checkpoint.writer import copy_remote_code, copy_verbatim
+from converter.conversion.settings import DTYPES
+from converter.hub.card import refresh_model_card
+from transmla_vllm.checkpoint_format import CARD_FILE, CONFIG_FILE, REPORT_FILE, CheckpointLayout
+
+# figures about the student that no longer describe the healed model
+STALE_REPORT_KEYS = ("verification",)
+
+
+def write_healed(
+    folder: Path,
+    student: Path,
+    config: dict[str, Any],
+    model,
+    heal: dict[str, Any],
+    max_shard_bytes: int,
+) -> list[str]:
+    """Write the healed model into ``folder``; returns the shard names."""
+    dtype = DTYPES.get(str(config.get("dtype")), None)
+    state = model.state_dict()
+    layout = CheckpointLayout.from_config(config)
+    if dtype is None:  # an older config without dtype: keep what the student stored
+        dtype = state[next(iter(layout.tensors()))].dtype
+    slots = [TensorSlot(n, s, dtype) for n, s in layout.tensors().items()]
+    writer = StreamingShardWriter(folder, slots, max_shard_bytes)
+    for slot in slots:
+        writer.write(slot.name, state[slot.name].detach().to("cpu", dtype))
+    shards = writer.close()
+    healed = json.loads(json.dumps(config))
+    healed["transmla"]["heal"] = heal["settings"]
+    (folder / CONFIG_FILE).write_text(json.dumps(healed, indent=2) + "\n")
+    copy_verbatim(student, folder)
+    copy_remote_code(folder)
+    report_path = student / REPORT_FILE
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    for key in STALE_REPORT_KEYS:
+        report.pop(key, None)
+    report["shards"] = shards
+    report["heal"] = heal
+    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    if (student / CARD_FILE).is_file():  # its metadata (license, base model) is kept
+        shutil.copy2(student / CARD_FILE, folder / CARD_FILE)
+    refresh_model_card(folder)
+    return shards

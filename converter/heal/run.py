@@ -1,0 +1,309 @@
+"""heal(), start to end: check the inputs, split the text, estimate memory, load both models,
+run the loop in a staging (or --resume) folder, write the best weights there, publish it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from converter import __version__
+from converter.calibration.text import CalibrationInput, load_documents, read_calibration_text
+from converter.checkpoint.resume import digest, resumable_folder, resume_folder
+from converter.checkpoint.writer import check_destination, parse_size, staging_folder
+from converter.conversion.device import peak_rss_bytes, pick_device
+from converter.conversion.settings import check_calibration_context
+from converter.errors import ConversionError
+from converter.heal.data import HealData, split_text
+from converter.heal.inputs import HealPair, check_pair
+from converter.heal.loop import LoopState, TrainSettings, restore, train
+from converter.heal.memory import plan_memory, trainable_names
+from converter.heal.objective import held_out_nll, ppl
+from converter.heal.output import write_healed
+from converter.heal.state import HealStore, describe_progress
+from transmla_vllm.checkpoint_format import CheckpointLayout
+
+log = logging.getLogger(__name__)
+TRAIN_CHOICES = ("attention", "all")
+EVALUATIONS = 8  # held-out evaluations during a run, when --eval-every is not given
+
+
+@dataclass
+class HealOptions:
+    """The heal command's options, as the user gave them (see ``heal --help``)."""
+
+    teacher: str
+    student: str
+    dst: str
+    tokens: int
+    seqlen: int = 512
+    batch_size: int = 4
+    lr: float = 1e-4
+    train: str = "attention"
+    hidden_weight: float = 0.0
+    eval_text: str | None = None
+    eval_tokens: int = 4096
+    eval_every: int | None = None  # tokens; None: EVALUATIONS points over the run
+    calib_text: str | None = None
+    calib_jsonl: str | None = None
+    calib_field: str = "text"
+    calib_dataset: str | None = None
+    calib_chat: bool = False
+    device: str = "auto"
+    seed: int = 0
+    max_shard_size: str = "5GB"
+    overwrite: bool = False
+    resume: bool = False
+    revision: str | None = None
+
+
+def check_options(opts: HealOptions) -> None:
+    """Refuse flags that cannot work, before any file is read."""
+    checks = (
+        (opts.tokens >= 1, f"--tokens {opts.tokens} must be at least 1"),
+        (opts.seqlen >= 2, f"--seqlen {opts.seqlen} must be at least 2"),
+        (opts.batch_size >= 1, f"--batch-size {opts.batch_size} must be at least 1"),
+        (opts.lr > 0, f"--lr {opts.lr} must be positive"),
+        (opts.train in TRAIN_CHOICES, f"--train must be one of {TRAIN_CHOICES}"),
+        (opts.hidden_weight >= 0, f"--hidden-weight {opts.hidden_weight} must be >= 0"),
+        (opts.eval_tokens >= 1, f"--eval-tokens {opts.eval_tokens} must be at least 1"),
+    )
+    for ok, sentence in checks:
+        if not ok:
+            raise ConversionError(sentence)
+    parse_size(opts.max_shard_size)
+    dst = Path(opts.dst)
+    for flag, other in (("--student", opts.student), ("--teacher", opts.teacher)):
+        if Path(other).exists():
+            a, b = Path(other).resolve(), dst.resolve()
+            if a == b or a in b.parents or b in a.parents:
+                raise ConversionError(
+                    f"--dst {dst} overlaps {flag} {other}; write the healed model to another folder"
+                )
+    check_destination(dst, opts.overwrite)
+
+
+def _text(opts: HealOptions, pair: HealPair) -> HealData:
+    source = CalibrationInput(
+        opts.calib_text, opts.calib_jsonl, opts.calib_field, opts.calib_dataset, opts.calib_chat
+    )
+    documents, _files = load_documents(source, pair.tokenizer)
+    held = [read_calibration_text(opts.eval_text)[0]] if opts.eval_text else None
+    return split_text(pair.tokenizer, documents, opts.seqlen, opts.eval_tokens, held, opts.seed)
+
+
+def _load(pair: HealPair, train: str, device: str, checkpointing: bool = True):
+    """Teacher (frozen) and student, fp32 on cpu; bf16 on a GPU with the trained weights kept
+    in fp32 (autocast runs the matmuls in bf16)."""
+    from transformers import AutoModelForCausalLM
+
+    from converter.remote_code.modeling_transmla import TransMLAForCausalLM
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    teacher = AutoModelForCausalLM.from_pretrained(pair.teacher, dtype=dtype).to(device).eval()
+    teacher.requires_grad_(False)
+    student = TransMLAForCausalLM.from_pretrained(pair.student, dtype=dtype).to(device)
+    layout = CheckpointLayout.from_config(pair.student_config)
+    return teacher, make_trainable(student, trainable_names(layout, train), checkpointing)
+
+
+def make_trainable(student, names: list[str], checkpointing: bool = True):
+    """Train ``names`` (kept in fp32), freeze the rest; with ``checkpointing`` keep only each
+    layer's input for the backward pass."""
+    wanted = set(names)
+    for name, p in student.named_parameters():
+        p.requires_grad_(name in wanted)
+        if name in wanted:
+            p.data = p.data.float()
+    if checkpointing:
+        kwargs = {"use_reentrant": False}
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return student
+
+
+def _fingerprint(opts: HealOptions, pair: HealPair, data: HealData, device: str) -> dict:
+    """What must not change between an interrupted --resume run and the one continuing it."""
+    weights = sorted(p.name for p in pair.student.glob("*.safetensors"))
+    sizes = {f: (pair.student / f).stat().st_size for f in weights}
+    settings = {k: v for k, v in asdict(opts).items() if k not in ("resume", "overwrite")}
+    settings.pop("dst")
+    return {
+        "converter version": __version__,
+        "teacher": str(pair.teacher.resolve()),
+        "student": str(pair.student.resolve()) + "/" + digest(json.dumps(sizes)),
+        "student config": digest(json.dumps(pair.student_config, sort_keys=True)),
+        "text tokens": digest(data.train.numpy().tobytes() + data.held_out.numpy().tobytes()),
+        "settings": digest(json.dumps(settings, sort_keys=True)),
+        "device": device,
+    }
+
+
+def heal(opts: HealOptions) -> Path:
+    """Distil ``opts.teacher`` into the converted ``opts.student``; write ``opts.dst``."""
+    started = time.time()
+    check_options(opts)
+    dst = Path(opts.dst)
+    if not opts.resume and resume_folder(dst).is_dir():
+        log.warning(
+            "%s holds the progress of an interrupted --resume run; this run does not use it "
+            "(add --resume to continue it, or delete it)",
+            resume_folder(dst),
+        )
+    pair = check_pair(opts.teacher, opts.student, opts.revision)
+    check_calibration_context(opts.seqlen, pair.spec, "--seqlen")
+    data = _text(opts, pair)
+    device = pick_device(opts.device)
+    layout = CheckpointLayout.from_config(pair.student_config)
+    memory = plan_memory(pair.spec, layout, opts.train, opts.batch_size, opts.seqlen, device)
+    log.info("%s", memory.describe())
+    memory.check()
+    steps = data.steps(opts.tokens, opts.batch_size)
+    passes = data.passes(steps, opts.batch_size)
+    if passes > 1:
+        log.info(
+            "--tokens %d is more than the %d training tokens: %d passes over the text (the "
+            "held-out rows stay out of every pass)",
+            opts.tokens,
+            data.train.numel(),
+            passes,
+        )
+    every = opts.eval_every or max(1, opts.tokens // EVALUATIONS)
+    cfg = TrainSettings(
+        tokens=opts.tokens,
+        batch_size=opts.batch_size,
+        lr=opts.lr,
+        eval_every=max(1, every // (opts.batch_size * opts.seqlen)),
+        hidden_weight=opts.hidden_weight,
+        device=device,
+    )
+    teacher, student = _load(pair, opts.train, device, memory.checkpointing)
+    folder = (
+        (lambda d, o: resumable_folder(d, o, describe_progress)) if opts.resume else staging_folder
+    )
+    with folder(dst, opts.overwrite) as tmp:
+        store = HealStore(tmp, _fingerprint(opts, pair, data, device)) if opts.resume else None
+        state = store.load() if store is not None else None
+        if state is not None:
+            log.info("resuming from %s: %d of %d steps were done", tmp, state.step, steps)
+        else:
+            state = LoopState()
+            state.teacher_nll = held_out_nll(teacher, data.held_out, device, opts.batch_size)
+            log.info("teacher held-out PPL %.3f", ppl(state.teacher_nll))
+        state = train(student, teacher, data, cfg, state, store.save if store else None)
+        restore(student, state.best)
+        summary = _summary(opts, data, cfg, state, steps, passes, device, started)
+        _log_result(summary)
+        shard_bytes = parse_size(opts.max_shard_size)
+        write_healed(tmp, pair.student, pair.student_config, student, summary, shard_bytes)
+        if store is not None:
+            store.clear()
+    log.info("healed model written to %s", dst)
+    return dst
+
+
+def _summary(
+    opts: HealOptions,
+    data: HealData,
+    cfg: TrainSettings,
+    state: LoopState,
+    steps: int,
+    passes: int,
+    device: str,
+    started: float,
+) -> dict:
+    """The report's ``heal`` entry; ``settings`` also goes into config.json."""
+    text = CalibrationInput(opts.calib_text, opts.calib_jsonl, opts.calib_field, opts.calib_dataset)
+    first, best = state.history[0], min(state.history, key=lambda h: h["held_out_nll"])
+    return {
+        "settings": {
+            "teacher": opts.teacher,
+            "tokens": steps * cfg.batch_size * data.seqlen,
+            "seqlen": data.seqlen,
+            "batch_size": cfg.batch_size,
+            "steps": steps,
+            "passes": passes,
+            "lr": cfg.lr,
+            "train": opts.train,
+            "hidden_weight": cfg.hidden_weight,
+            "loss": "KL(teacher || student)" + (" + hidden-state MSE" if cfg.hidden_weight else ""),
+            "text": Path(opts.calib_text).name if opts.calib_text else text.describe(),
+            "chat": opts.calib_chat,
+            "held_out": Path(opts.eval_text).name if opts.eval_text else "last 1/10 of the text",
+            "held_out_tokens": int(data.held_out.numel()),
+            "device": device,
+            "seed": opts.seed,
+            "converter_version": __version__,
+        },
+        "held_out_ppl": {
+            "teacher": ppl(state.teacher_nll) if state.teacher_nll is not None else None,
+            "before": first["held_out_ppl"],
+            "after": best["held_out_ppl"],
+        },
+        "best_step": state.best_step,
+        "history": state.history,
+        "seconds": round(state.seconds, 1),  # the loop, all runs of a --resume together
+        "wall_seconds": round(time.time() - started, 1),  # this run, loading included
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+
+
+def _log_result(summary: dict) -> None:
+    figures, settings = summary["held_out_ppl"], summary["settings"]
+    log.info(
+        "held-out PPL %.3f -> %.3f (teacher %s) after %d tokens in %.0f s; kept step %d of %d",
+        figures["before"],
+        figures["after"],
+        "?" if figures["teacher"] is None else f"{figures['teacher']:.3f}",
+        settings["tokens"],
+        summary["seconds"],
+        summary["best_step"],
+        settings["steps"],
+    )
+
+
+def convert_and_heal(convert_opts, heal_tokens: int, train: str = "attention") -> Path:
+    """``python -m converter --src S --dst D --heal-tokens N``: convert into a hidden sibling of
+    D, heal it into D on the calibration text, remove the sibling. With --resume a finished
+    sibling is reused and both steps continue where they stopped."""
+    from converter.checkpoint.source import resolve_source
+    from converter.conversion.pipeline import convert
+
+    dst = Path(convert_opts.dst)
+    check_destination(dst, convert_opts.overwrite, convert_opts.src)
+    inner = dst.absolute().parent / f".{dst.name}.converted"
+    if convert_opts.resume and (inner / "config.json").is_file():
+        log.info("reusing the finished conversion in %s", inner)
+    else:
+        convert(replace(convert_opts, dst=str(inner), overwrite=True))
+    opts = HealOptions(
+        teacher=str(resolve_source(convert_opts.src, convert_opts.revision)),
+        student=str(inner),
+        dst=str(dst),
+        tokens=heal_tokens,
+        train=train,
+        calib_text=convert_opts.calib_text,
+        calib_jsonl=convert_opts.calib_jsonl,
+        calib_field=convert_opts.calib_field,
+        calib_dataset=convert_opts.calib_dataset,
+        calib_chat=convert_opts.calib_chat,
+        device=convert_opts.device,
+        max_shard_size=convert_opts.max_shard_size,
+        overwrite=convert_opts.overwrite,
+        resume=convert_opts.resume,
+        revision=convert_opts.revision,
+    )
+    try:
+        heal(opts)
+    except BaseException:
+        if convert_opts.resume:
+            log.warning("the finished conversion is kept in %s for --resume", inner)
+        else:
+            shutil.rmtree(inner, ignore_errors=True)
+        raise
+    shutil.rmtree(inner, ignore_errors=True)
+    return dst

@@ -1,0 +1,105 @@
+"""--resume for heal: the loop's state, saved in the resume folder at every evaluation.
+
+The state file (trained weights, AdamW moments, best weights so far, history) gets a new name
+per save and the progress file points to it; both are written then renamed, so a kill at any
+moment leaves a consistent pair. A run with other settings is refused by name, like a
+conversion's (converter/checkpoint/resume.py, whose folder, lock and publishing it reuses).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from converter.checkpoint.resume import LOCK, _write_atomic
+from converter.errors import ConversionError
+from converter.heal.loop import LoopState
+
+PROGRESS = "heal-progress.json"
+STATE_PREFIX = "heal-state-"
+
+
+class HealStore:
+    def __init__(self, folder: Path, fingerprint: dict) -> None:
+        self.folder, self.fingerprint = folder, fingerprint
+
+    def load(self) -> LoopState | None:
+        """The saved state, or None (and an emptied folder) when there is none; anything else
+        in the folder (output files of a run killed while writing them) is removed."""
+        path = self.folder / PROGRESS
+        if not path.is_file():
+            self._remove_except(set())
+            return None
+        try:
+            saved = json.loads(path.read_text())
+            blob = torch.load(self.folder / saved["state"], map_location="cpu", weights_only=True)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise ConversionError(
+                f"the heal progress in {self.folder} cannot be read ({exc}); delete that folder "
+                "to start over"
+            ) from exc
+        differ = sorted(
+            k
+            for k in set(saved["fingerprint"]) | set(self.fingerprint)
+            if saved["fingerprint"].get(k) != self.fingerprint.get(k)
+        )
+        if differ:
+            raise ConversionError(
+                f"the heal progress in {self.folder} (step {saved['step']}) was made with a "
+                f"different {', '.join(differ)}; rerun with the same inputs and settings to "
+                "continue it, or delete that folder to start over"
+            )
+        self._remove_except({PROGRESS, saved["state"]})
+        return LoopState(
+            step=saved["step"],
+            best_nll=saved["best_nll"],
+            best_step=saved["best_step"],
+            teacher_nll=saved.get("teacher_nll"),
+            best=blob["best"],
+            history=saved["history"],
+            seconds=saved["seconds"],
+            optimizer=blob["optimizer"],
+            params=blob["params"],
+        )
+
+    def save(self, state: LoopState) -> None:
+        name = f"{STATE_PREFIX}{state.step:08d}.pt"
+        blob = {"params": state.params, "optimizer": state.optimizer, "best": state.best}
+        _write_atomic(self.folder / name, lambda f: torch.save(blob, f))
+        body = {
+            "step": state.step,
+            "state": name,
+            "best_nll": state.best_nll,
+            "best_step": state.best_step,
+            "teacher_nll": state.teacher_nll,
+            "history": state.history,
+            "seconds": state.history[-1]["seconds"],  # all runs so far
+            "fingerprint": self.fingerprint,
+        }
+        text = json.dumps(body, indent=1).encode()
+        _write_atomic(self.folder / PROGRESS, lambda f: f.write(text))
+        for old in self.folder.glob(f"{STATE_PREFIX}*.pt"):
+            if old.name != name:
+                old.unlink()
+
+    def clear(self) -> None:
+        """Remove the progress before the finished folder is published."""
+        for path in [self.folder / PROGRESS, *self.folder.glob(f"{STATE_PREFIX}*")]:
+            path.unlink(missing_ok=True)
+
+    def _remove_except(self, keep: set[str]) -> None:
+        for entry in self.folder.iterdir():
+            if entry.name != LOCK and entry.name not in keep:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def describe_progress(folder: Path) -> str:
+    """What an interrupted run leaves, for the resume folder's warning."""
+    try:
+        step = json.loads((folder / PROGRESS).read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return "no evaluation point reached yet"
+    return f"{step} training steps done"

@@ -1,0 +1,306 @@
+"""heal: distillation from the source lowers held-out loss on real text, keeps the format (loads
+in transformers, frozen weights untouched), resumes after a kill to the same weights, and
+refuses bad input in one sentence before anything is written."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from converter.checkpoint.resume import resume_folder
+from converter.conversion.pipeline import ConvertOptions, convert
+from converter.errors import ConversionError
+from converter.heal import HealOptions, heal
+from converter.heal.data import split_text
+from converter.measure.perplexity import load_model, perplexity, windows
+from transmla_testing.hooked import REPO, run_cli
+from transmla_testing.models import make_model
+from transmla_testing.text import play_text
+
+SEQLEN = 64
+HEAL = ["--seqlen", str(SEQLEN), "--batch-size", "8", "--lr", "2e-3", "--eval-tokens", "2048"]
+
+
+def train_lm(folder: Path, text: str, steps: int = 150) -> Path:
+    """Teach a tiny random model some English (a few seconds), so perplexities mean something."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = torch.tensor(tok(text)["input_ids"])
+    rows = ids[: len(ids) // SEQLEN * SEQLEN].view(-1, SEQLEN)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        batch = rows[torch.randint(len(rows), (16,), generator=g)]
+        model(batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, calib_file) -> tuple[Path, Path]:
+    """A tiny LLaMA that learned the comedies, and its lossy conversion (rope 8 + latent 16 of
+    the 64 KV elements)."""
+    root = tmp_path_factory.mktemp("heal")
+    src = make_model(root / "src", "llama", hidden=64, heads=4, kv_heads=2, head_dim=16, seed=5)
+    train_lm(src, calib_file.read_text())
+    student = convert(
+        ConvertOptions(
+            src=str(src),
+            dst=str(root / "mla"),
+            rope_dim=8,
+            kv_lora_rank=16,
+            calib_text=str(calib_file),
+            calib_samples=8,
+            calib_seqlen=SEQLEN,
+        )
+    )
+    return src, student
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            out.update({name: f.get_tensor(name) for name in f.keys()})
+    return out
+
+
+def heal_args(pair, dst: Path, calib_file: Path, tokens: int = 16384) -> list[str]:
+    src, student = pair
+    return [
+        "heal",
+        "--teacher",
+        str(src),
+        "--student",
+        str(student),
+        "--dst",
+        str(dst),
+        "--tokens",
+        str(tokens),
+        "--calib-text",
+        str(calib_file),
+        *HEAL,
+    ]
+
+
+def test_heal_lowers_held_out_loss_and_keeps_the_format(pair, tmp_path, calib_file):
+    src, student = pair
+    dst = tmp_path / "healed"
+    proc = run_cli(heal_args(pair, dst, calib_file))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "memory estimate on cpu" in proc.stderr and "tok/s" in proc.stderr
+    report = json.loads((dst / "transmla_report.json").read_text())["heal"]
+    figures = report["held_out_ppl"]
+    # the conversion lost quality; healing wins a real share of it back on held-out text
+    assert figures["teacher"] < figures["before"] and figures["after"] < figures["before"]
+    assert (figures["before"] - figures["after"]) > 0.2 * (figures["before"] - figures["teacher"])
+    assert report["settings"]["tokens"] >= 16384 and report["settings"]["train"] == "attention"
+    # independent check on text of another kind (a tragedy), in transformers via remote code
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(src)
+    batch = windows(tok, play_text("hamlet", "tragedies"), 128, 4096)
+    healed_ppl = perplexity(load_model(dst), batch)
+    assert healed_ppl < perplexity(load_model(student), batch)
+    # same format: same tensors, shapes and dtypes; only attention weights changed
+    before, after = tensors(student), tensors(dst)
+    assert {k: (v.shape, v.dtype) for k, v in before.items()} == {
+        k: (v.shape, v.dtype) for k, v in after.items()
+    }
+    changed = {k for k in before if not before[k].equal(after[k])}
+    assert changed and all(".self_attn." in k for k in changed)
+    config = json.loads((dst / "config.json").read_text())
+    assert config["transmla"]["heal"]["tokens"] == report["settings"]["tokens"]
+    assert "## Heal" in (dst / "README.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["healed"]  # no staging left
+
+
+HOOK = r"""
+import os, signal, sys
+from converter import cli
+from converter.heal import state
+
+after, action = int(sys.argv[1]), sys.argv[2]
+save, seen = state.HealStore.save, [0]
+
+
+def hooked(self, loop_state):
+    save(self, loop_state)
+    seen[0] += 1
+    if seen[0] == after:
+        os.kill(os.getpid(), getattr(signal, action))
+
+
+state.HealStore.save = hooked
+sys.exit(cli.main(sys.argv[3:]))
+"""
+
+
+def run_killed(tmp_path: Path, after: int, action: str, args: list[str]):
+    """The CLI, sending itself ``action`` just after its ``after``-th progress save."""
+    script = tmp_path / "hooked_heal.py"
+    script.write_text(HOOK)
+    return subprocess.run(
+        [sys.executable, str(script), str(after), action, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_resume_after_kill_gives_the_uninterrupted_result(pair, tmp_path, calib_file):
+    tokens = ["--tokens", "8192", "--eval-every", "1024"]  # 16 steps, 8 evaluations
+    straight = tmp_path / "straight"
+    proc = run_cli([*heal_args(pair, straight, calib_file), *tokens])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dst = tmp_path / "resumed"
+    args = [*heal_args(pair, dst, calib_file), *tokens, "--resume"]
+    proc = run_killed(tmp_path, 2, "SIGINT", args)  # Ctrl-C after 4 of 16 steps
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-3000:]
+    assert "rerun the same command" in proc.stderr and not dst.exists()
+    proc = run_killed(tmp_path, 3, "SIGKILL", args)  # kill -9 after 10 steps
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert "4 of 16 steps were done" in proc.stderr and not dst.exists()
+    proc = run_cli(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "10 of 16 steps were done" in proc.stderr
+    assert not resume_folder(dst).exists()
+    want, got = tensors(straight), tensors(dst)
+    assert list(want) == list(got)
+    for name in want:
+        assert got[name].equal(want[name]), name
+    want_h, got_h = (
+        [
+            {k: v for k, v in h.items() if k != "seconds"}
+            for h in json.loads((d / "transmla_report.json").read_text())["heal"]["history"]
+        ]
+        for d in (straight, dst)
+    )
+    assert got_h == want_h
+    assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in straight.iterdir())
+
+
+@pytest.fixture(scope="module")
+def other_teachers(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("others")
+    kw = dict(hidden=64, heads=4, kv_heads=2, head_dim=16)
+    return {
+        "family": make_model(root / "qwen2", "qwen2", **kw),
+        "vocabulary": make_model(root / "llama-600", "llama", vocab_size=600, **kw),
+    }
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("family", "was converted from a LlamaForCausalLM"),
+        ("vocabulary", "vocabulary of 600 tokens"),
+        ("not converted", "is not a converted checkpoint"),
+        ("short text", "heal text is too short"),
+        ("dst exists", "exists and is not empty"),
+        ("bad tokens", "--tokens 0 must be at least 1"),
+    ],
+)
+def test_bad_input_is_refused_in_one_sentence(
+    pair, other_teachers, tmp_path, calib_file, case, expected
+):
+    src, student = pair
+    dst = tmp_path / "out"
+    args = heal_args(pair, dst, calib_file)
+    if case in other_teachers:
+        args[args.index("--teacher") + 1] = str(other_teachers[case])
+    elif case == "not converted":
+        args[args.index("--student") + 1] = str(src)
+    elif case == "short text":
+        (tmp_path / "short.txt").write_text("To be, or not to be.")
+        args[args.index("--calib-text") + 1] = str(tmp_path / "short.txt")
+    elif case == "dst exists":
+        dst.mkdir()
+        (dst / "keep.txt").write_text("mine")
+    elif case == "bad tokens":
+        args[args.index("--tokens") + 1] = "0"
+    proc = run_cli(args)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    if case == "dst exists":
+        assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+    else:
+        assert not dst.exists()
+    assert not resume_folder(dst).exists()
+
+
+def test_more_tokens_than_text_means_several_passes_and_held_out_stays_out(tmp_path, pair):
+    src, _ = pair
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src)
+    data = split_text(tok, [play_text("twelfth-night")[:20000]], SEQLEN, 512, seed=3)
+    n = data.train.shape[0]
+    held = {tuple(r.tolist()) for r in data.held_out}
+    steps = data.steps(3 * n // 8 * 8 * SEQLEN, 8)  # whole steps: 3 passes, the last cut short
+    assert data.passes(steps, 8) == 3
+    seen = [tuple(r.tolist()) for s in range(steps) for r in data.batch(s, 8)]
+    assert not held & set(seen)
+    # every pass visits every training row once, in its own order
+    first, second = seen[:n], seen[n : 2 * n]
+    assert sorted(first) == sorted(second) == sorted(tuple(r.tolist()) for r in data.train)
+    assert first != second
+    assert data.batch(5, 8).equal(data.batch(5, 8))
+
+
+def test_a_run_that_cannot_fit_is_refused_before_loading(pair, tmp_path, calib_file, monkeypatch):
+    from converter.heal import memory
+
+    src, student = pair
+    monkeypatch.setattr(memory, "_available", lambda device: 1e8)
+    opts = HealOptions(
+        teacher=str(src),
+        student=str(student),
+        dst=str(tmp_path / "out"),
+        tokens=1000,
+        calib_text=str(calib_file),
+    )
+    with pytest.raises(ConversionError, match=r"heal needs an estimated .* GB on cpu but only"):
+        heal(opts)
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_then_heal_in_one_command(tmp_path, calib_file):
+    src = make_model(tmp_path / "src", "llama", hidden=64, heads=4, kv_heads=2, head_dim=16)
+    dst = tmp_path / "out"
+    proc = run_cli(
+        [
+            "--src",
+            str(src),
+            "--dst",
+            str(dst),
+            "--rope-dim",
+            "8",
+            "--kv-lora-rank",
+            "16",
+            "--calib-text",
+            str(calib_file),
+            "--calib-samples",
+            "4",
+            "--calib-seqlen",
+            "64",
+            "--heal-tokens",
+            "2048",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((dst / "transmla_report.json").read_text())
+    assert report["heal"]["settings"]["tokens"] >= 2048 and report["layers"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
