@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from transmla_testing.conversions import comedies_convert_cmd
 from transmla_testing.report import publish
 from transmla_testing.text import plays
 from transmla_vllm.checkpoint_format import REPORT_FILE
@@ -41,26 +42,7 @@ def run(cmd: list[str]) -> None:
 
 
 def convert_cmd(src: Path, dst: Path, budget: int, samples: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "converter",
-        "--src",
-        str(src),
-        "--dst",
-        str(dst),
-        "--kv-elements",
-        str(budget),
-        "--target",
-        "hf",
-        "--calib-text",
-        str(plays("comedies")),
-        "--calib-samples",
-        str(samples),
-        "--dtype",
-        "float32",
-        "--overwrite",
-    ]
+    return comedies_convert_cmd(src, dst, samples, "--kv-elements", str(budget))
 
 
 def heal_cmd(src: Path, student: Path, dst: Path, args: argparse.Namespace) -> list[str]:

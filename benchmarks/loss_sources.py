@@ -35,34 +35,10 @@ def convert(
     src: Path, dst: Path, rope: int, rank: int, method: str, fold: str, samples: int, log: Path
 ) -> float:
     """Convert with ``python -m converter``; return its conversion seconds."""
-    from transmla_testing.text import plays
+    from transmla_testing.conversions import comedies_convert_cmd
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "converter",
-        "--src",
-        str(src),
-        "--dst",
-        str(dst),
-        "--rope-dim",
-        str(rope),
-        "--kv-lora-rank",
-        str(rank),
-        "--target",
-        "hf",
-        "--method",
-        method,
-        "--freqfold",
-        fold,
-        "--calib-text",
-        str(plays("comedies")),
-        "--calib-samples",
-        str(samples),
-        "--dtype",
-        "float32",
-        "--overwrite",
-    ]
+    flags = ["--rope-dim", str(rope), "--kv-lora-rank", str(rank), "--method", method]
+    cmd = comedies_convert_cmd(src, dst, samples, *flags, "--freqfold", fold)
     print("$", shlex.join(cmd[1:]), flush=True)
     with log.open("w") as out:
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)

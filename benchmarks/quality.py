@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from transmla_testing.conversions import comedies_convert_cmd
 from transmla_testing.report import publish
 from transmla_testing.text import plays
 from transmla_vllm.checkpoint_format import CONFIG_FILE, REPORT_FILE
@@ -28,30 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def convert(
     src: Path, dst: Path, budget: int, method: str, freqfold: str | None, samples: int
 ) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "converter",
-        "--src",
-        str(src),
-        "--dst",
-        str(dst),
-        "--kv-elements",
-        str(budget),
-        "--target",
-        "hf",
-        "--method",
-        method,
-        "--calib-text",
-        str(plays("comedies")),
-        "--calib-samples",
-        str(samples),
-        "--dtype",
-        "float32",
-        "--overwrite",
-    ]
+    flags = ["--kv-elements", str(budget), "--method", method]
     if freqfold:
-        cmd += ["--freqfold", freqfold]
+        flags += ["--freqfold", freqfold]
+    cmd = comedies_convert_cmd(src, dst, samples, *flags)
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return json.loads((dst / REPORT_FILE).read_text())
