@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from converter.heal.defaults import BATCH_SIZE, LR
 from transmla_testing.conversions import comedies_convert_cmd
 from transmla_testing.report import publish
 from transmla_testing.text import plays
@@ -65,6 +66,8 @@ def heal_cmd(src: Path, student: Path, dst: Path, args: argparse.Namespace) -> l
         str(args.batch_size),
         "--lr",
         str(args.lr),
+        "--precision",
+        args.precision,
         "--calib-text",
         str(plays("comedies")),
         "--eval-text",
@@ -115,8 +118,9 @@ def main() -> int:
     p.add_argument("--budgets", default="128,192")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="heal tokens per budget")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--precision", default="auto", help="heal --precision (auto: bf16 with AMX)")
     p.add_argument("--eval-tokens", type=int, default=10240)
     p.add_argument("--eval-every", type=int, default=None, help="tokens (default tokens/8)")
     p.add_argument("--ctx", type=int, default=512, help="evaluation window = heal sequence")
@@ -174,6 +178,7 @@ def section(
     rows: list[dict], source_ppl: float, args: argparse.Namespace, wall: float
 ) -> list[str]:
     settings = rows[0]["heal"]["settings"]
+    busy = os.getloadavg()[0] > 2.5  # 2 cores: more than this script alone
     lines = [
         "## Heal: distillation after conversion (SmolLM2-135M-Instruct, CPU)",
         "",
@@ -182,14 +187,16 @@ def section(
         f"--eval-every {args.eval_every} --ctx {args.ctx}{' --reuse' if args.reuse else ''}` "
         f"({time.strftime('%Y-%m-%d')}, 2 CPU cores, script {wall / 60:.1f} min"
         + (", reusing conversions / heals already in its work dir" if args.reuse else "")
-        + f"; 1-minute load average {os.getloadavg()[0]:.1f} at the end: the machine was "
-        "shared, times are slower than on an idle one).",
+        + f"; 1-minute load average {os.getloadavg()[0]:.1f} at the end"
+        + (": the machine was shared, times are slower than on an idle one" if busy else "")
+        + ").",
         "",
         f"Conversion: `--method refit` (default), calibration on the comedies "
         f"({args.calib_samples} x 256 tokens). Heal: KL(source || converted) on the comedies in "
         f"sequences of {settings['seqlen']}, batch {settings['batch_size']}, AdamW lr "
         f"{settings['lr']} (warmup, cosine), attention weights only (MLP, norms, embeddings "
-        f"frozen), fp32. Held-out: the tragedies, {settings['held_out_tokens']} tokens in "
+        f"frozen), training matmuls in {settings.get('precision', 'fp32')} (weights fp32). "
+        f"Held-out (fp32): the tragedies, {settings['held_out_tokens']} tokens in "
         f"windows of {args.ctx} (the first windows of benchmarks/quality.py). Source PPL "
         f"**{source_ppl:.3f}**.",
         "",

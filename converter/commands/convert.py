@@ -14,6 +14,7 @@ from converter import __version__
 from converter.commands import setup_logging
 from converter.conversion.methods import DEFAULT_METHOD, METHODS
 from converter.errors import ConversionError
+from converter.heal.defaults import TRAIN_CHOICES
 
 DESCRIPTION = """\
 Convert a LLaMA / Qwen2 / Mistral checkpoint (grouped-query attention) into Multi-head Latent
@@ -173,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     heal.add_argument(
         "--heal-train",
-        choices=["attention", "all"],
+        choices=TRAIN_CHOICES,
         default="attention",
         help="weights the heal trains (default attention)",
     )

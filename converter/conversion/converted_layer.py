@@ -31,24 +31,22 @@ def converted_layer(
     return conv.to(device).eval()
 
 
-def converted_rope_and_mask(cfg: Any, seqlen: int, device: str) -> tuple[tuple, torch.Tensor]:
-    """Rope tables and causal mask of the converted layers: the same for every layer."""
+def converted_rope(cfg: Any, seqlen: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rope tables of the converted layers: the same for every layer."""
     from converter.remote_code.modeling_transmla import TransMLARotary
 
     positions = torch.arange(seqlen, device=device)[None]
-    allowed = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).tril()
-    mask = torch.zeros(seqlen, seqlen, device=device).masked_fill(
-        ~allowed, torch.finfo(torch.float32).min
-    )[None, None]
-    return TransMLARotary(cfg)(positions), mask
+    return TransMLARotary(cfg)(positions)
 
 
 class ConvertedRunner:
-    """Runs the converted layer on [B, T, D] batches with its rope and causal mask."""
+    """Runs the converted layer on [B, T, D] batches: its rope, causal attention (mask None)."""
 
-    def __init__(self, conv: nn.Module, rope_and_mask: tuple[tuple, torch.Tensor]) -> None:
+    mask = None  # the remote code's plain causal attention (its fused kernel)
+
+    def __init__(self, conv: nn.Module, rope: tuple[torch.Tensor, torch.Tensor]) -> None:
         self.conv = conv
-        self.rope, self.mask = rope_and_mask
+        self.rope = rope
 
     def layer(self, h: torch.Tensor) -> torch.Tensor:
         return self.conv(h, self.rope, self.mask, None)

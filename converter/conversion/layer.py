@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from converter.conversion.converted_layer import converted_rope_and_mask
+from converter.conversion.converted_layer import converted_rope
 from converter.conversion.methods import Method
 from converter.conversion.settings import ResolvedSettings
 from converter.conversion.source_layers import SourceLayers, batched
@@ -52,7 +52,7 @@ def convert_layer(
         freqfold=settings.freqfold,
         mla_config=mla_config,
         rope=layers.rope,
-        rope_and_mask=converted_rope_and_mask(mla_config, h_src.shape[1], layers.device),
+        conv_rope=converted_rope(mla_config, h_src.shape[1], layers.device),
         h_src=h_src,
         h_conv=h_conv,
         inputs=method.inputs,

@@ -37,7 +37,7 @@ class LayerWork:
     freqfold: int | None  # None: chosen on held-out chunks (then set by choose_freqfold)
     mla_config: Any  # DeepseekV3Config of the converted layers
     rope: tuple  # the source layer's rope tables
-    rope_and_mask: tuple  # the converted layer's rope tables and causal mask
+    conv_rope: tuple  # the converted layer's rope tables
     h_src: torch.Tensor  # source stream entering the layer [N, T, D]
     h_conv: torch.Tensor | None  # converted stream, for methods that carry it
     inputs: str  # "source" or "converted": the stream statistics come from
@@ -60,7 +60,7 @@ class LayerWork:
         """The converted layer with the assembled weights (built once, after assembly)."""
         if self._runner is None:
             conv = converted_layer(self.layer, self.mla, self.mla_config, self.index, self.device)
-            self._runner = ConvertedRunner(conv, self.rope_and_mask)
+            self._runner = ConvertedRunner(conv, self.conv_rope)
         return self._runner
 
     def source_attention(self, h: torch.Tensor) -> torch.Tensor:
@@ -166,7 +166,7 @@ def choose_freqfold(work: LayerWork) -> None:
     for fold in valid_freqfolds(work.spec.head_dim, work.rope_dim):
         mla, _ = _build(work, fold)
         conv = converted_layer(work.layer, mla, work.mla_config, work.index, work.device)
-        scores[fold] = _held_out_error(work, ConvertedRunner(conv, work.rope_and_mask))
+        scores[fold] = _held_out_error(work, ConvertedRunner(conv, work.conv_rope))
     work.freqfold, work.freqfold_scores = min(scores, key=scores.get), scores
 
 

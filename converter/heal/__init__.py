@@ -4,6 +4,7 @@ The conversion is closed-form and layer-local; a short end-to-end distillation (
 two next-token laws on real text) recovers most of what it loses. Same checkpoint format in and
 out, so the plugin serves a healed folder unchanged.
 
+    defaults.py   the command's choices and defaults (no torch: --help stays fast)
     data.py       text -> training sequences and a held-out slice kept out of every pass
     inputs.py     the teacher / student pair, checked before anything heavy
     memory.py     what a run needs, estimated up front and refused when it cannot fit
@@ -14,6 +15,13 @@ out, so the plugin serves a healed folder unchanged.
     run.py        heal() and convert-then-heal, start to end
 """
 
-from converter.heal.run import HealOptions, convert_and_heal, heal
-
 __all__ = ["HealOptions", "convert_and_heal", "heal"]
+
+
+def __getattr__(name: str):
+    """Import run.py (torch, transformers) on first use, not with converter.heal.defaults."""
+    if name in __all__:
+        from converter.heal import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

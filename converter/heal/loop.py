@@ -35,6 +35,7 @@ class TrainSettings:
     eval_every: int  # steps
     hidden_weight: float
     device: str
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast), already chosen for the device
 
 
 @dataclass
@@ -95,7 +96,7 @@ def train(
     started = time.time()
 
     def evaluate(step: int, train_kl: float | None) -> None:
-        nll = held_out_nll(student, data.held_out, cfg.device, cfg.batch_size)
+        nll = held_out_nll(student, data.held_out, cfg.device, cfg.batch_size, cfg.precision)
         state.history.append(
             {
                 "step": step,
@@ -137,7 +138,7 @@ def train(
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, steps, cfg.lr)
         ids = data.batch(step, cfg.batch_size).to(cfg.device)
-        with autocast(cfg.device):
+        with autocast(cfg.device, cfg.precision):
             with torch.no_grad():
                 t_hidden = hidden_states(teacher, ids)
             s_hidden = hidden_states(student, ids)

@@ -8,7 +8,7 @@ gradient and two AdamW moments); activations, with gradient checkpointing (every
 one layer's recomputation and its gradients) or without (every layer's activations: faster by
 one forward pass, used when that fits in half of what is free); the loss, computed over chunks
 of positions so
-only LOSS_CHUNK rows of logits exist at a time; a fixed runtime overhead. The copy of the best
+only loss_chunk() rows of logits exist at a time; a fixed runtime overhead. The copy of the best
 trained weights is kept in host RAM.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from converter.errors import ConversionError
-from converter.heal.objective import LOSS_CHUNK
+from converter.heal.objective import loss_chunk
 from converter.sources.base import SourceSpec, source_tensors
 from transmla_vllm.checkpoint_format import CheckpointLayout, layer_prefix
 
@@ -116,7 +116,9 @@ def estimate(
         "student": float(act * (n_student - n_train) + wide * n_train),
         "gradients+AdamW": float(3 * wide * n_train),
         "activations": float(activations),
-        "loss": float(6 * 4 * min(tokens, LOSS_CHUNK) * layout.vocab_size),
+        "loss": float(
+            6 * 4 * min(tokens, loss_chunk(layout.vocab_size, device)) * layout.vocab_size
+        ),
         "overhead": OVERHEAD["cpu" if device == "cpu" else "cuda"],
     }
     available = free if free is not None else _available(device)

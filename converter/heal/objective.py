@@ -2,9 +2,9 @@
 
 Loss: KL(teacher || student) of the next-token laws, averaged over every position, optionally
 plus a hidden-state term (mean squared difference of the final normed hidden states, relative
-to the teacher's mean square). The logits are made LOSS_CHUNK positions at a time inside a
-checkpoint, so a step never holds [batch, seqlen, vocab] logits (1 GB per 2048 tokens at
-Llama-3's 128k vocabulary) and their gradient, only one chunk's.
+to the teacher's mean square). The logits are made loss_chunk() positions at a time and turned
+into their gradients at once (ChunkedKL), so a step never holds [batch, seqlen, vocab] logits
+(1 GB per 2048 tokens at Llama-3's 128k vocabulary), only one chunk's.
 """
 
 from __future__ import annotations
@@ -14,16 +14,44 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-LOSS_CHUNK = 2048  # positions whose logits exist at once
+# fp32 logits that exist at once: a CPU works fastest on chunks that stay near its caches
+# (SmolLM2, 2048 positions: 6.5 s per step at 2048 positions a chunk, about 2 s at 128);
+# a GPU wants large ones
+LOSS_CHUNK_BYTES = {"cpu": 24 * 2**20, "cuda": 2**30}
 
 
-def autocast(device: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on a GPU; plain fp32 on the CPU (bf16 matmuls are slow on most CPUs)."""
-    if device == "cpu":
+def loss_chunk(vocab_size: int, device: str) -> int:
+    """Positions whose logits the loss makes at once."""
+    budget = LOSS_CHUNK_BYTES["cpu" if device == "cpu" else "cuda"]
+    return max(16, budget // (4 * vocab_size))
+
+
+def fast_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in AMX tiles (Xeon Sapphire Rapids and later), where
+    bf16 autocast makes a SmolLM2 heal step 2.4x faster; elsewhere bf16 on a CPU is slow."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe is not None and probe())
+
+
+def choose_precision(precision: str, device: str) -> str:
+    """--precision auto: bf16 autocast on a GPU and on a CPU with AMX, fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device != "cpu" or fast_cpu_bf16() else "fp32"
+
+
+def autocast(device: str, precision: str) -> contextlib.AbstractContextManager:
+    """Matmuls in bf16 (weights kept as they are) for "bf16"; nothing for "fp32"."""
+    if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return torch.autocast(device_type="cpu" if device == "cpu" else "cuda", dtype=torch.bfloat16)
+
+
+def eval_precision(device: str, precision: str) -> str:
+    """Held-out figures on a CPU are fp32 whatever the training ran in, so they compare with
+    ``converter eval`` and the benchmarks; a GPU evaluates as it trains."""
+    return "fp32" if device == "cpu" else precision
 
 
 def hidden_states(model, ids: torch.Tensor) -> torch.Tensor:
@@ -31,13 +59,47 @@ def hidden_states(model, ids: torch.Tensor) -> torch.Tensor:
     return model.model(input_ids=ids, use_cache=False).last_hidden_state
 
 
-def _chunk_kl(
-    s_hidden: torch.Tensor, t_hidden: torch.Tensor, s_head: torch.Tensor, t_head: torch.Tensor
-) -> torch.Tensor:
-    s_logp = F.linear(s_hidden, s_head).float().log_softmax(-1)
-    with torch.no_grad():
-        t_logp = F.linear(t_hidden, t_head).float().log_softmax(-1)
-    return F.kl_div(s_logp, t_logp, log_target=True, reduction="sum")
+class ChunkedKL(torch.autograd.Function):
+    """Sum over positions of KL(teacher || student), the student's gradients made in the same
+    pass.
+
+    For one position the gradient of KL with respect to the student's logits is
+    softmax(student) - softmax(teacher), so each chunk of loss_chunk() positions turns into
+    gradients for the hidden states (and for the head, when it trains) while its logits exist,
+    and nothing of them is kept: the backward pass is a multiplication, where autograd would
+    recompute the chunk's logits (two vocabulary-wide matmuls, most of a small model's step).
+    """
+
+    @staticmethod
+    def forward(ctx, s_hidden, t_hidden, s_head, t_head):  # noqa: D102
+        want_hidden, want_head = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        grad_hidden = torch.zeros_like(s_hidden) if want_hidden else None
+        wide = torch.promote_types(s_hidden.dtype, torch.float32)  # fp32, or fp64 in tests
+        grad_head = torch.zeros_like(s_head, dtype=wide) if want_head else None
+        total = torch.zeros((), dtype=wide, device=s_hidden.device)
+        chunk = loss_chunk(s_head.shape[0], s_hidden.device.type)
+        for i in range(0, s_hidden.shape[0], chunk):
+            part = slice(i, i + chunk)
+            s_logp = F.linear(s_hidden[part], s_head).to(wide).log_softmax(-1)
+            t_logp = F.linear(t_hidden[part], t_head).to(wide).log_softmax(-1)
+            t_p = t_logp.exp()
+            total += (t_p * (t_logp - s_logp)).sum()
+            if want_hidden or want_head:
+                diff = s_logp.exp_().sub_(t_p)  # d KL / d student logits
+                if want_hidden:
+                    grad_hidden[part] = diff.to(s_head.dtype) @ s_head
+                if want_head:
+                    grad_head += diff.t() @ s_hidden[part].to(wide)
+        ctx.save_for_backward(grad_hidden, grad_head)
+        ctx.head_dtype = s_head.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):  # noqa: D102
+        grad_hidden, grad_head = ctx.saved_tensors
+        hidden = None if grad_hidden is None else grad_total * grad_hidden
+        head = None if grad_head is None else (grad_total * grad_head).to(ctx.head_dtype)
+        return hidden, None, head, None
 
 
 def distill_loss(
@@ -49,11 +111,7 @@ def distill_loss(
 ) -> tuple[torch.Tensor, float]:
     """(loss to minimise, mean KL per position in nats)."""
     s, t = s_hidden.flatten(0, 1), t_hidden.detach().flatten(0, 1)
-    total = s.new_zeros((), dtype=torch.float32)
-    for i in range(0, s.shape[0], LOSS_CHUNK):
-        part = slice(i, i + LOSS_CHUNK)
-        total = total + checkpoint(_chunk_kl, s[part], t[part], s_head, t_head, use_reentrant=False)
-    kl = total / s.shape[0]
+    kl = ChunkedKL.apply(s, t, s_head, t_head) / s.shape[0]
     loss = kl
     if hidden_weight:
         scale = t.float().pow(2).mean()
@@ -62,14 +120,16 @@ def distill_loss(
 
 
 @torch.no_grad()
-def held_out_nll(model, rows: torch.Tensor, device: str, batch_size: int) -> float:
+def held_out_nll(
+    model, rows: torch.Tensor, device: str, batch_size: int, precision: str = "fp32"
+) -> float:
     """Mean next-token negative log-likelihood (nats) of ``model`` on the held-out rows."""
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
     for i in range(0, rows.shape[0], batch_size):
         ids = rows[i : i + batch_size].to(device)
-        with autocast(device):
+        with autocast(device, eval_precision(device, precision)):
             h = hidden_states(model, ids)
             logits = model.lm_head(h)[:, :-1].float()
         nll += float(F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))

@@ -20,16 +20,16 @@ from converter.conversion.device import peak_rss_bytes, pick_device
 from converter.conversion.settings import check_calibration_context
 from converter.errors import ConversionError
 from converter.heal.data import HealData, split_text
+from converter.heal.defaults import BATCH_SIZE, LR, PRECISIONS, SEQLEN, TRAIN_CHOICES
 from converter.heal.inputs import HealPair, check_pair
 from converter.heal.loop import LoopState, TrainSettings, restore, train
 from converter.heal.memory import plan_memory, trainable_names
-from converter.heal.objective import held_out_nll, ppl
+from converter.heal.objective import choose_precision, held_out_nll, ppl
 from converter.heal.output import write_healed
 from converter.heal.state import HealStore, describe_progress
 from transmla_vllm.checkpoint_format import CheckpointLayout
 
 log = logging.getLogger(__name__)
-TRAIN_CHOICES = ("attention", "all")
 EVALUATIONS = 8  # held-out evaluations during a run, when --eval-every is not given
 
 
@@ -41,10 +41,11 @@ class HealOptions:
     student: str
     dst: str
     tokens: int
-    seqlen: int = 512
-    batch_size: int = 4
-    lr: float = 1e-4
+    seqlen: int = SEQLEN
+    batch_size: int = BATCH_SIZE
+    lr: float = LR
     train: str = "attention"
+    precision: str = "auto"
     hidden_weight: float = 0.0
     eval_text: str | None = None
     eval_tokens: int = 4096
@@ -70,6 +71,7 @@ def check_options(opts: HealOptions) -> None:
         (opts.batch_size >= 1, f"--batch-size {opts.batch_size} must be at least 1"),
         (opts.lr > 0, f"--lr {opts.lr} must be positive"),
         (opts.train in TRAIN_CHOICES, f"--train must be one of {TRAIN_CHOICES}"),
+        (opts.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}"),
         (opts.hidden_weight >= 0, f"--hidden-weight {opts.hidden_weight} must be >= 0"),
         (opts.eval_tokens >= 1, f"--eval-tokens {opts.eval_tokens} must be at least 1"),
     )
@@ -97,14 +99,14 @@ def _text(opts: HealOptions, pair: HealPair) -> HealData:
     return split_text(pair.tokenizer, documents, opts.seqlen, opts.eval_tokens, held, opts.seed)
 
 
-def _load(pair: HealPair, train: str, device: str, checkpointing: bool = True):
-    """Teacher (frozen) and student, fp32 on cpu; bf16 on a GPU with the trained weights kept
-    in fp32 (autocast runs the matmuls in bf16)."""
+def _load(pair: HealPair, train: str, device: str, precision: str, checkpointing: bool = True):
+    """Teacher (frozen) and student: fp32 on a CPU (bf16 autocast casts as it goes); bf16 on a
+    GPU when training in bf16, with the trained weights kept in fp32."""
     from transformers import AutoModelForCausalLM
 
     from converter.remote_code.modeling_transmla import TransMLAForCausalLM
 
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = torch.bfloat16 if device != "cpu" and precision == "bf16" else torch.float32
     teacher = AutoModelForCausalLM.from_pretrained(pair.teacher, dtype=dtype).to(device).eval()
     teacher.requires_grad_(False)
     student = TransMLAForCausalLM.from_pretrained(pair.student, dtype=dtype).to(device)
@@ -140,6 +142,7 @@ def _fingerprint(opts: HealOptions, pair: HealPair, data: HealData, device: str)
         "text tokens": digest(data.train.numpy().tobytes() + data.held_out.numpy().tobytes()),
         "settings": digest(json.dumps(settings, sort_keys=True)),
         "device": device,
+        "precision": choose_precision(opts.precision, device),
     }
 
 
@@ -158,6 +161,15 @@ def heal(opts: HealOptions) -> Path:
     check_calibration_context(opts.seqlen, pair.spec, "--seqlen")
     data = _text(opts, pair)
     device = pick_device(opts.device)
+    precision = choose_precision(opts.precision, device)
+    log.info(
+        "training in %s on %s%s",
+        precision,
+        device,
+        " (--precision auto: this CPU has AMX bf16 tiles)"
+        if opts.precision == "auto" and device == "cpu" and precision == "bf16"
+        else "",
+    )
     layout = CheckpointLayout.from_config(pair.student_config)
     memory = plan_memory(pair.spec, layout, opts.train, opts.batch_size, opts.seqlen, device)
     log.info("%s", memory.describe())
@@ -180,8 +192,9 @@ def heal(opts: HealOptions) -> Path:
         eval_every=max(1, every // (opts.batch_size * opts.seqlen)),
         hidden_weight=opts.hidden_weight,
         device=device,
+        precision=precision,
     )
-    teacher, student = _load(pair, opts.train, device, memory.checkpointing)
+    teacher, student = _load(pair, opts.train, device, precision, memory.checkpointing)
     folder = (
         (lambda d, o: resumable_folder(d, o, describe_progress)) if opts.resume else staging_folder
     )
@@ -192,7 +205,9 @@ def heal(opts: HealOptions) -> Path:
             log.info("resuming from %s: %d of %d steps were done", tmp, state.step, steps)
         else:
             state = LoopState()
-            state.teacher_nll = held_out_nll(teacher, data.held_out, device, opts.batch_size)
+            state.teacher_nll = held_out_nll(
+                teacher, data.held_out, device, opts.batch_size, precision
+            )
             log.info("teacher held-out PPL %.3f", ppl(state.teacher_nll))
         state = train(student, teacher, data, cfg, state, store.save if store else None)
         restore(student, state.best)
@@ -236,6 +251,7 @@ def _summary(
             "held_out": Path(opts.eval_text).name if opts.eval_text else "last 1/10 of the text",
             "held_out_tokens": int(data.held_out.numel()),
             "device": device,
+            "precision": cfg.precision,
             "seed": opts.seed,
             "converter_version": __version__,
         },

@@ -46,6 +46,20 @@ def fp8_round_trip(x: torch.Tensor, fp8: torch.dtype, scale: float = 1.0) -> tor
     return (stored.float() * scale).to(x.dtype)
 
 
+def causal_mask(
+    seq: int, past: int, attention_mask: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """Additive mask [B or 1, 1, seq, past + seq]: causal, and padding masked out."""
+    total = past + seq
+    q_pos = torch.arange(past, total, device=device)
+    k_pos = torch.arange(total, device=device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :total].bool()
+    mask = torch.zeros(allowed.shape, dtype=torch.float32, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
 class TransMLARMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -206,10 +220,20 @@ class TransMLAAttention(nn.Module):
         k = torch.cat((k_nope, k_pe), dim=-1)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scaling + mask
-        probs = scores.softmax(dim=-1).to(v.dtype)
-        out = torch.matmul(probs, v).transpose(1, 2).reshape(bsz, seq, -1)
-        return self.o_proj(out)
+        # torch's fused attention keeps no [T, T] scores for the backward pass (heal trains
+        # here); its flash kernels want one head size, so the values are zero-padded to the keys'
+        if mask is not None:  # finite in every dtype, so a fully masked (padding) row stays finite
+            mask = mask.to(q.dtype).clamp_min(torch.finfo(q.dtype).min)
+        pad = q.shape[-1] - self.v_dim
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            F.pad(v, (0, pad)) if pad > 0 else v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=self.scaling,
+        )[..., : self.v_dim]
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))
 
     def fp8_cache_attention(self, q_nope, q_pe, latent, k_pe, rope, mask, past_key_values):
         """Attention as vLLM's MLA decode computes it over an fp8 KV cache (evaluation only).
@@ -233,6 +257,8 @@ class TransMLAAttention(nn.Module):
         if self.fp8_query:  # vLLM quantizes the query to e4m3 whatever the cache format
             q = fp8_round_trip(q, torch.float8_e4m3fn)
         keys = torch.cat((latent, k_pe), dim=-1)
+        if mask is None:
+            mask = causal_mask(seq, 0, None, q.device)
         scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * self.scaling + mask
         probs = scores.softmax(dim=-1).to(latent.dtype)
         out = torch.einsum("bhtr,hvr->bthv", torch.matmul(probs, latent), w_uv)
@@ -366,13 +392,9 @@ class TransMLAModel(TransMLAPreTrainedModel):
                 position_ids = pos_all[:, past:total]
             else:
                 position_ids = torch.arange(past, total, device=device)[None].expand(bsz, -1)
-        q_pos = torch.arange(past, total, device=device)
-        k_pos = torch.arange(total, device=device)
-        allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]
-        if attention_mask is not None:
-            allowed = allowed & attention_mask[:, None, None, :total].bool()
-        mask = torch.zeros(allowed.shape, dtype=torch.float32, device=device)
-        mask = mask.masked_fill(~allowed, torch.finfo(torch.float32).min)
+        # None: plain causal attention over the new tokens alone (training, evaluation)
+        plain = attention_mask is None and past == 0
+        mask = None if plain else causal_mask(seq, past, attention_mask, device)
         rope = self.rotary(position_ids)
         x = inputs_embeds
         for layer in self.layers:

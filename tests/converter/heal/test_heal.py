@@ -94,10 +94,11 @@ def heal_args(pair, dst: Path, calib_file: Path, tokens: int = 16384) -> list[st
     ]
 
 
-def test_heal_lowers_held_out_loss_and_keeps_the_format(pair, tmp_path, calib_file):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_heal_lowers_held_out_loss_and_keeps_the_format(pair, tmp_path, calib_file, precision):
     src, student = pair
     dst = tmp_path / "healed"
-    proc = run_cli(heal_args(pair, dst, calib_file))
+    proc = run_cli([*heal_args(pair, dst, calib_file), "--precision", precision])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "memory estimate on cpu" in proc.stderr and "tok/s" in proc.stderr
     report = json.loads((dst / "transmla_report.json").read_text())["heal"]
@@ -106,6 +107,9 @@ def test_heal_lowers_held_out_loss_and_keeps_the_format(pair, tmp_path, calib_fi
     assert figures["teacher"] < figures["before"] and figures["after"] < figures["before"]
     assert (figures["before"] - figures["after"]) > 0.2 * (figures["before"] - figures["teacher"])
     assert report["settings"]["tokens"] >= 16384 and report["settings"]["train"] == "attention"
+    assert (
+        report["settings"]["precision"] == precision and f"training in {precision}" in proc.stderr
+    )
     # independent check on text of another kind (a tragedy), in transformers via remote code
     tok = __import__("transformers").AutoTokenizer.from_pretrained(src)
     batch = windows(tok, play_text("hamlet", "tragedies"), 128, 4096)
