@@ -24,7 +24,7 @@ import torch
 from quality import convert  # the quality benchmark's conversion command (same folder)
 
 from transmla_testing.report import publish
-from transmla_testing.text import plays
+from transmla_testing.tragedies import add_common_args, tragedies
 from transmla_vllm.checkpoint_format import CONFIG_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,35 +89,18 @@ def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--workdir", default=str(ROOT / ".cache" / "fp8_cache"))
-    p.add_argument(
-        "--budgets",
-        default="128,192,320,384",
-        help="KV elements per token and layer (384: SmolLM2's full rank, latent 320 + rope 64)",
-    )
-    p.add_argument("--calib-samples", type=int, default=64)
-    p.add_argument("--eval-tokens", type=int, default=10240)
-    p.add_argument("--ctx", type=int, default=512)
+    # 384: SmolLM2's full rank, latent 320 + rope 64
+    add_common_args(p, ROOT / ".cache" / "fp8_cache", "128,192,320,384", 10240)
     p.add_argument("--range-windows", type=int, default=4, help="windows for the range table")
     p.add_argument("--method", default="refit:auto", help="method[:freqfold] to convert with")
-    p.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
     args = p.parse_args()
 
-    from converter.calibration.text import read_calibration_text
-    from converter.checkpoint.source import load_tokenizer
-    from converter.measure.perplexity import load_model, perplexity, windows
-    from converter.sources.bundled import materialize_smollm2
+    from converter.measure.perplexity import load_model, perplexity
 
-    torch.manual_seed(0)
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    src = materialize_smollm2(work / "SmolLM2-135M-Instruct")
-    tok = load_tokenizer(src)
-    batch = windows(tok, read_calibration_text(plays("tragedies"))[0], args.ctx, args.eval_tokens)
-    tokens = batch.shape[0] * (batch.shape[1] - 1)
     started = time.time()
-    ppl_src = perplexity(load_model(src), batch)
-    print(f"source PPL {ppl_src:.3f} over {tokens} tokens", flush=True)
+    setup = tragedies(args)
+    work, src, batch, tokens = setup.work, setup.src, setup.batch, setup.tokens
+    ppl_src = setup.source_ppl
     method, _, fold = args.method.partition(":")
     rows, layer_ranges = [], {}
     for budget in (int(b) for b in args.budgets.split(",")):

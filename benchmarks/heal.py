@@ -7,6 +7,8 @@ For each KV budget: convert (refit, the default), then `python -m converter heal
 tragedies as its held-out text, so the run's own evaluations give the curve of held-out PPL
 against heal tokens (docs/img/heal.png). The kept checkpoint is the best of those evaluations;
 the table gives the last one too, so any selection effect on the evaluation text is visible.
+The methods of ``--compare`` (the published `transmla`, the layer-wise `refit-recon`) are
+converted at each budget and scored on the same windows, for the table of every stage.
 
     python benchmarks/heal.py                      # writes the "heal" section of docs/benchmarks.md
     python benchmarks/heal.py --budgets 128 --tokens 16384 --no-write   # quicker look
@@ -26,6 +28,7 @@ from converter.heal.defaults import BATCH_SIZE, LR
 from transmla_testing.conversions import comedies_convert_cmd
 from transmla_testing.report import publish
 from transmla_testing.text import plays
+from transmla_testing.tragedies import add_common_args, tragedies
 from transmla_vllm.checkpoint_format import REPORT_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,8 +45,26 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def convert_cmd(src: Path, dst: Path, budget: int, samples: int) -> list[str]:
-    return comedies_convert_cmd(src, dst, samples, "--kv-elements", str(budget))
+def convert_cmd(
+    src: Path, dst: Path, budget: int, samples: int, method: str = "refit"
+) -> list[str]:
+    return comedies_convert_cmd(src, dst, samples, "--kv-elements", str(budget), "--method", method)
+
+
+def compare(setup, budget: int, args: argparse.Namespace) -> dict[str, dict]:
+    """The other methods at this budget, converted the same way and scored on the same
+    windows as the heal's held-out figures: {method: {"ppl", "convert_s"}}."""
+    from converter.measure.perplexity import load_model, perplexity
+
+    out = {}
+    for method in filter(None, args.compare.split(",")):
+        dst = setup.work / f"smollm2-{method}-{budget}"
+        if not (args.reuse and (dst / REPORT_FILE).is_file()):
+            run(convert_cmd(setup.src, dst, budget, args.calib_samples, method))
+        seconds = json.loads((dst / REPORT_FILE).read_text())["seconds"]
+        out[method] = {"ppl": perplexity(load_model(dst), setup.batch), "convert_s": seconds}
+        print(f"budget {budget} {method}: PPL {out[method]['ppl']:.3f}", flush=True)
+    return out
 
 
 def heal_cmd(src: Path, student: Path, dst: Path, args: argparse.Namespace) -> list[str]:
@@ -97,12 +118,22 @@ def plot(rows: list[dict], source_ppl: float, path: Path) -> None:
         )
         if r["budget"] in TARGETS:
             ax.axhline(TARGETS[r["budget"]], color=line.get_color(), ls=":", lw=1)
+        if "refit-recon" in r.get("compare", {}):  # the layer-wise stage, no heal
+            recon = r["compare"]["refit-recon"]["ppl"]
+            ax.plot(0, recon, marker="s", color=line.get_color(), ls="none")
+            ax.annotate(
+                f"refit-recon {recon:.2f}",
+                (0, recon),
+                textcoords="offset points",
+                xytext=(6, 4),
+                fontsize=8,
+            )
     ax.axhline(
         source_ppl, color="black", ls="--", lw=1, label=f"source (GQA, 384): {source_ppl:.2f}"
     )
     ax.set_xlabel("heal tokens")
     ax.set_ylabel("held-out PPL (tragedies)")
-    ax.set_title("SmolLM2-135M-Instruct: heal after conversion (dotted: targets)")
+    ax.set_title("SmolLM2-135M-Instruct: heal after refit (dotted: targets; square: refit-recon)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -114,31 +145,28 @@ def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--workdir", default=str(ROOT / ".cache" / "heal"))
-    p.add_argument("--budgets", default="128,192")
-    p.add_argument("--calib-samples", type=int, default=64)
+    add_common_args(p, ROOT / ".cache" / "heal", "128,192", 10240)
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="heal tokens per budget")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--lr", type=float, default=LR)
     p.add_argument("--precision", default="auto", help="heal --precision (auto: bf16 with AMX)")
-    p.add_argument("--eval-tokens", type=int, default=10240)
     p.add_argument("--eval-every", type=int, default=None, help="tokens (default tokens/8)")
-    p.add_argument("--ctx", type=int, default=512, help="evaluation window = heal sequence")
+    p.add_argument(
+        "--compare",
+        default="transmla,refit-recon",
+        help="other conversion methods scored at each budget (comma-separated; '' for none)",
+    )
     p.add_argument(
         "--reuse",
         action="store_true",
         help="keep conversions and heals already in the work dir (their recorded times are used)",
     )
-    p.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
     args = p.parse_args()
     args.eval_every = args.eval_every or max(1, args.tokens // 8)
 
-    from converter.sources.bundled import materialize_smollm2
-
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    src = materialize_smollm2(work / "SmolLM2-135M-Instruct")
     started = time.time()
+    setup = tragedies(args)  # evaluation windows = the heal's held-out rows (--ctx = --seqlen)
+    work, src = setup.work, setup.src
     rows = []
     for budget in (int(b) for b in args.budgets.split(",")):
         converted, healed = work / f"smollm2-{budget}", work / f"smollm2-{budget}-healed"
@@ -157,6 +185,7 @@ def main() -> int:
             "heal_s": heal_s,
             "convert_rss_gb": conversion["peak_rss_bytes"] / 1e9,
             "heal": report["heal"],
+            "compare": compare(setup, budget, args),
         }
         figures = report["heal"]["held_out_ppl"]
         print(
@@ -226,6 +255,27 @@ def section(
             f"{st['tokens']:,} ({st['passes']}) | {r['convert_s']:.0f} | {r['heal_s']:.0f} | "
             f"{total:.1f} | {r['convert_rss_gb']:.2f} / {h['peak_rss_bytes'] / 1e9:.2f} |"
         )
+    if any(r.get("compare") for r in rows):
+        lines += [
+            "",
+            "The same windows, every method at each budget (source, the published method, "
+            "`refit` (the default), `+ layer-wise` (`refit-recon`), `+ heal` (refit, then the "
+            "heal above)):",
+            "",
+            "| KV elements | method | PPL | vs source | convert s |",
+            "|---|---|---|---|---|",
+        ]
+        for r in rows:
+            h = r["heal"]["held_out_ppl"]
+            entries = [("source (GQA)", source_ppl, None)]
+            entries += [(m, c["ppl"], c["convert_s"]) for m, c in r["compare"].items()]
+            entries += [("refit", h["before"], r["convert_s"]), ("refit + heal", h["after"], None)]
+            entries.sort(key=lambda e: -e[1])
+            for name, value, secs in entries:
+                lines.append(
+                    f"| {r['budget']} | {name} | {value:.3f} | {value / source_ppl - 1:+.1%} | "
+                    f"{'-' if secs is None else f'{secs:.0f}'} |"
+                )
     lines += [
         "",
         "![held-out PPL against heal tokens](img/heal.png)",

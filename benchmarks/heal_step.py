@@ -54,7 +54,7 @@ def time_step(teacher, student, opt, ids, precision: str) -> dict[str, float]:
     opt.step()
     opt.zero_grad(set_to_none=True)
     marks.append(time.perf_counter())
-    return {part: b - a for part, a, b in zip(PARTS, marks, marks[1:], strict=True)}
+    return {part: b - a for part, a, b in zip(PARTS, marks[:-1], marks[1:], strict=True)}
 
 
 def main() -> int:

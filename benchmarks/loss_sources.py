@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from transmla_testing.tragedies import add_common_args, tragedies
 from transmla_vllm.checkpoint_format import REPORT_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,40 +50,21 @@ def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--workdir", default=str(ROOT / ".cache" / "quality"))
-    p.add_argument("--budgets", default="128,192,320")
-    p.add_argument("--calib-samples", type=int, default=64)
-    p.add_argument("--eval-tokens", type=int, default=10240)
-    p.add_argument("--ctx", type=int, default=512)
+    add_common_args(p, ROOT / ".cache" / "quality", "128,192,320", 10240)
     p.add_argument("--method", default="refit", help="conversion method of every row")
-    p.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
     args = p.parse_args()
 
-    import torch
-
-    from converter.calibration.text import read_calibration_text
-    from converter.checkpoint.source import load_tokenizer, read_config
+    from converter.checkpoint.source import read_config
     from converter.conversion.settings import resolve_settings
     from converter.math.kv_pca import max_rank
-    from converter.measure.perplexity import load_model, perplexity, windows
+    from converter.measure.perplexity import load_model, perplexity
     from converter.sources.base import inspect_source
-    from converter.sources.bundled import materialize_smollm2
     from transmla_testing.report import publish
-    from transmla_testing.text import plays
 
-    torch.manual_seed(0)
     started = time.time()
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    src = materialize_smollm2(work / "SmolLM2-135M-Instruct")
+    setup = tragedies(args)
+    work, src, batch, tokens = setup.work, setup.src, setup.batch, setup.tokens
     spec = inspect_source(read_config(src))
-    batch = windows(
-        load_tokenizer(src),
-        read_calibration_text(plays("tragedies"))[0],
-        args.ctx,
-        args.eval_tokens,
-    )
-    tokens = batch.shape[0] * (batch.shape[1] - 1)
     # PPLs of earlier runs with the same protocol are reused (one conversion + PPL is minutes)
     cache = work / "loss_sources.json"
     protocol = f"{args.method}/{args.calib_samples}/{args.eval_tokens}/{args.ctx}"
@@ -94,10 +76,7 @@ def main() -> int:
         cache.write_text(json.dumps({**stored, protocol: scored}, indent=2))
         return value
 
-    if "source" not in scored:
-        remember("source", perplexity(load_model(src), batch))
-    ppl_src = scored["source"]
-    print(f"source PPL {ppl_src:.3f} over {tokens} tokens", flush=True)
+    ppl_src = setup.source_ppl
 
     def ppl(rope: int, rank: int) -> float:
         key = f"{rope}+{rank}"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from transmla_testing.conversions import comedies_convert_cmd
 from transmla_testing.report import publish
-from transmla_testing.text import plays
+from transmla_testing.tragedies import add_common_args, tragedies
 from transmla_vllm.checkpoint_format import CONFIG_FILE, REPORT_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,36 +42,20 @@ def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--workdir", default=str(ROOT / ".cache" / "quality"))
-    p.add_argument("--budgets", default="128,192,320")
-    p.add_argument("--calib-samples", type=int, default=64)
-    p.add_argument("--eval-tokens", type=int, default=20480)
-    p.add_argument("--ctx", type=int, default=512)
+    add_common_args(p, ROOT / ".cache" / "quality", "128,192,320", 20480)
     p.add_argument(
         "--ours",
         default="refit",
         help="method (and ':auto' for --freqfold auto) compared with transmla",
     )
-    p.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
     args = p.parse_args()
 
-    import torch
+    from converter.measure.perplexity import load_model, perplexity
 
-    from converter.calibration.text import read_calibration_text
-    from converter.checkpoint.source import load_tokenizer
-    from converter.measure.perplexity import load_model, perplexity, windows
-    from converter.sources.bundled import materialize_smollm2
-
-    torch.manual_seed(0)
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    src = materialize_smollm2(work / "SmolLM2-135M-Instruct")
-    tok = load_tokenizer(src)
-    batch = windows(tok, read_calibration_text(plays("tragedies"))[0], args.ctx, args.eval_tokens)
-    tokens = batch.shape[0] * (batch.shape[1] - 1)
     started = time.time()
-    ppl_src = perplexity(load_model(src), batch)
-    print(f"source PPL {ppl_src:.3f} over {tokens} tokens", flush=True)
+    setup = tragedies(args)
+    work, src, batch, tokens = setup.work, setup.src, setup.batch, setup.tokens
+    ppl_src = setup.source_ppl
     ours, _, ours_fold = args.ours.partition(":")
     rows = []
     for budget in (int(b) for b in args.budgets.split(",")):

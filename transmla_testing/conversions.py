@@ -1,5 +1,6 @@
-"""The conversion command the Shakespeare benchmarks share (quality, fp8_cache, heal,
-loss_sources): calibrate on the comedies, fp32, any shape (--target hf), overwriting."""
+"""Conversions the benchmarks and tests share: the Shakespeare benchmarks' command (quality,
+fp8_cache, heal, loss_sources: calibrate on the comedies, fp32, any shape, overwriting), and
+the logit error against rank that the exactness tests of every family check."""
 
 from __future__ import annotations
 
@@ -30,3 +31,36 @@ def comedies_convert_cmd(src: Path, dst: Path, samples: int, *flags: str) -> lis
         "--overwrite",
         *flags,
     ]
+
+
+def logit_errors_by_rank(
+    src: Path, work: Path, calib_file: Path, ranks: tuple[int, ...], rope_dim: int = 16
+) -> list[float]:
+    """Relative logit error of ``src`` converted at each latent rank (FreqFold 1, 8 x 64
+    calibration tokens), against the source in transformers, on fixed random ids."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from converter.conversion.pipeline import ConvertOptions, convert
+
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    ids = torch.randint(3, 512, (2, 96), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(ids).logits
+    errors = []
+    for rank in ranks:
+        options = ConvertOptions(
+            src=str(src),
+            dst=str(work / f"r{rank}"),
+            rope_dim=rope_dim,
+            freqfold=1,
+            kv_lora_rank=rank,
+            calib_text=str(calib_file),
+            calib_samples=8,
+            calib_seqlen=64,
+        )
+        dst = convert(options)
+        mla = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32, trust_remote_code=True)
+        with torch.no_grad():
+            errors.append(float((mla(ids).logits - want).norm() / want.norm()))
+    return errors

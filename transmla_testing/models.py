@@ -167,3 +167,14 @@ def edit_tensors(folder: Path, file: str, edit) -> None:
     edit(state)
     path.unlink()  # may be a symlink into a module fixture
     save_file(state, path, metadata={"format": "pt"})
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder's safetensors shards, in shard order."""
+    from safetensors import safe_open
+
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            out.update({name: f.get_tensor(name) for name in f.keys()})
+    return out

@@ -64,6 +64,31 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def read_progress(folder: Path, progress: str, blob_key: str, what: str) -> tuple[dict, dict]:
+    """(the progress file, the torch file it names under ``blob_key``); one sentence naming
+    ``what`` (whose progress) when either cannot be read."""
+    try:
+        saved = json.loads((folder / progress).read_text())
+        blob = torch.load(folder / saved[blob_key], map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ConversionError(
+            f"the {what} in {folder} cannot be read ({exc}); delete that folder to start over"
+        ) from exc
+    return saved, blob
+
+
+def fingerprint_differences(saved: dict, current: dict) -> list[str]:
+    """Names of the fingerprint entries an earlier run recorded differently (or not at all)."""
+    return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+
+
+def empty_folder(folder: Path, keep: set[str] = frozenset()) -> None:
+    """Remove everything in a resume folder but its lock and ``keep``."""
+    for entry in folder.iterdir():
+        if entry.name != LOCK and entry.name not in keep:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
 class ResumeState:
     """Progress of one conversion in its resume folder, tied to the settings' fingerprint."""
 
@@ -74,27 +99,11 @@ class ResumeState:
         """The recorded progress; refuses other settings. With none recorded (a run stopped
         before its first layer finished) the folder is emptied and None returned, so no file of
         that run (a shard of another layout, say) can end up in the checkpoint."""
-        path = self.folder / PROGRESS
-        if not path.is_file():
-            for entry in self.folder.iterdir():
-                if entry.name != LOCK:
-                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        if not (self.folder / PROGRESS).is_file():
+            empty_folder(self.folder)
             return None
-        try:
-            saved = json.loads(path.read_text())
-            stream = torch.load(
-                self.folder / saved["stream"], map_location="cpu", weights_only=True
-            )
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise ConversionError(
-                f"the progress in {self.folder} cannot be read ({exc}); "
-                "delete that folder to start over"
-            ) from exc
-        differ = sorted(
-            k
-            for k in set(saved["fingerprint"]) | set(self.fingerprint)
-            if saved["fingerprint"].get(k) != self.fingerprint.get(k)
-        )
+        saved, stream = read_progress(self.folder, PROGRESS, "stream", "progress")
+        differ = fingerprint_differences(saved["fingerprint"], self.fingerprint)
         if differ:
             raise ConversionError(
                 f"the progress in {self.folder} ({_layers(saved['layers_done'])} done) was made "

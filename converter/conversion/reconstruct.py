@@ -57,7 +57,9 @@ class Reconstruct:
     init (nothing to fix) is returned bit for bit. Minibatch order comes from ``seed`` only.
     """
 
-    epochs: int = 1
+    # 3 epochs: SmolLM2 at 128 KV elements, PPL 33.23 in 139 s against refit's 36.30 in 70 s
+    # (1 epoch: 34.60 in 97 s; 2 at lr 5e-3: 33.83; 4 at lr 5e-3: 33.41 in 169 s)
+    epochs: int = 3
     chunks_per_step: int = 2
     lr: float = 1e-2  # Adam step, relative to each tensor's RMS
     warmup: float = 0.1  # fraction of the steps with a linear ramp (Adam's first steps are noisy)

@@ -9,12 +9,16 @@ conversion's (converter/checkpoint/resume.py, whose folder, lock and publishing 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
-from converter.checkpoint.resume import LOCK, _write_atomic
+from converter.checkpoint.resume import (
+    _write_atomic,
+    empty_folder,
+    fingerprint_differences,
+    read_progress,
+)
 from converter.errors import ConversionError
 from converter.heal.loop import LoopState
 
@@ -29,30 +33,18 @@ class HealStore:
     def load(self) -> LoopState | None:
         """The saved state, or None (and an emptied folder) when there is none; anything else
         in the folder (output files of a run killed while writing them) is removed."""
-        path = self.folder / PROGRESS
-        if not path.is_file():
-            self._remove_except(set())
+        if not (self.folder / PROGRESS).is_file():
+            empty_folder(self.folder)
             return None
-        try:
-            saved = json.loads(path.read_text())
-            blob = torch.load(self.folder / saved["state"], map_location="cpu", weights_only=True)
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise ConversionError(
-                f"the heal progress in {self.folder} cannot be read ({exc}); delete that folder "
-                "to start over"
-            ) from exc
-        differ = sorted(
-            k
-            for k in set(saved["fingerprint"]) | set(self.fingerprint)
-            if saved["fingerprint"].get(k) != self.fingerprint.get(k)
-        )
+        saved, blob = read_progress(self.folder, PROGRESS, "state", "heal progress")
+        differ = fingerprint_differences(saved["fingerprint"], self.fingerprint)
         if differ:
             raise ConversionError(
                 f"the heal progress in {self.folder} (step {saved['step']}) was made with a "
                 f"different {', '.join(differ)}; rerun with the same inputs and settings to "
                 "continue it, or delete that folder to start over"
             )
-        self._remove_except({PROGRESS, saved["state"]})
+        empty_folder(self.folder, keep={PROGRESS, saved["state"]})
         return LoopState(
             step=saved["step"],
             best_nll=saved["best_nll"],
@@ -89,11 +81,6 @@ class HealStore:
         """Remove the progress before the finished folder is published."""
         for path in [self.folder / PROGRESS, *self.folder.glob(f"{STATE_PREFIX}*")]:
             path.unlink(missing_ok=True)
-
-    def _remove_except(self, keep: set[str]) -> None:
-        for entry in self.folder.iterdir():
-            if entry.name != LOCK and entry.name not in keep:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
 def describe_progress(folder: Path) -> str:

@@ -9,11 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from safetensors import safe_open
 
 from converter.checkpoint.resume import resume_folder
 from transmla_testing.hooked import run_cli, run_hooked
-from transmla_testing.models import make_model
+from transmla_testing.models import make_model, read_tensors
 
 LAYERS = 4
 
@@ -33,12 +32,18 @@ def run(
     return run_hooked(tmp_path, f"write:{stop_at}", sig, args)
 
 
-def tensors(folder: Path) -> dict:
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            out.update({name: f.get_tensor(name) for name in f.keys()})
-    return out
+def calibrated(src: Path, calib_file: Path, samples: int) -> list[str]:
+    """CLI flags: convert ``src``, calibrating on ``samples`` x 32 tokens of ``calib_file``."""
+    return [
+        "--src",
+        str(src),
+        "--calib-text",
+        str(calib_file),
+        "--calib-samples",
+        str(samples),
+        "--calib-seqlen",
+        "32",
+    ]
 
 
 def layers_done(dst: Path) -> int:
@@ -48,14 +53,7 @@ def layers_done(dst: Path) -> int:
 @pytest.mark.parametrize("method", ["refit", "sequential-global"])
 def test_stopped_runs_resume_to_the_same_checkpoint(src, tmp_path, calib_file, method):
     common = [
-        "--src",
-        str(src),
-        "--calib-text",
-        str(calib_file),
-        "--calib-samples",
-        "6",
-        "--calib-seqlen",
-        "32",
+        *calibrated(src, calib_file, 6),
         "--rope-dim",
         "8",
         "--kv-lora-rank",
@@ -88,7 +86,7 @@ def test_stopped_runs_resume_to_the_same_checkpoint(src, tmp_path, calib_file, m
     assert "(with the interrupted runs)" in proc.stderr
     assert not resume_folder(dst).exists()
     assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in straight.iterdir())
-    want, got = tensors(straight), tensors(dst)
+    want, got = read_tensors(straight), read_tensors(dst)
     assert list(want) == list(got) and len(list(dst.glob("*.safetensors"))) > 1
     for name, tensor in want.items():
         assert got[name].equal(tensor), name
@@ -101,18 +99,7 @@ def test_stopped_runs_resume_to_the_same_checkpoint(src, tmp_path, calib_file, m
 def test_resume_refuses_other_settings_and_plain_runs_leave_progress_alone(
     src, tmp_path, calib_file
 ):
-    common = [
-        "--src",
-        str(src),
-        "--calib-text",
-        str(calib_file),
-        "--calib-samples",
-        "4",
-        "--calib-seqlen",
-        "32",
-        "--kv-lora-rank",
-        "24",
-    ]
+    common = [*calibrated(src, calib_file, 4), "--kv-lora-rank", "24"]
     dst = tmp_path / "out"
     proc = run(
         tmp_path, [*common, "--dst", str(dst), "--rope-dim", "8", "--resume"], stop_at=1 + 9 + 2
@@ -135,14 +122,7 @@ def test_a_run_stopped_before_its_first_layer_leaves_nothing_behind(src, tmp_pat
     """No progress recorded: the next --resume run starts clean, so shards of the stopped run's
     layout (here 200 KB shards) cannot end up next to the new ones."""
     common = [
-        "--src",
-        str(src),
-        "--calib-text",
-        str(calib_file),
-        "--calib-samples",
-        "4",
-        "--calib-seqlen",
-        "32",
+        *calibrated(src, calib_file, 4),
         "--rope-dim",
         "8",
         "--kv-lora-rank",
@@ -165,14 +145,7 @@ def test_qwen3_moe_resumes_to_the_same_checkpoint(tmp_path, calib_file):
     done, SIGKILL inside layer 1 (dense MLP), the next run finishes bit for bit."""
     src = make_model(tmp_path / "src", "qwen3_moe", tied=False)
     common = [
-        "--src",
-        str(src),
-        "--calib-text",
-        str(calib_file),
-        "--calib-samples",
-        "4",
-        "--calib-seqlen",
-        "32",
+        *calibrated(src, calib_file, 4),
         "--rope-dim",
         "8",
         "--kv-lora-rank",
@@ -190,7 +163,7 @@ def test_qwen3_moe_resumes_to_the_same_checkpoint(tmp_path, calib_file):
     assert layers_done(dst) == 1
     proc = run(tmp_path, args)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    want, got = tensors(straight), tensors(dst)
+    want, got = read_tensors(straight), read_tensors(dst)
     assert list(want) == list(got) and "model.layers.0.mlp.experts.3.down_proj.weight" in got
     for name, tensor in want.items():
         assert got[name].equal(tensor), name

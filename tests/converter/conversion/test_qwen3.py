@@ -15,6 +15,7 @@ from converter.calibration.chunks import token_chunks
 from converter.calibration.text import read_calibration_text
 from converter.conversion.pipeline import ConvertOptions, convert
 from converter.measure.perplexity import load_model
+from transmla_testing.conversions import logit_errors_by_rank
 from transmla_testing.models import edit_tensors, make_model
 
 HEADS, KV_HEADS, HEAD_DIM, HIDDEN = 4, 2, 16, 64
@@ -93,27 +94,7 @@ def test_logit_error_falls_as_rank_grows(tmp_path, calib_file):
         tmp_path / "src", "qwen3", heads=HEADS, kv_heads=KV_HEADS, seed=5, init=(0.1, 0.6, 0.6, 0.6)
     )  # gentle weights: errors stay in the linear regime
     edit_tensors(src, "model.safetensors", _soften_queries)
-    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    ids = torch.randint(3, 512, (2, 96), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = ref(ids).logits
-    errors = []
-    for rank in (4, 12, 28, 48):
-        dst = convert(
-            ConvertOptions(
-                src=str(src),
-                dst=str(tmp_path / f"r{rank}"),
-                rope_dim=16,
-                freqfold=1,
-                kv_lora_rank=rank,
-                calib_text=str(calib_file),
-                calib_samples=8,
-                calib_seqlen=64,
-            )
-        )
-        mla = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32, trust_remote_code=True)
-        with torch.no_grad():
-            errors.append(float((mla(ids).logits - want).norm() / want.norm()))
+    errors = logit_errors_by_rank(src, tmp_path, calib_file, (4, 12, 28, 48))
     print("relative logit error by rank 4/12/28/48:", errors)
     assert errors == sorted(errors, reverse=True), errors
     assert errors[0] > 2 * errors[-1], errors

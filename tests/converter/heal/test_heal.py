@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from converter.checkpoint.resume import resume_folder
 from converter.conversion.pipeline import ConvertOptions, convert
@@ -21,7 +20,7 @@ from converter.heal import HealOptions, heal
 from converter.heal.data import split_text
 from converter.measure.perplexity import load_model, perplexity, windows
 from transmla_testing.hooked import REPO, run_cli
-from transmla_testing.models import make_model
+from transmla_testing.models import make_model, read_tensors
 from transmla_testing.text import play_text
 
 SEQLEN = 64
@@ -68,14 +67,6 @@ def pair(tmp_path_factory, calib_file) -> tuple[Path, Path]:
     return src, student
 
 
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            out.update({name: f.get_tensor(name) for name in f.keys()})
-    return out
-
-
 def heal_args(pair, dst: Path, calib_file: Path, tokens: int = 16384) -> list[str]:
     src, student = pair
     return [
@@ -116,7 +107,7 @@ def test_heal_lowers_held_out_loss_and_keeps_the_format(pair, tmp_path, calib_fi
     healed_ppl = perplexity(load_model(dst), batch)
     assert healed_ppl < perplexity(load_model(student), batch)
     # same format: same tensors, shapes and dtypes; only attention weights changed
-    before, after = tensors(student), tensors(dst)
+    before, after = read_tensors(student), read_tensors(dst)
     assert {k: (v.shape, v.dtype) for k, v in before.items()} == {
         k: (v.shape, v.dtype) for k, v in after.items()
     }
@@ -179,7 +170,7 @@ def test_resume_after_kill_gives_the_uninterrupted_result(pair, tmp_path, calib_
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "10 of 16 steps were done" in proc.stderr
     assert not resume_folder(dst).exists()
-    want, got = tensors(straight), tensors(dst)
+    want, got = read_tensors(straight), read_tensors(dst)
     assert list(want) == list(got)
     for name in want:
         assert got[name].equal(want[name]), name

@@ -1,0 +1,56 @@
+"""The Shakespeare benchmarks' shared setup (quality, fp8_cache, loss_sources): the bundled
+SmolLM2 in a work folder, the tragedies cut into evaluation windows, the source's perplexity
+on them, and the command-line options every one of those scripts takes."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from transmla_testing.text import plays
+
+
+def add_common_args(
+    p: argparse.ArgumentParser, workdir: Path, budgets: str, eval_tokens: int
+) -> None:
+    """--workdir, --budgets, --calib-samples, --eval-tokens, --ctx, --no-write."""
+    p.add_argument("--workdir", default=str(workdir))
+    p.add_argument("--budgets", default=budgets, help="KV elements per token and layer")
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--eval-tokens", type=int, default=eval_tokens)
+    p.add_argument("--ctx", type=int, default=512, help="evaluation window")
+    p.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
+
+
+@dataclass(frozen=True)
+class Tragedies:
+    work: Path
+    src: Path  # the bundled SmolLM2-135M-Instruct, materialized in ``work``
+    batch: torch.Tensor  # [windows, ctx] token ids of the tragedies
+    source_ppl: float
+
+    @property
+    def tokens(self) -> int:
+        """Scored tokens (every window's first token is only context)."""
+        return self.batch.shape[0] * (self.batch.shape[1] - 1)
+
+
+def tragedies(args: argparse.Namespace) -> Tragedies:
+    """The work folder, the source model, the evaluation windows and the source's PPL."""
+    from converter.calibration.text import read_calibration_text
+    from converter.checkpoint.source import load_tokenizer
+    from converter.measure.perplexity import load_model, perplexity, windows
+    from converter.sources.bundled import materialize_smollm2
+
+    torch.manual_seed(0)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    src = materialize_smollm2(work / "SmolLM2-135M-Instruct")
+    text = read_calibration_text(plays("tragedies"))[0]
+    batch = windows(load_tokenizer(src), text, args.ctx, args.eval_tokens)
+    setup = Tragedies(work, src, batch, perplexity(load_model(src), batch))
+    print(f"source PPL {setup.source_ppl:.3f} over {setup.tokens} tokens", flush=True)
+    return setup
