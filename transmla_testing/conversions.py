@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transmla_testing.text import plays
+
+if TYPE_CHECKING:
+    import torch
 
 
 def comedies_convert_cmd(src: Path, dst: Path, samples: int, *flags: str) -> list[str]:
@@ -64,3 +68,25 @@ def logit_errors_by_rank(
         with torch.no_grad():
             errors.append(float((mla(ids).logits - want).norm() / want.norm()))
     return errors
+
+
+def attention_inputs(src: Path, calib_file: Path) -> tuple[object, dict[int, torch.Tensor]]:
+    """The source model and, per layer, its attention input (what k_proj reads) on the first
+    8 x 64 calibration tokens of ``calib_file``, as the conversion's statistics see them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from converter.calibration.chunks import token_chunks
+    from converter.calibration.text import read_calibration_text
+
+    tok = AutoTokenizer.from_pretrained(src)
+    chunks = token_chunks(tok, read_calibration_text(calib_file)[0], 8, 64)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    inputs = {}
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.k_proj.register_forward_hook(
+            lambda m, args, out, i=i: inputs.__setitem__(i, args[0].detach())
+        )
+    with torch.no_grad():
+        model(input_ids=chunks)
+    return model, inputs

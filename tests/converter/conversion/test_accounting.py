@@ -9,12 +9,9 @@ import logging
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from converter.calibration.chunks import token_chunks
-from converter.calibration.text import read_calibration_text
 from converter.conversion.pipeline import ConvertOptions, convert
-from transmla_testing.conversions import logit_errors_by_rank
+from transmla_testing.conversions import attention_inputs, logit_errors_by_rank
 from transmla_testing.models import make_model
 
 
@@ -44,16 +41,7 @@ def test_logged_energy_fractions_match_direct_computation(tmp_path, calib_file, 
 
     # independent: capture the attention inputs on the same calibration tokens and measure
     # the energies of what the written projections produce
-    tok = AutoTokenizer.from_pretrained(src)
-    chunks = token_chunks(tok, read_calibration_text(calib_file)[0], 8, 64)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    inputs = {}
-    for i, layer in enumerate(model.model.layers):
-        layer.self_attn.k_proj.register_forward_hook(
-            lambda m, args, out, i=i: inputs.__setitem__(i, args[0].detach())
-        )
-    with torch.no_grad():
-        model(input_ids=chunks)
+    model, inputs = attention_inputs(src, calib_file)
     for i, layer in enumerate(model.model.layers):
         x = inputs[i].reshape(-1, 64).double()
         attn = layer.self_attn

@@ -9,13 +9,10 @@ import sys
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from converter.calibration.chunks import token_chunks
-from converter.calibration.text import read_calibration_text
 from converter.conversion.pipeline import ConvertOptions, convert
 from converter.measure.perplexity import load_model
-from transmla_testing.conversions import logit_errors_by_rank
+from transmla_testing.conversions import attention_inputs, logit_errors_by_rank
 from transmla_testing.models import edit_tensors, make_model
 
 HEADS, KV_HEADS, HEAD_DIM, HIDDEN = 4, 2, 16, 64
@@ -47,15 +44,7 @@ def test_energy_accounting_uses_the_normalised_keys(tmp_path, calib_file):
     cfg = json.loads((dst / "config.json").read_text())
     assert cfg["transmla"]["qk_norm"] == {"num_kv_heads": 2, "head_dim": 16, "eps": 1e-6}
 
-    tok = AutoTokenizer.from_pretrained(src)
-    chunks = token_chunks(tok, read_calibration_text(calib_file)[0], 8, 64)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    inputs = {}
-    for i, layer in enumerate(model.model.layers):
-        layer.self_attn.k_proj.register_forward_hook(
-            lambda m, args, out, i=i: inputs.__setitem__(i, args[0].detach())
-        )
-    model(input_ids=chunks)
+    model, inputs = attention_inputs(src, calib_file)
     for i, layer in enumerate(model.model.layers):
         x = inputs[i].reshape(-1, HIDDEN).double()
         attn = layer.self_attn
