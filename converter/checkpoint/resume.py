@@ -77,9 +77,15 @@ def read_progress(folder: Path, progress: str, blob_key: str, what: str) -> tupl
     return saved, blob
 
 
-def fingerprint_differences(saved: dict, current: dict) -> list[str]:
-    """Names of the fingerprint entries an earlier run recorded differently (or not at all)."""
-    return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+def check_fingerprint(saved: dict, current: dict, progress: str) -> None:
+    """Refuse to continue ``progress`` (what the folder holds, e.g. "the heal progress in X
+    (step 40)") when an earlier run recorded a fingerprint entry differently, naming each."""
+    differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if differ:
+        raise ConversionError(
+            f"{progress} was made with a different {', '.join(differ)}; rerun with the same "
+            "inputs and settings to continue it, or delete that folder to start over"
+        )
 
 
 def empty_folder(folder: Path, keep: set[str] = frozenset()) -> None:
@@ -103,13 +109,8 @@ class ResumeState:
             empty_folder(self.folder)
             return None
         saved, stream = read_progress(self.folder, PROGRESS, "stream", "progress")
-        differ = fingerprint_differences(saved["fingerprint"], self.fingerprint)
-        if differ:
-            raise ConversionError(
-                f"the progress in {self.folder} ({_layers(saved['layers_done'])} done) was made "
-                f"with a different {', '.join(differ)}; rerun with the same source and "
-                "settings to continue it, or delete that folder to start over"
-            )
+        where = f"the progress in {self.folder} ({_layers(saved['layers_done'])} done)"
+        check_fingerprint(saved["fingerprint"], self.fingerprint, where)
         return Progress(
             saved["layers_done"],
             saved["tensors_written"],

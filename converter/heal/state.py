@@ -15,11 +15,10 @@ import torch
 
 from converter.checkpoint.resume import (
     _write_atomic,
+    check_fingerprint,
     empty_folder,
-    fingerprint_differences,
     read_progress,
 )
-from converter.errors import ConversionError
 from converter.heal.loop import LoopState
 
 PROGRESS = "heal-progress.json"
@@ -37,13 +36,8 @@ class HealStore:
             empty_folder(self.folder)
             return None
         saved, blob = read_progress(self.folder, PROGRESS, "state", "heal progress")
-        differ = fingerprint_differences(saved["fingerprint"], self.fingerprint)
-        if differ:
-            raise ConversionError(
-                f"the heal progress in {self.folder} (step {saved['step']}) was made with a "
-                f"different {', '.join(differ)}; rerun with the same inputs and settings to "
-                "continue it, or delete that folder to start over"
-            )
+        where = f"the heal progress in {self.folder} (step {saved['step']})"
+        check_fingerprint(saved["fingerprint"], self.fingerprint, where)
         empty_folder(self.folder, keep={PROGRESS, saved["state"]})
         return LoopState(
             step=saved["step"],

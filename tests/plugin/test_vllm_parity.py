@@ -6,81 +6,15 @@ on CPU, rope 32 -> 64 slot-interleaving, nope/v padding) and with MLA switched o
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from converter.conversion.pipeline import ConvertOptions, convert
-from transmla_testing.text import play_text
+from transmla_testing.parity import prompts_for, run_vllm, transformers_greedy
 from transmla_vllm.serve_plan import FORCE_PAD_V_ENV
 
 pytestmark = pytest.mark.vllm
-
-RUNNER = "transmla_testing.vllm_runner"  # run as python -m RUNNER
-MAX_TOKENS = 32
-
-
-def run_vllm(
-    model: Path, prompts: list[list[int]], tmp: Path, tp: int = 1, env: dict[str, str] | None = None
-) -> dict:
-    """Greedy outputs and engine info from a fresh vLLM process; ``log`` holds its output."""
-    (tmp / "prompts.json").write_text(json.dumps(prompts))
-    env = {**os.environ, **(env or {})}
-    if tp > 1:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            RUNNER,
-            "--model",
-            str(model),
-            "--prompts",
-            str(tmp / "prompts.json"),
-            "--out",
-            str(tmp / "out.json"),
-            "--tp",
-            str(tp),
-            "--max-tokens",
-            str(MAX_TOKENS),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if proc.returncode:
-        raise AssertionError(f"vLLM run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return {**json.loads((tmp / "out.json").read_text()), "log": proc.stdout + proc.stderr}
-
-
-@torch.no_grad()
-def transformers_greedy(model_dir: Path, prompts: list[list[int]]) -> list[dict]:
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, trust_remote_code=True
-    )
-    outs = []
-    for ids in prompts:
-        seq = torch.tensor([ids])
-        for _ in range(MAX_TOKENS):  # full recompute: independent of any cache
-            nxt = model(seq, use_cache=False).logits[0, -1].argmax()
-            seq = torch.cat([seq, nxt.view(1, 1)], 1)
-        logp = model(seq, use_cache=False).logits[0].log_softmax(-1)
-        gen = seq[0, len(ids) :]
-        lps = logp[len(ids) - 1 : -1].gather(-1, gen[:, None])[:, 0]
-        outs.append({"tokens": gen.tolist(), "logprobs": lps.tolist()})
-    return outs
-
-
-def prompts_for(model_dir: Path) -> list[list[int]]:
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    text = play_text("hamlet", "tragedies")
-    return [tok(text[i : i + 300])["input_ids"][:n] for i, n in ((5000, 40), (90000, 17))]
 
 
 def assert_parity(got: list[dict], want: list[dict]) -> float:

@@ -19,6 +19,7 @@ from converter.errors import ConversionError
 from converter.heal import HealOptions, heal
 from converter.heal.data import split_text
 from converter.measure.perplexity import load_model, perplexity, windows
+from transmla_testing import conversions
 from transmla_testing.hooked import REPO, run_cli
 from transmla_testing.models import make_model, read_tensors
 from transmla_testing.text import play_text
@@ -68,21 +69,7 @@ def pair(tmp_path_factory, calib_file) -> tuple[Path, Path]:
 
 
 def heal_args(pair, dst: Path, calib_file: Path, tokens: int = 16384) -> list[str]:
-    src, student = pair
-    return [
-        "heal",
-        "--teacher",
-        str(src),
-        "--student",
-        str(student),
-        "--dst",
-        str(dst),
-        "--tokens",
-        str(tokens),
-        "--calib-text",
-        str(calib_file),
-        *HEAL,
-    ]
+    return conversions.heal_args(*pair, dst, tokens, calib_file, *HEAL)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
