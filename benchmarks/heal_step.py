@@ -70,10 +70,12 @@ def main() -> int:
     p.add_argument("--no-write", action="store_true", help="do not touch docs/benchmarks.md")
     args = p.parse_args()
 
+    from converter.conversion.device import keep_freed_memory
     from converter.heal.inputs import check_pair
     from converter.heal.loop import trained
     from converter.heal.run import _load
 
+    keep_freed_memory()  # as heal does
     src, student_dir = student_folder(Path(args.workdir), args.calib_samples)
     pair = check_pair(str(src), str(student_dir), None)
     precisions = ["fp32", "bf16"]

@@ -16,7 +16,7 @@ from converter import __version__
 from converter.calibration.text import CalibrationInput, load_documents, read_calibration_text
 from converter.checkpoint.resume import digest, resumable_folder, resume_folder
 from converter.checkpoint.writer import check_destination, parse_size, staging_folder
-from converter.conversion.device import peak_rss_bytes, pick_device
+from converter.conversion.device import keep_freed_memory, peak_rss_bytes, pick_device
 from converter.conversion.settings import check_calibration_context
 from converter.errors import ConversionError
 from converter.heal.data import HealData, split_text
@@ -161,6 +161,7 @@ def heal(opts: HealOptions) -> Path:
     check_calibration_context(opts.seqlen, pair.spec, "--seqlen")
     data = _text(opts, pair)
     device = pick_device(opts.device)
+    keep_freed_memory()
     precision = choose_precision(opts.precision, device)
     log.info(
         "training in %s on %s%s",
