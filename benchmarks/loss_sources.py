@@ -1,19 +1,20 @@
 """Where the perplexity lost at a KV budget comes from: partial RoPE or the latent compression.
 
-    python benchmarks/loss_sources.py --budgets 128,192,320 --calib-samples 64 \\
-        --eval-tokens 10240 --ctx 512
+    python benchmarks/loss_sources.py --budgets 128,192 --methods refit,refit-recon
 
 Same data and evaluation as benchmarks/quality.py (SmolLM2-135M-Instruct; calibrate on the
-comedies, perplexity on the tragedies, fp32). For each budget (KV elements per token per layer)
-the converter's own split into rope dim r and latent rank rho is converted three ways:
+comedies, perplexity on the tragedies, fp32). For each method and budget (KV elements per token
+per layer) the converter's own split into rope dim r and latent rank rho is converted three
+ways:
 
 * the budget: rope r, rank rho (what a user gets);
 * partial RoPE only: rope r, full rank 2L - r (nothing of [K_nope; V] dropped);
 * latent only: rope = head_dim (RoRoPE exact), rank rho.
 
-Rows with the same (rope, rank) are converted once; every PPL is kept in WORKDIR/loss_sources.json
-(per method and protocol) and reused by later runs. Writes the "loss_sources" section of
-docs/benchmarks.md (unless --no-write).
+Rows with the same (method, rope, rank) are converted once; every PPL is kept in
+WORKDIR/loss_sources.json (per method and protocol) and reused by later runs. Comparing
+`refit` with `refit-recon` shows which of the two losses the layer-wise stage reduces. Writes
+the "loss_sources" section of docs/benchmarks.md (unless --no-write).
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_common_args(p, ROOT / ".cache" / "quality", "128,192,320", 10240)
-    p.add_argument("--method", default="refit", help="conversion method of every row")
+    add_common_args(p, ROOT / ".cache" / "quality", "128,192", 10240)
+    p.add_argument(
+        "--methods", default="refit,refit-recon", help="conversion methods (comma-separated)"
+    )
     args = p.parse_args()
 
     from converter.checkpoint.source import read_config
@@ -67,33 +70,33 @@ def main() -> int:
     spec = inspect_source(read_config(src))
     # PPLs of earlier runs with the same protocol are reused (one conversion + PPL is minutes)
     cache = work / "loss_sources.json"
-    protocol = f"{args.method}/{args.calib_samples}/{args.eval_tokens}/{args.ctx}"
-    scored = json.loads(cache.read_text()).get(protocol, {}) if cache.exists() else {}
-
-    def remember(key: str, value: float) -> float:
-        scored[key] = value
-        stored = json.loads(cache.read_text()) if cache.exists() else {}
-        cache.write_text(json.dumps({**stored, protocol: scored}, indent=2))
-        return value
-
+    methods = args.methods.split(",")
+    protocols = {m: f"{m}/{args.calib_samples}/{args.eval_tokens}/{args.ctx}" for m in methods}
+    stored = json.loads(cache.read_text()) if cache.exists() else {}
+    scored = {m: stored.get(protocols[m], {}) for m in methods}
     ppl_src = setup.source_ppl
 
-    def ppl(rope: int, rank: int) -> float:
+    def ppl(method: str, rope: int, rank: int) -> float:
         key = f"{rope}+{rank}"
-        if key not in scored:
-            dst = work / f"loss-{args.method}-r{rope}-k{rank}"
-            log = work / f"loss-{args.method}-r{rope}-k{rank}.log"
-            convert(src, dst, rope, rank, args.method, "auto", args.calib_samples, log)
-            remember(key, perplexity(load_model(dst), batch))
-            print(f"rope {rope} rank {rank}: PPL {scored[key]:.3f}", flush=True)
-        return scored[key]
+        if key not in scored[method]:
+            name = f"loss-{method}-r{rope}-k{rank}"
+            dst, log = work / name, work / f"{name}.log"
+            convert(src, dst, rope, rank, method, "auto", args.calib_samples, log)
+            scored[method][key] = perplexity(load_model(dst), batch)
+            print(f"{method} rope {rope} rank {rank}: PPL {scored[method][key]:.3f}", flush=True)
+            on_disk = json.loads(cache.read_text()) if cache.exists() else {}
+            on_disk[protocols[method]] = scored[method]
+            cache.write_text(json.dumps(on_disk, indent=2))
+        return scored[method][key]
 
     rows = []
     for budget in (int(b) for b in args.budgets.split(",")):
         s = resolve_settings(spec, None, None, "auto", "float32", kv_elements=budget, target="hf")
         r, rho, d = s.rope_dim, s.kv_lora_rank, spec.head_dim
         full = max_rank(spec.kv_width, r)
-        rows.append((budget, (r, rho, ppl(r, rho)), (r, full, ppl(r, full)), (d, rho, ppl(d, rho))))
+        for m in methods:
+            cells = [(r, rho), (r, full), (d, rho)]
+            rows.append((budget, m, *((a, b, ppl(m, a, b)) for a, b in cells)))
 
     def cell(rope: int, rank: int, value: float) -> str:
         return f"{value:.3f} (+{value - ppl_src:.3f}; {rope} + {rank})"
@@ -101,21 +104,21 @@ def main() -> int:
     lines = [
         "## Where the loss comes from: partial RoPE vs latent compression (SmolLM2-135M, CPU)",
         "",
-        f"Command: `python benchmarks/loss_sources.py --budgets {args.budgets} --calib-samples "
-        f"{args.calib_samples} --eval-tokens {args.eval_tokens} --ctx {args.ctx} --method "
-        f"{args.method}` ({time.strftime('%Y-%m-%d')}, 2 CPU cores, "
-        f"{time.time() - started:.0f} s).",
+        f"Command: `python benchmarks/loss_sources.py --budgets {args.budgets} --methods "
+        f"{args.methods} --calib-samples {args.calib_samples} --eval-tokens {args.eval_tokens} "
+        f"--ctx {args.ctx}` ({time.strftime('%Y-%m-%d')}, 2 CPU cores, "
+        f"{time.time() - started:.0f} s; PPLs measured by earlier runs of the same protocol "
+        f"are reused from {cache.name}).",
         "",
-        f"Every conversion: `--method {args.method} --freqfold auto`, calibration on the "
-        f"comedies ({args.calib_samples} x 256 tokens); PPL on the tragedies ({tokens} tokens, "
-        f"windows of {args.ctx}, fp32). Source PPL **{ppl_src:.3f}**. Cells: PPL (increase over "
-        "the source; rope + rank).",
+        f"Every conversion: `--freqfold auto`, calibration on the comedies ({args.calib_samples} "
+        f"x 256 tokens); PPL on the tragedies ({tokens} tokens, windows of {args.ctx}, fp32). "
+        f"Source PPL **{ppl_src:.3f}**. Cells: PPL (increase over the source; rope + rank).",
         "",
-        "| KV elements | budget (rope r + rank rho) | partial RoPE only (r + full rank) "
-        "| latent only (rope = head_dim + rho) | share of the increase: RoPE / latent |",
-        "|---|---|---|---|---|",
+        "| KV elements | method | budget (rope r + rank rho) | partial RoPE only (r + full "
+        "rank) | latent only (rope = head_dim + rho) | share of the increase: RoPE / latent |",
+        "|---|---|---|---|---|---|",
     ]
-    for budget, both, rope_only, latent_only in rows:
+    for budget, method, both, rope_only, latent_only in rows:
         inc_r, inc_l = rope_only[2] - ppl_src, latent_only[2] - ppl_src
         total = max(inc_r, 0) + max(inc_l, 0)
         share = (
@@ -124,7 +127,8 @@ def main() -> int:
             else "-"
         )
         lines.append(
-            f"| {budget} | {cell(*both)} | {cell(*rope_only)} | {cell(*latent_only)} | {share} |"
+            f"| {budget} | {method} | {cell(*both)} | {cell(*rope_only)} | {cell(*latent_only)} "
+            f"| {share} |"
         )
     lines += [
         "",
