@@ -25,6 +25,11 @@ class Interrupted(KeyboardInterrupt):
         self.signum, self.committed = signum, committed
 
 
+# interrupt signals the CLI's handler has raised as Interrupted in this run, newest last: one
+# raised inside native code (safetensors' reader) can come back as that code's own error
+RECEIVED: list[int] = []
+
+
 # signals that unwind like Ctrl-C (SIGHUP does not exist on Windows)
 INTERRUPT_SIGNALS = tuple(
     getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)

@@ -320,10 +320,13 @@ def _preflight(args: argparse.Namespace) -> None:
 @contextlib.contextmanager
 def _signals_as_interrupts():
     """SIGTERM and SIGHUP unwind like Ctrl-C, so the staging folder is removed."""
-    from converter.errors import INTERRUPT_SIGNALS, Interrupted
+    from converter.errors import INTERRUPT_SIGNALS, RECEIVED, Interrupted
 
     def handler(signum, _frame):
+        RECEIVED.append(signum)
         raise Interrupted(signum)
+
+    RECEIVED.clear()
 
     saved = {}
     if threading.current_thread() is threading.main_thread():
