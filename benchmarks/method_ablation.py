@@ -13,10 +13,10 @@ converter's FreqFold default cannot change what a row measures:
 * METHOD:auto -- chosen per layer on held-out calibration chunks (--freqfold auto);
 * METHOD:N -- that integer.
 
-The default rows compare every method at the published FreqFold, plus the converter's default
-(refit:auto). Each conversion runs `python -m converter` in its own process; its log goes to
-WORKDIR/ablation-ROW.log. Writes the "method_ablation" section of docs/benchmarks.md (unless
---no-write).
+The default rows compare every method at the published FreqFold, plus refit and the converter's
+default method (refit-recon) at the default FreqFold (auto). Each conversion runs
+`python -m converter` in its own process; its log goes to WORKDIR/ablation-ROW.log. Writes the
+"method_ablation" section of docs/benchmarks.md (unless --no-write).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_ROWS = (
     "transmla:smallest,refit:smallest,sequential:smallest,sequential-refit:smallest,"
-    "sequential-global:smallest,refit:auto"
+    "sequential-global:smallest,refit-recon:smallest,refit:auto,refit-recon:auto"
 )
 
 

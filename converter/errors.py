@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import signal
+import threading
 
 
 class ConversionError(Exception):
@@ -25,8 +27,7 @@ class Interrupted(KeyboardInterrupt):
         self.signum, self.committed = signum, committed
 
 
-# interrupt signals the CLI's handler has raised as Interrupted in this run, newest last: one
-# raised inside native code (safetensors' reader) can come back as that code's own error
+# interrupt signals signals_as_interrupts' handler has raised in this run, newest last
 RECEIVED: list[int] = []
 
 
@@ -34,6 +35,38 @@ RECEIVED: list[int] = []
 INTERRUPT_SIGNALS = tuple(
     getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)
 )
+
+
+@contextlib.contextmanager
+def signals_as_interrupts():
+    """SIGTERM and SIGHUP unwind like Ctrl-C (Interrupted), so staging folders are removed.
+
+    The handler's exception can land inside native code (safetensors' reader, a torch kernel),
+    which may turn it into its own error ("could not determine the shape of object type
+    UntypedStorage"); any error raised after a signal was received is reported as that signal,
+    so the user reads "interrupted", not a damaged-file message.
+    """
+
+    def handler(signum, _frame):
+        RECEIVED.append(signum)
+        raise Interrupted(signum)
+
+    RECEIVED.clear()
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in INTERRUPT_SIGNALS:
+            saved[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    except Exception as exc:
+        if RECEIVED:
+            raise Interrupted(RECEIVED[-1]) from exc
+        raise
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+
+
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 NO_ACCESS = (errno.EACCES, errno.EPERM, errno.EROFS)
 

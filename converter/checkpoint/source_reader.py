@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from converter.errors import RECEIVED, ConversionError, Interrupted
+from converter.errors import ConversionError
 from converter.sources.base import SourceSpec, source_tensors
 from transmla_vllm.checkpoint_format import IGNORED_SUFFIXES, INDEX_FILE, LM_HEAD, SINGLE_FILE
 
@@ -177,8 +177,6 @@ class SourceReader:
         try:
             tensor = handle.get_tensor(name)
         except Exception as exc:
-            if RECEIVED:  # a Ctrl-C / SIGTERM inside the read, reported as a read error
-                raise Interrupted(RECEIVED[-1]) from exc
             raise ConversionError(
                 f"reading {name!r} from {file} failed ({exc}); the file may be truncated"
             ) from exc

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import signal
 import sys
-import threading
 from pathlib import Path
 
 from converter import __version__
 from converter.commands import setup_logging
 from converter.conversion.methods import DEFAULT_METHOD, METHODS
-from converter.errors import ConversionError
+from converter.errors import ConversionError, signals_as_interrupts
 from converter.heal.defaults import TRAIN_CHOICES
 
 DESCRIPTION = """\
@@ -224,7 +222,7 @@ def main(argv: list[str]) -> int:
     )
     dst = None
     try:
-        with _signals_as_interrupts():
+        with signals_as_interrupts():
             # everything visible from the flags is checked before any model file is read
             _preflight(args)
             if args.push_to_hub:  # fail before hours of work, not after: token and name first
@@ -315,25 +313,3 @@ def _preflight(args: argparse.Namespace) -> None:
 
         check_base_model(args.base_model)
     check_destination(Path(args.dst), args.overwrite, src=args.src)
-
-
-@contextlib.contextmanager
-def _signals_as_interrupts():
-    """SIGTERM and SIGHUP unwind like Ctrl-C, so the staging folder is removed."""
-    from converter.errors import INTERRUPT_SIGNALS, RECEIVED, Interrupted
-
-    def handler(signum, _frame):
-        RECEIVED.append(signum)
-        raise Interrupted(signum)
-
-    RECEIVED.clear()
-
-    saved = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in INTERRUPT_SIGNALS:
-            saved[sig] = signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, old in saved.items():
-            signal.signal(sig, old)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from converter.commands import setup_logging
-from converter.errors import ConversionError
+from converter.errors import ConversionError, signals_as_interrupts
 from converter.heal.defaults import BATCH_SIZE, LR, PRECISIONS, SEQLEN, TRAIN_CHOICES
 
 EPILOG = """\
@@ -113,7 +113,6 @@ def main(argv: list[str]) -> int:
     setup_logging(args.debug)
     import torch
 
-    from converter.commands.convert import _signals_as_interrupts
     from converter.heal import HealOptions, heal
 
     if args.threads:
@@ -145,7 +144,7 @@ def main(argv: list[str]) -> int:
         revision=args.revision,
     )
     try:
-        with _signals_as_interrupts():
+        with signals_as_interrupts():
             heal(opts)
     except ConversionError as exc:
         if args.debug:

@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM
 from converter.checkpoint.writer import check_destination
 from converter.cli import main as cli_main
 from converter.conversion.settings import resolve_settings
-from converter.errors import ConversionError
+from converter.errors import ConversionError, Interrupted, signals_as_interrupts
 from converter.sources.base import inspect_source
 from transmla_testing.hooked import REPO, run_hooked
 from transmla_testing.models import edit_tensors, make_model
@@ -695,6 +695,28 @@ def test_sigint_and_sigterm_remove_the_partial_output(src, tmp_path, calib_file)
     assert f"after {dst} was complete; it is kept" in proc.stderr
     assert staging_folders(dst) == []
     assert_complete(dst, rope_dim=16)
+
+
+def test_an_error_raised_after_a_signal_is_reported_as_the_signal():
+    """The handler's exception can land in native code that raises its own error instead (seen
+    in CI: SIGTERM inside safetensors' get_tensor came back as a TypeError, reported as a
+    truncated file); the CLI still reports the signal. Without a signal, errors pass as they are.
+    """
+
+    def native_read():
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except Interrupted:
+            raise TypeError("could not determine the shape of object type UntypedStorage") from None
+
+    with pytest.raises(Interrupted) as caught, signals_as_interrupts():
+        native_read()
+    assert caught.value.signum == signal.SIGTERM
+    assert isinstance(caught.value.__cause__, TypeError)
+    assert signal.getsignal(signal.SIGTERM) is not signal.getsignal(signal.SIGINT)  # restored
+
+    with pytest.raises(ConversionError, match="bad input"), signals_as_interrupts():
+        raise ConversionError("bad input")
 
 
 def test_disk_full_while_writing_cleans_up(src, tmp_path, calib_file):
