@@ -3,6 +3,8 @@ synthetic LLaMA-shaped checkpoints with Llama-3-8B layers (hidden 4096, 32 heads
 head_dim 128, intermediate 14336, random bf16 weights) at 2, 4 and 8 layers, same settings.
 
     python benchmarks/convert_scaling.py          # writes the "convert_scaling" section
+    python benchmarks/convert_scaling.py --method refit-recon --layers 2,8
+                                                  # "convert_scaling_refit_recon"
 
 Targets: peak RSS at 8 layers <= 1.25x that at 2 layers and below 60% of the source checkpoint;
 8-layer time <= 4.5x the 2-layer time. Projections for 32- and 80-layer models use the measured
@@ -165,7 +167,8 @@ def main() -> int:
     p.add_argument(
         "--section",
         default=None,
-        help="docs/benchmarks.md section (default convert_scaling[_cuda])",
+        help="docs/benchmarks.md section (default convert_scaling[_cuda], then "
+        "_METHOD for a --method other than refit)",
     )
     args = p.parse_args()
     work = Path(args.workdir)
@@ -205,7 +208,8 @@ def main() -> int:
     per_layer = (last["seconds"] - first["seconds"]) / (last["layers"] - first["layers"])
     fixed = first["seconds"] - per_layer * first["layers"]
     lines = [
-        f"## Conversion cost vs depth ({LABELS[args.shape]} layer shape, {args.device})",
+        f"## Conversion cost vs depth ({LABELS[args.shape]} layer shape, {args.device}, "
+        f"{args.method})",
         "",
         f"Command: `python benchmarks/convert_scaling.py --layers {args.layers} --calib-samples "
         f"{args.calib_samples} --method {args.method} --device {args.device} --shape "
@@ -249,7 +253,9 @@ def main() -> int:
         projection(args.shape, machine, fixed, per_layer, args.calib_samples),
     ]
     section = args.section or (
-        "convert_scaling" if args.device == "cpu" else f"convert_scaling_{args.device}"
+        "convert_scaling"
+        + ("" if args.device == "cpu" else f"_{args.device}")
+        + ("" if args.method == "refit" else f"_{args.method.replace('-', '_')}")
     )
     publish(section, lines, write=not args.no_write)
     return 0

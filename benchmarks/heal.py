@@ -38,7 +38,9 @@ PLOT = ROOT / "docs" / "img" / "heal.png"
 # issue 12: source PPL 29.45; converted (refit) 36.30 at 128 KV elements
 TARGETS = {128: 30.9, 192: 30.3}
 TIME_TARGET_S = 45 * 60  # conversion + heal on 2 cores
-DEFAULT_TOKENS = 262144
+# 3 passes over the comedies: the most that fits TIME_TARGET_S with the conversion on 2 cores
+# (42.5 and 43.8 min at 128 and 192 on 2026-12-03, docs/heal.md)
+DEFAULT_TOKENS = 720896
 
 
 def run(cmd: list[str]) -> None:
@@ -86,6 +88,16 @@ def heal_cmd(src: Path, student: Path, dst: Path, args: argparse.Namespace) -> l
             *("--eval-every", str(args.eval_every), "--overwrite"),
         ),
     ]
+
+
+def same_heal(healed: Path, args: argparse.Namespace) -> bool:
+    """A heal already in the work dir with this run's settings (--reuse keeps only those: a
+    heal of other --tokens would be reported under this command)."""
+    if not (healed / REPORT_FILE).is_file():
+        return False
+    st = json.loads((healed / REPORT_FILE).read_text())["heal"]["settings"]
+    wanted = (args.tokens, args.batch_size, args.lr, args.ctx)
+    return (st["tokens"], st["batch_size"], st["lr"], st["seqlen"]) == wanted
 
 
 def plot(rows: list[dict], source_ppl: float, method: str, path: Path) -> None:
@@ -148,7 +160,8 @@ def main() -> int:
     p.add_argument(
         "--reuse",
         action="store_true",
-        help="keep conversions and heals already in the work dir (their recorded times are used)",
+        help="keep conversions, and heals of the same settings, already in the work dir "
+        "(their recorded times are used)",
     )
     args = p.parse_args()
     args.eval_every = args.eval_every or max(1, args.tokens // 8)
@@ -164,7 +177,7 @@ def main() -> int:
             run(convert_cmd(src, converted, budget, args.calib_samples, args.method))
         conversion = json.loads((converted / REPORT_FILE).read_text())
         convert_s = conversion["seconds"]
-        if not (args.reuse and (healed / REPORT_FILE).is_file()):
+        if not (args.reuse and same_heal(healed, args)):
             run(heal_cmd(src, converted, healed, args))
         report = json.loads((healed / REPORT_FILE).read_text())
         # the heal's own wall time (loading and evaluations included); older reports: the loop's
