@@ -27,10 +27,6 @@ class Interrupted(KeyboardInterrupt):
         self.signum, self.committed = signum, committed
 
 
-# interrupt signals signals_as_interrupts' handler has raised in this run, newest last
-RECEIVED: list[int] = []
-
-
 # signals that unwind like Ctrl-C (SIGHUP does not exist on Windows)
 INTERRUPT_SIGNALS = tuple(
     getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)
@@ -47,11 +43,12 @@ def signals_as_interrupts():
     so the user reads "interrupted", not a damaged-file message.
     """
 
+    received: list[int] = []  # signals the handler has raised, newest last
+
     def handler(signum, _frame):
-        RECEIVED.append(signum)
+        received.append(signum)
         raise Interrupted(signum)
 
-    RECEIVED.clear()
     saved = {}
     if threading.current_thread() is threading.main_thread():
         for sig in INTERRUPT_SIGNALS:
@@ -59,8 +56,8 @@ def signals_as_interrupts():
     try:
         yield
     except Exception as exc:
-        if RECEIVED:
-            raise Interrupted(RECEIVED[-1]) from exc
+        if received:
+            raise Interrupted(received[-1]) from exc
         raise
     finally:
         for sig, old in saved.items():
