@@ -4,12 +4,14 @@ Real model (SmolLM2-135M-Instruct, bundled), real text (Shakespeare from the `ia
 package), the same split as benchmarks/quality.py: convert and heal on the comedies, measure
 perplexity on the tragedies (the first ``--eval-tokens`` tokens in windows of ``--ctx``, fp32).
 For each KV budget: convert (``--method``, default the converter's, `refit-recon`), then
-`python -m converter heal` with the tragedies as its held-out text, so the run's own
-evaluations give the curve of held-out PPL against heal tokens (docs/img/heal.png). The kept
-checkpoint is the best of those evaluations; the table gives the last one too, so any
-selection effect on the evaluation text is visible. The methods of ``--compare`` (the
-published `transmla`, the closed-form `refit`) are converted at each budget and scored on the
-same windows, for the table of every stage.
+`python -m converter heal` with the tragedies as its held-out text: its test rows are the first
+``--eval-tokens`` tokens (the windows every Shakespeare benchmark scores), its validation rows
+the next ones, so the run's evaluations give the curve of validation PPL against heal tokens
+(docs/img/heal.png) and the kept step is chosen on rows the reported figure never sees. The
+reported figure is heal's own test PPL, measured on the weights as written; the script checks it
+against `python -m converter eval` on the written folder over the same tokens. The methods of
+``--compare`` (the published `transmla`, the closed-form `refit`) are converted at each budget
+and scored on the same windows, for the table of every stage.
 
     python benchmarks/heal.py                      # writes the "heal" section of docs/benchmarks.md
     python benchmarks/heal.py --budgets 128 --tokens 16384 --no-write   # quicker look
@@ -95,9 +97,30 @@ def same_heal(healed: Path, args: argparse.Namespace) -> bool:
     heal of other --tokens would be reported under this command)."""
     if not (healed / REPORT_FILE).is_file():
         return False
-    st = json.loads((healed / REPORT_FILE).read_text())["heal"]["settings"]
+    heal = json.loads((healed / REPORT_FILE).read_text())["heal"]
+    st = heal["settings"]
     wanted = (args.tokens, args.batch_size, args.lr, args.ctx)
-    return (st["tokens"], st["batch_size"], st["lr"], st["seqlen"]) == wanted
+    # reports from before the validation / test split and relative steps are not comparable
+    current = "test" in heal and "lr_rule" in st
+    return current and (st["tokens"], st["batch_size"], st["lr"], st["seqlen"]) == wanted
+
+
+def eval_ppl(healed: Path, args: argparse.Namespace) -> float:
+    """``python -m converter eval`` on the written folder over the test rows' tokens."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "converter",
+            "eval",
+            *("--model", str(healed), "--text", str(plays("tragedies"))),
+            *("--ctx", str(args.ctx), "--max-tokens", str(args.eval_tokens), "--json"),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return float(json.loads(out.stdout)["ppl"])
 
 
 def plot(rows: list[dict], source_ppl: float, method: str, path: Path) -> None:
@@ -111,13 +134,13 @@ def plot(rows: list[dict], source_ppl: float, method: str, path: Path) -> None:
         history = r["heal"]["history"]
         (line,) = ax.plot(
             [h["tokens"] for h in history],
-            [h["held_out_ppl"] for h in history],
+            [h["validation_ppl"] for h in history],
             marker="o",
             label=f"{r['budget']} KV elements",
         )
         if r["budget"] in TARGETS:
             ax.axhline(TARGETS[r["budget"]], color=line.get_color(), ls=":", lw=1)
-        start = history[0]["held_out_ppl"]
+        start = r["heal"]["test"]["ppl"]["before"]
         for other, c in r.get("compare", {}).items():  # no heal; the published one is off-scale
             if c["ppl"] < 1.25 * start:
                 ax.plot(0, c["ppl"], marker="s", color=line.get_color(), ls="none")
@@ -132,7 +155,7 @@ def plot(rows: list[dict], source_ppl: float, method: str, path: Path) -> None:
         source_ppl, color="black", ls="--", lw=1, label=f"source (GQA, 384): {source_ppl:.2f}"
     )
     ax.set_xlabel("heal tokens")
-    ax.set_ylabel("held-out PPL (tragedies)")
+    ax.set_ylabel("validation PPL (tragedies, rows after the test rows)")
     ax.set_title(f"SmolLM2-135M-Instruct: heal after {method} (dotted: targets; square: no heal)")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -190,14 +213,16 @@ def main() -> int:
             "heal": report["heal"],
             "compare": compare(setup, budget, args),
         }
-        figures = report["heal"]["held_out_ppl"]
+        row["eval_ppl"] = eval_ppl(healed, args)
+        figures = report["heal"]["test"]["ppl"]
         print(
             f"budget {budget}: PPL {figures['before']:.3f} -> {figures['after']:.3f} "
-            f"(source {figures['teacher']:.3f}); convert {convert_s:.0f} s, heal {heal_s:.0f} s",
+            f"(source {figures['teacher']:.3f}; converter eval on the written folder "
+            f"{row['eval_ppl']:.3f}); convert {convert_s:.0f} s, heal {heal_s:.0f} s",
             flush=True,
         )
         rows.append(row)
-    source_ppl = rows[0]["heal"]["held_out_ppl"]["teacher"]
+    source_ppl = rows[0]["heal"]["test"]["ppl"]["teacher"]
     (work / "results.json").write_text(
         json.dumps({"source_ppl": source_ppl, "rows": rows}, indent=2)
     )
@@ -231,9 +256,10 @@ def section(
         f"sequences of {settings['seqlen']}, batch {settings['batch_size']}, AdamW lr "
         f"{settings['lr']} (warmup, cosine), attention weights only (MLP, norms, embeddings "
         f"frozen), training matmuls in {settings.get('precision', 'fp32')} (weights fp32). "
-        f"Held-out (fp32): the tragedies, {settings['held_out_tokens']} tokens in "
-        f"windows of {args.ctx} (the first windows of benchmarks/quality.py). Source PPL "
-        f"**{source_ppl:.3f}**.",
+        f"Test rows (the reported PPL, fp32, on the weights as written): the first "
+        f"{settings['test_tokens']} tokens of the tragedies in windows of {args.ctx} (the "
+        f"windows of benchmarks/quality.py); validation rows (choose the kept step, draw the "
+        f"curve): the next {settings['validation_tokens']}. Source PPL **{source_ppl:.3f}**.",
         "",
         *(
             [
@@ -244,20 +270,23 @@ def section(
             if args.tokens < DEFAULT_TOKENS
             else []
         ),
-        "| KV elements | PPL converted | PPL healed (kept) | PPL last step | target | met "
-        "| heal tokens (passes) | convert s | heal s | total min (target 45) "
-        "| peak RSS GB convert / heal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| KV elements | test PPL converted | test PPL healed | `converter eval` on it | "
+        "kept step (validation PPL kept / last) | target | met | heal tokens (passes) "
+        "| convert s | heal s | total min (target 45) | peak RSS GB convert / heal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         h, budget = r["heal"], r["budget"]
-        figures, st = h["held_out_ppl"], h["settings"]
+        figures, st = h["test"]["ppl"], h["settings"]
+        kept = next(x for x in h["history"] if x["step"] == h["best_step"])
         target = TARGETS.get(budget)
         met = "-" if target is None else ("yes" if figures["after"] <= target else "no")
         total = (r["convert_s"] + r["heal_s"]) / 60
         lines.append(
             f"| {budget} | {figures['before']:.3f} | {figures['after']:.3f} | "
-            f"{h['history'][-1]['held_out_ppl']:.3f} | {target or '-'} | {met} | "
+            f"{r['eval_ppl']:.3f} | {h['best_step']} of {st['steps']} "
+            f"({kept['validation_ppl']:.3f} / {h['history'][-1]['validation_ppl']:.3f}) | "
+            f"{target or '-'} | {met} | "
             f"{st['tokens']:,} ({st['passes']}) | {r['convert_s']:.0f} | {r['heal_s']:.0f} | "
             f"{total:.1f} | {r['convert_rss_gb']:.2f} / {h['peak_rss_bytes'] / 1e9:.2f} |"
         )
@@ -272,7 +301,7 @@ def section(
             "|---|---|---|---|---|",
         ]
         for r in rows:
-            h = r["heal"]["held_out_ppl"]
+            h = r["heal"]["test"]["ppl"]
             entries = [("source (GQA)", source_ppl, None)]
             entries += [(m, c["ppl"], c["convert_s"]) for m, c in r["compare"].items()]
             entries += [(args.method, h["before"], r["convert_s"])]
@@ -285,22 +314,26 @@ def section(
                 )
     lines += [
         "",
-        "![held-out PPL against heal tokens](img/heal.png)",
+        "![validation PPL against heal tokens](img/heal.png)",
         "",
-        "Curve points (heal tokens: held-out PPL):",
+        "Curve points (heal tokens: validation PPL):",
     ]
     for r in rows:
         points = ", ".join(
-            f"{h['tokens']:,}: {h['held_out_ppl']:.2f}" for h in r["heal"]["history"]
+            f"{h['tokens']:,}: {h['validation_ppl']:.2f}" for h in r["heal"]["history"]
         )
         lines.append(f"- {r['budget']} KV elements: {points}")
     lines += [
         "",
         "Convert s and heal s are the times the two commands record in their reports (heal: "
         "`wall_seconds`, loading and evaluations included; a report from before that field "
-        "gives the loop's `seconds`, evaluations included, loading not). The held-out "
-        "evaluations are one per curve point plus the source's once. Targets from issue 12: "
-        "128 elements <= 30.9, 192 <= 30.3, conversion + heal <= 45 min on 2 cores.",
+        "gives the loop's `seconds`, evaluations included, loading not). The validation "
+        "evaluations are one per curve point; the test rows are scored three times (source, "
+        "input, written weights). `converter eval on it` is `python -m converter eval --model "
+        f"HEALED --text TRAGEDIES --ctx {args.ctx} --max-tokens {args.eval_tokens}`, run by the "
+        "script on the written folder: the same tokens as the test rows, so it must agree with "
+        "heal's own test figure. Targets from issue 12: 128 elements <= 30.9, 192 <= 30.3, "
+        "conversion + heal <= 45 min on 2 cores.",
     ]
     return lines
 

@@ -106,7 +106,7 @@ def main() -> int:
     from converter.heal.data import HealData
     from converter.heal.loop import LoopState, TrainSettings, train
     from converter.heal.memory import estimate, trainable_names
-    from converter.heal.objective import held_out_nll
+    from converter.heal.objective import held_out
 
     shape = TINY if args.tiny else LLAMA_31_8B
     teacher_cfg, spec, student_cfg, layout = configs(shape)
@@ -144,17 +144,19 @@ def main() -> int:
     built = time.time() - started
     g = torch.Generator().manual_seed(0)
     rows = torch.randint(spec.vocab_size, (args.steps * args.batch_size, args.seqlen), generator=g)
-    data = HealData(rows, rows[: args.batch_size])
+    data = HealData(rows, rows[: args.batch_size], rows[: args.batch_size])
+    precision = "bf16" if device == "cuda" else "fp32"
     cfg = TrainSettings(
         tokens=rows.numel(),
         batch_size=args.batch_size,
-        lr=1e-4,
+        lr=1e-2,
         eval_every=args.steps,
         hidden_weight=0.0,
         device=device,
+        precision=precision,
     )
     t0 = time.time()
-    held_out_nll(student, data.held_out, device, args.batch_size)
+    held_out(student, data.validation, device, args.batch_size, precision, teacher)
     eval_s = time.time() - t0
     t0 = time.time()
     train(student, teacher, data, cfg, LoopState())  # evaluates before and after: 2 x eval_s

@@ -10,6 +10,7 @@ import torch
 
 from transmla_testing.text import play_text
 
+BOS_CONVENTIONS = ("added", "defined", "none")
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n"
     "{% endfor %}{% if add_generation_prompt %}<s>assistant:{% endif %}"
@@ -22,13 +23,17 @@ def make_tokenizer(
     *,
     texts: Iterable[str] | None = None,
     chat_template: bool = True,
+    bos: str = "defined",
 ):
     """A byte-level BPE tokenizer trained offline, saved as a fast tokenizer in ``folder``.
 
     By default it learns from two Shakespeare comedies and carries a small chat template (what
     the tests' checkpoints use); ``texts`` trains it on other documents and ``chat_template=False``
-    leaves the template out (the benchmarks' synthetic checkpoints)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    leaves the template out (the benchmarks' synthetic checkpoints). ``bos`` is one of the
+    BOS_CONVENTIONS real checkpoints follow: "added" (Llama-3: its post-processor puts <s>
+    before text), "defined" (SmolLM2, GGUF-built tokenizers: <s> is the BOS but never added),
+    "none" (Hub Qwen2.5 / Qwen3: no BOS at all)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     if texts is None:
@@ -42,8 +47,17 @@ def make_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(list(texts), trainer)
+    if bos not in BOS_CONVENTIONS:
+        raise ValueError(f"bos must be one of {BOS_CONVENTIONS}")
+    if bos == "added":
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+        tokenizer_object=tok,
+        bos_token=None if bos == "none" else "<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
     )
     if chat_template:
         fast.chat_template = CHAT_TEMPLATE
@@ -103,12 +117,13 @@ def make_model(
     vocab_size: int = 512,
     dtype: torch.dtype = torch.float32,
     init: tuple[float, float, float, float] = (1.0, 2.0, 2.0, 2.0),
+    bos: str = "defined",
 ) -> Path:
     """Save a random model (and tokenizer) in HF format. ``shared_keys`` makes every KV head's
     key projection a scalar multiple of head 0's, so no key energy falls outside rope dims
     (+-1 for families with a per-head k norm: the normalised keys are then equal up to sign)."""
     folder.mkdir(parents=True, exist_ok=True)
-    make_tokenizer(folder, vocab_size)
+    make_tokenizer(folder, vocab_size, bos=bos)
     common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -119,7 +134,7 @@ def make_model(
         head_dim=head_dim,
         max_position_embeddings=1024,
         tie_word_embeddings=tied,
-        bos_token_id=1,
+        bos_token_id=None if bos == "none" else 1,
         eos_token_id=2,
         rms_norm_eps=1e-6,
     )
@@ -178,3 +193,28 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(shard), framework="pt") as f:
             out.update({name: f.get_tensor(name) for name in f.keys()})
     return out
+
+
+def teach(folder: Path, text: str, steps: int = 150, edit=None, seqlen: int = 64) -> Path:
+    """A few seconds of language modelling on ``text`` for the tiny model saved in ``folder``,
+    so its perplexities mean something. ``edit(model, "before" | "after")`` changes the model
+    around the training (the heal tests build models with one property each that way)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if edit is not None:
+        edit(model, "before")
+    ids = torch.tensor(tok(text)["input_ids"])
+    rows = ids[: len(ids) // seqlen * seqlen].view(-1, seqlen)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        batch = rows[torch.randint(len(rows), (16,), generator=g)]
+        model(batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    if edit is not None:
+        edit(model, "after")
+    model.save_pretrained(folder)
+    return folder

@@ -100,6 +100,19 @@ NORMED_ATTN_TENSORS = (
     KV_B_PROJ,
     O_PROJ,
 )
+# The attention tensors the conversion computes (the layer-wise reconstruction and heal train
+# these); a q/k-normed layer's kept source projections and norms are the source's own and are
+# not among them.
+CONVERTED_ATTENTION = (
+    Q_PROJ,
+    Q_BIAS,
+    KV_A_PROJ,
+    KV_A_BIAS,
+    KV_B_PROJ,
+    O_PROJ,
+    Q_HEAD_MAP,
+    KV_A_KEY_MAP,
+)
 DENSE_TENSORS = (INPUT_NORM, POST_ATTN_NORM, GATE_PROJ, UP_PROJ, DOWN_PROJ)
 # Mixture-of-experts MLP (Qwen3-MoE), copied from the source under its own names: the router,
 # then each expert's gate / up / down projections.

@@ -54,7 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=int, default=BATCH_SIZE, help=f"sequences per step ({BATCH_SIZE})"
     )
-    p.add_argument("--lr", type=float, default=LR, help=f"peak AdamW learning rate ({LR:g})")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=LR,
+        help=f"peak AdamW step relative to each trained tensor's RMS ({LR:g}); a run whose "
+        "training KL blows up goes back to its best weights at half the rate (3 times at most)",
+    )
     p.add_argument(
         "--train",
         choices=TRAIN_CHOICES,
@@ -70,19 +76,33 @@ def build_parser() -> argparse.ArgumentParser:
         "the KL loss (0: KL only)",
     )
     add_text_options(p)
-    ev = p.add_argument_group("held-out evaluation")
+    ev = p.add_argument_group(
+        "held-out text: validation rows choose the kept step, test rows give the reported "
+        "figure (measured on the weights as written) and choose nothing"
+    )
     ev.add_argument(
         "--eval-text",
         default=None,
-        help="text to measure held-out perplexity on (default: the last tenth of the training "
-        "text, never trained on)",
+        help="text to hold out instead of the end of the training text: its first rows are the "
+        "test rows, the next ones the validation rows",
     )
-    ev.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens (4096)")
+    ev.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=4096,
+        help="tokens in each of the validation and test slices (4096)",
+    )
     ev.add_argument(
         "--eval-every",
         type=int,
         default=None,
-        help="training tokens between evaluations (default: 8 over the run)",
+        help="training tokens between validation evaluations (default: 8 over the run)",
+    )
+    ev.add_argument(
+        "--keep-worse",
+        action="store_true",
+        help="write the healed weights even when they measure worse than the input on the test "
+        "rows (default: write the input's weights and say so)",
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument(
@@ -90,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PRECISIONS,
         default="auto",
         help="matmuls of the training steps: bf16 autocast (weights stay as loaded) or fp32; "
-        "auto: bf16 on a GPU and on a CPU with AMX tiles (2.4x faster there), else fp32. "
-        "Held-out figures on a CPU are always fp32",
+        "auto: bf16 on a GPU and on a CPU with AMX tiles, else fp32 (docs/benchmarks.md "
+        "heal_step measures both). Held-out figures on a CPU are fp32, and bf16 is used only "
+        "where both models' bf16 and fp32 forwards agree (else fp32, with a warning)",
     )
     p.add_argument("--seed", type=int, default=0, help="order of the training sequences")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (5GB)")
@@ -142,6 +163,7 @@ def main(argv: list[str]) -> int:
         overwrite=args.overwrite,
         resume=args.resume,
         revision=args.revision,
+        keep_worse=args.keep_worse,
     )
     try:
         with signals_as_interrupts():

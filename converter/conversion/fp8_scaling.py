@@ -1,8 +1,10 @@
 """Stage: fold fp8-friendly power-of-two scales into a converted layer (math/fp8_scales.py).
 
 Runs after the weights are final (closed form, refit, reconstruction): it measures what the
-layer would cache on the training chunks, chooses the scales and folds them in. The layer's
-function is unchanged bit for bit; only where its values sit in e4m3's range moves.
+layer would cache on the training chunks, chooses the scales, clamps them to what the output
+dtype holds exactly (``fit_to_dtype``: fp16's narrow range) and folds them in. The layer's
+function is unchanged bit for bit in the output dtype; only where its values sit in e4m3's
+range moves.
 """
 
 from __future__ import annotations
@@ -10,7 +12,13 @@ from __future__ import annotations
 import torch
 
 from converter.conversion.stages import LayerWork
-from converter.math.fp8_scales import CacheMaxima, apply_fp8_scales, choose_fp8_scales
+from converter.math.fp8_scales import (
+    CacheMaxima,
+    Fp8Scales,
+    apply_fp8_scales,
+    choose_fp8_scales,
+    fit_to_dtype,
+)
 
 
 @torch.no_grad()
@@ -39,31 +47,27 @@ def cache_maxima(attn: torch.nn.Module, inputs: list[torch.Tensor]) -> CacheMaxi
     return CacheMaxima(latent, query, rope_key, rope_query)
 
 
-def fp8_scales(work: LayerWork) -> None:
-    """Choose and fold in the layer's fp8 scales; record them (and the maxima) in the report."""
-    conv = work.runner().conv
-    inputs = (
-        conv.input_layernorm(work.h_in[start : start + work.batch].to(work.device))
-        for start in range(0, work.n_train, work.batch)
-    )
-    maxima = cache_maxima(conv.self_attn, inputs)
-    scales = choose_fp8_scales(maxima)
-    attn = conv.self_attn
-    if not scales.identity:
-        work.mla = apply_fp8_scales(work.mla, scales, attn.num_heads, attn.nope_dim)
-        work._runner = None  # later stages run the scaled weights
+def output_dtype(work: LayerWork) -> torch.dtype:
+    """The dtype the checkpoint is written in: the converted config's ``dtype`` (built from
+    ``ResolvedSettings.out_dtype``); fp32, the dtype the stages compute in, when it has none."""
+    cfg = work.mla_config
+    dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def scales_report(
+    maxima: CacheMaxima, scales: Fp8Scales, requested: Fp8Scales, dtype: torch.dtype
+) -> dict:
+    """A layer's report entry: the folded exponents and the ranges before and after them;
+    ``requested`` and the count when fit_to_dtype clamped some for the output ``dtype``."""
 
     def scaled_max(values: torch.Tensor, exponents: list[int], sign: int) -> float:
         factors = torch.tensor(exponents, dtype=torch.float64).mul(sign).exp2()
         return float((values * factors).max())
 
-    after = {
-        "latent": scaled_max(maxima.latent, scales.latent, 1),
-        "absorbed_query": scaled_max(maxima.query, scales.latent, -1),
-        "rope_key": scaled_max(maxima.rope_key, scales.rope, 1),
-        "rope_query": scaled_max(maxima.rope_query, scales.rope, -1),
-    }
-    work.report["fp8_scales"] = {
+    entry = {
         "latent_log2": scales.latent,
         "rope_pair_log2": scales.rope,
         "max_before": {
@@ -72,5 +76,40 @@ def fp8_scales(work: LayerWork) -> None:
             "rope_key": float(maxima.rope_key.max()),
             "rope_query": float(maxima.rope_query.max()),
         },
-        "max_after": after,
+        "max_after": {
+            "latent": scaled_max(maxima.latent, scales.latent, 1),
+            "absorbed_query": scaled_max(maxima.query, scales.latent, -1),
+            "rope_key": scaled_max(maxima.rope_key, scales.rope, 1),
+            "rope_query": scaled_max(maxima.rope_query, scales.rope, -1),
+        },
     }
+    clamped = sum(
+        a != b
+        for a, b in zip(requested.latent + requested.rope, scales.latent + scales.rope, strict=True)
+    )
+    if clamped:  # folding the requested exponents would not be exact in the output dtype
+        entry.update(
+            clamped_for=str(dtype).removeprefix("torch."),
+            clamped=clamped,
+            requested_latent_log2=requested.latent,
+            requested_rope_pair_log2=requested.rope,
+        )
+    return entry
+
+
+def fp8_scales(work: LayerWork) -> None:
+    """Choose and fold in the layer's fp8 scales; record them (and the maxima) in the report."""
+    conv = work.runner().conv
+    inputs = (
+        conv.input_layernorm(work.h_in[start : start + work.batch].to(work.device))
+        for start in range(0, work.n_train, work.batch)
+    )
+    maxima = cache_maxima(conv.self_attn, inputs)
+    attn = conv.self_attn
+    requested = choose_fp8_scales(maxima)
+    dtype = output_dtype(work)
+    scales = fit_to_dtype(requested, work.mla, attn.num_heads, attn.nope_dim, dtype)
+    if not scales.identity:
+        work.mla = apply_fp8_scales(work.mla, scales, attn.num_heads, attn.nope_dim)
+        work._runner = None  # later stages run the scaled weights
+    work.report["fp8_scales"] = scales_report(maxima, scales, requested, dtype)

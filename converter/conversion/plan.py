@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from converter import __version__
-from converter.calibration.chunks import token_chunks
+from converter.calibration.chunks import RowStart, row_start, token_chunks
 from converter.calibration.text import CalibrationInput, load_documents
 from converter.checkpoint.fingerprint import source_fingerprint
 from converter.checkpoint.resume import resume_folder
@@ -79,6 +79,7 @@ class Calibration:
     files: list[str]
     chunks: torch.Tensor
     n_train: int
+    row_start: RowStart
 
     @property
     def held_out(self) -> int:
@@ -229,7 +230,7 @@ def _calibration(
             settings = replace(settings, freqfold=fold)
         else:
             n_train = chunks.shape[0] - max(1, chunks.shape[0] // 8)
-    calibration = Calibration(source, files, chunks, n_train)
+    calibration = Calibration(source, files, chunks, n_train, row_start(tokenizer))
     log.info(
         "calibration: %s%s: %d chunks x %d tokens = %d tokens%s",
         source.describe(),
@@ -269,6 +270,7 @@ def _provenance(
             "seqlen": int(chunks.shape[1]),
             "tokens": int(chunks.numel()),
             "held_out_chunks": calibration.held_out,
+            "row_start": calibration.row_start.as_report(),
         },
     }
     if opts.base_model:

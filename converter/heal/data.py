@@ -1,9 +1,17 @@
-"""Heal text: tokenised once, cut into fixed-length rows (BOS first, like calibration), with a
-held-out slice that no training pass ever sees.
+"""Heal text: tokenised once, cut into fixed-length rows that start the way the tokenizer starts
+text (calibration/chunks.py), with two slices no training pass ever sees.
 
-Without ``eval_documents`` the held-out rows are the last tenth of the text (at least one row,
-at most ``eval_tokens`` worth): a contiguous slice, so no training row overlaps it. Asking for
-more tokens than the training rows hold means several passes, each in its own seeded order.
+- validation: chooses the kept step (and watches for a run going wrong);
+- test: measured before training and once more on the weights as written, and never used to
+  choose anything, so the figure a run reports is not flattered by the choice it made.
+
+With ``eval_documents`` (--eval-text) the test rows are its first rows and the validation rows
+the next ones, each up to ``eval_tokens`` worth (``converter eval --text`` on the same file with
+``--ctx SEQLEN --max-tokens`` the test's tokens scores the test rows). Without it both come from
+the end of the training text (each 1/20 of it, at least one row, at most ``eval_tokens``): the
+test rows last, the validation rows just before, contiguous, so no training row overlaps them.
+Asking for more tokens than the training rows hold means several passes, each in its own seeded
+order.
 """
 
 from __future__ import annotations
@@ -13,18 +21,23 @@ from dataclasses import dataclass
 
 import torch
 
-from converter.calibration.chunks import body_length, bos_chunks
+from converter.calibration.chunks import body_length, row_start, text_rows
 from converter.errors import ConversionError
 
 log = logging.getLogger(__name__)
-HELD_OUT_FRACTION = 10  # 1/10 of the text, when no separate evaluation text is given
+# each of the validation and test slices, when no separate evaluation text is given: 1/20 of the
+# text (1/10 in all)
+SLICE_FRACTION = 20
 
 
 @dataclass(frozen=True)
 class HealData:
     train: torch.Tensor  # [n, seqlen] training rows
-    held_out: torch.Tensor  # [m, seqlen] evaluation rows
+    validation: torch.Tensor  # [m, seqlen] choose the kept step
+    test: torch.Tensor  # [k, seqlen] the reported figure
     seed: int = 0
+    held_out_source: str = "the end of the training text"
+    start: dict | None = None  # how every row starts (calibration/chunks.py RowStart)
 
     @property
     def seqlen(self) -> int:
@@ -52,16 +65,28 @@ class HealData:
         rows = [orders[g // n][g % n] for g in range(first, first + batch_size)]
         return self.train[torch.stack(rows)]
 
+    def describe(self) -> dict:
+        """The slices, for the report."""
+        return {
+            "train_rows": int(self.train.shape[0]),
+            "validation_rows": int(self.validation.shape[0]),
+            "test_rows": int(self.test.shape[0]),
+            "seqlen": self.seqlen,
+            "held_out_from": self.held_out_source,
+            "start": self.start,
+        }
+
 
 def _ids(tokenizer, documents: list[str]) -> list[int]:
     """Token ids of the documents, each followed by a blank line (as calibration does)."""
-    encode = tokenizer
-    return [t for d in documents for t in encode(d + "\n\n", add_special_tokens=False)["input_ids"]]
+    return [
+        t for d in documents for t in tokenizer(d + "\n\n", add_special_tokens=False)["input_ids"]
+    ]
 
 
 def _rows(tokenizer, ids: list[int], seqlen: int) -> torch.Tensor:
     count = len(ids) // body_length(tokenizer, seqlen)
-    return bos_chunks(tokenizer, ids, seqlen, count)
+    return text_rows(tokenizer, ids, seqlen, count)
 
 
 def split_text(
@@ -71,38 +96,46 @@ def split_text(
     eval_tokens: int,
     eval_documents: list[str] | None = None,
     seed: int = 0,
+    eval_name: str | None = None,
 ) -> HealData:
-    """Training rows and held-out rows of ``seqlen`` tokens (see the module docstring)."""
+    """Training, validation and test rows of ``seqlen`` tokens (see the module docstring)."""
     body = body_length(tokenizer, seqlen)
     ids = _ids(tokenizer, documents)
     rows = _rows(tokenizer, ids, seqlen)
-    max_held = max(1, eval_tokens // body)
+    per_slice = max(1, eval_tokens // body)
     if eval_documents is not None:
         eval_ids = _ids(tokenizer, eval_documents)
-        held = _rows(tokenizer, eval_ids[: max_held * body], seqlen)
-        if held.shape[0] < 1:
+        held = _rows(tokenizer, eval_ids[: 2 * per_slice * body], seqlen)
+        if held.shape[0] < 2:
             raise ConversionError(
-                f"--eval-text is too short: {len(eval_ids)} tokens, at least {body} needed for "
-                f"one held-out sequence of --seqlen {seqlen}; pass more text or lower --seqlen"
+                f"--eval-text is too short: {len(eval_ids)} tokens, at least {2 * body} needed "
+                f"for one test and one validation sequence of --seqlen {seqlen}; pass more text "
+                "or lower --seqlen"
             )
-        train = rows
+        n_test = min(per_slice, held.shape[0] // 2)
+        test, validation = held[:n_test], held[n_test : n_test + per_slice]
+        train, source = rows, f"--eval-text {eval_name or ''}".strip()
     else:
-        n_held = min(max(1, rows.shape[0] // HELD_OUT_FRACTION), max_held)
-        train, held = rows[: rows.shape[0] - n_held], rows[rows.shape[0] - n_held :]
+        n = min(max(1, rows.shape[0] // SLICE_FRACTION), per_slice)
+        cut = rows.shape[0] - 2 * n
+        train, validation, test = rows[: max(cut, 0)], rows[cut : cut + n], rows[cut + n :]
+        source = "the end of the training text"
     if train.shape[0] < 1:
-        need = body * (1 if eval_documents is not None else 2)
+        need = body * (1 if eval_documents is not None else 3)
         raise ConversionError(
             f"heal text is too short: {len(ids)} tokens, at least {need} needed for one "
             f"training sequence of --seqlen {seqlen}"
-            + ("" if eval_documents is not None else " plus one held out")
+            + ("" if eval_documents is not None else " plus one validation and one test sequence")
             + "; pass more text or lower --seqlen"
         )
     log.info(
-        "heal text: %d training sequences x %d tokens (%d tokens), %d held out (%d tokens)",
+        "heal text: %d training sequences x %d tokens (%d tokens); held out from %s: %d "
+        "validation sequences (choose the kept step) and %d test sequences (the reported figure)",
         train.shape[0],
         seqlen,
         train.numel(),
-        held.shape[0],
-        held.numel(),
+        source,
+        validation.shape[0],
+        test.shape[0],
     )
-    return HealData(train, held, seed)
+    return HealData(train, validation, test, seed, source, row_start(tokenizer).as_report())

@@ -87,7 +87,11 @@ def check_pair(teacher_arg: str, student_arg: str, revision: str | None = None) 
             "laws token by token, so pass the model the student was converted from"
         )
     tokenizer = load_tokenizer(teacher)
-    if tokenizer.get_vocab() != load_tokenizer(student).get_vocab():
+    # the student's files read by the teacher's tokenizer class: AutoTokenizer picks the class
+    # from config.json's model_type, and a class may add defaults of its own (Qwen2's adds
+    # <|endoftext|> when a tokenizer lacks it)
+    load_tokenizer(student)  # one sentence when its files are missing or broken
+    if tokenizer.get_vocab() != type(tokenizer).from_pretrained(student).get_vocab():
         raise ConversionError(
             f"--teacher {teacher_arg} and --student {student} have different vocabularies "
             "(their tokenizers map tokens to other ids); pass the model the student was "

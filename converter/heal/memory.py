@@ -22,7 +22,7 @@ import torch
 from converter.errors import ConversionError
 from converter.heal.objective import loss_chunk
 from converter.sources.base import SourceSpec, source_tensors
-from transmla_vllm.checkpoint_format import CheckpointLayout, layer_prefix
+from transmla_vllm.checkpoint_format import CONVERTED_ATTENTION, CheckpointLayout, layer_prefix
 
 OVERHEAD = {"cpu": 0.6e9, "cuda": 1.5e9}  # interpreter + torch; CUDA context and allocator slack
 FIT = 0.9  # refuse above this share of what is available
@@ -34,10 +34,12 @@ def _count(shapes: dict[str, tuple[int, ...]]) -> int:
 
 
 def trainable_names(layout: CheckpointLayout, train: str) -> list[str]:
-    """Checkpoint tensors a run trains: the attention ones (default) or all."""
+    """Checkpoint tensors a run trains: the attention tensors the conversion computed (default;
+    a Qwen3 layer's kept q/k projections and norms are the teacher's and stay so, see
+    docs/heal.md) or all."""
     if train == "all":
         return list(layout.tensors())
-    attn = layout.attention_shapes()
+    attn = [n for n in layout.attention_shapes() if n in CONVERTED_ATTENTION]
     return [layer_prefix(i) + n for i in range(layout.num_layers) for n in attn]
 
 
@@ -116,8 +118,11 @@ def estimate(
         "student": float(act * (n_student - n_train) + wide * n_train),
         "gradients+AdamW": float(3 * wide * n_train),
         "activations": float(activations),
+        # a chunk's fp32 logits and their temporaries; on a GPU (bf16 weights) also the fp32
+        # copies of both heads the logits are made with (objective.ChunkedKL)
         "loss": float(
             6 * 4 * min(tokens, loss_chunk(layout.vocab_size, device)) * layout.vocab_size
+            + (0 if act == 4 else 2 * 4 * layout.vocab_size * hidden)
         ),
         "overhead": OVERHEAD["cpu" if device == "cpu" else "cuda"],
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,8 @@ def loss_chunk(vocab_size: int, device: str) -> int:
 
 def fast_cpu_bf16() -> bool:
     """Whether this CPU multiplies bf16 in AMX tiles (Xeon Sapphire Rapids and later), where
-    bf16 autocast makes a SmolLM2 heal step 2.4x faster; elsewhere bf16 on a CPU is slow."""
+    bf16 autocast makes a heal step faster (docs/benchmarks.md "heal_step" measures by how
+    much); elsewhere bf16 on a CPU is slow."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(probe is not None and probe())
 
@@ -72,22 +74,31 @@ class ChunkedKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s_hidden, t_hidden, s_head, t_head):  # noqa: D102
+        # logits and the KL in fp32 (fp64 in tests) whatever the step's autocast: bf16 logits
+        # of a 49k-128k vocabulary round the law the loss compares
+        with torch.autocast(s_hidden.device.type, enabled=False):
+            return ChunkedKL._forward(ctx, s_hidden, t_hidden, s_head, t_head)
+
+    @staticmethod
+    def _forward(ctx, s_hidden, t_hidden, s_head, t_head):
         want_hidden, want_head = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         grad_hidden = torch.zeros_like(s_hidden) if want_hidden else None
         wide = torch.promote_types(s_hidden.dtype, torch.float32)  # fp32, or fp64 in tests
+        wide = torch.promote_types(wide, s_head.dtype)
         grad_head = torch.zeros_like(s_head, dtype=wide) if want_head else None
         total = torch.zeros((), dtype=wide, device=s_hidden.device)
         chunk = loss_chunk(s_head.shape[0], s_hidden.device.type)
+        s_wide, t_wide = s_head.to(wide), t_head.to(wide)  # no copy for fp32 heads (cpu)
         for i in range(0, s_hidden.shape[0], chunk):
             part = slice(i, i + chunk)
-            s_logp = F.linear(s_hidden[part], s_head).to(wide).log_softmax(-1)
-            t_logp = F.linear(t_hidden[part], t_head).to(wide).log_softmax(-1)
+            s_logp = F.linear(s_hidden[part].to(wide), s_wide).log_softmax(-1)
+            t_logp = F.linear(t_hidden[part].to(wide), t_wide).log_softmax(-1)
             t_p = t_logp.exp()
             total += (t_p * (t_logp - s_logp)).sum()
             if want_hidden or want_head:
                 diff = s_logp.exp_().sub_(t_p)  # d KL / d student logits
                 if want_hidden:
-                    grad_hidden[part] = diff.to(s_head.dtype) @ s_head
+                    grad_hidden[part] = (diff @ s_wide).to(grad_hidden.dtype)
                 if want_head:
                     grad_head += diff.t() @ s_hidden[part].to(wide)
         ctx.save_for_backward(grad_hidden, grad_head)
@@ -119,23 +130,53 @@ def distill_loss(
     return loss, float(kl.detach())
 
 
+def logits(model, ids: torch.Tensor, device: str, precision: str) -> torch.Tensor:
+    """Next-token logits of ``model`` for ``ids`` in fp32, its forward in ``precision``."""
+    with autocast(device, precision):
+        h = hidden_states(model, ids.to(device))
+    with torch.autocast(h.device.type, enabled=False):
+        return F.linear(h.float(), model.lm_head.weight.float())
+
+
+@dataclass(frozen=True)
+class Figures:
+    """Mean next-token NLL of the student on some rows, and its KL from the teacher there."""
+
+    nll: float
+    kl: float | None = None  # nats per position; None when no teacher was given
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll)
+
+
 @torch.no_grad()
-def held_out_nll(
-    model, rows: torch.Tensor, device: str, batch_size: int, precision: str = "fp32"
-) -> float:
-    """Mean next-token negative log-likelihood (nats) of ``model`` on the held-out rows."""
+def held_out(
+    model,
+    rows: torch.Tensor,
+    device: str,
+    batch_size: int,
+    precision: str = "fp32",
+    teacher=None,
+) -> Figures:
+    """``model``'s figures on held-out ``rows``, its forward (and the teacher's) in the
+    evaluation precision (eval_precision); logits, NLL and KL in fp32."""
     was_training = model.training
     model.eval()
-    nll, count = 0.0, 0
+    numerics = eval_precision(device, precision)
+    nll = kl = 0.0
+    count = 0
     for i in range(0, rows.shape[0], batch_size):
         ids = rows[i : i + batch_size].to(device)
-        with autocast(device, eval_precision(device, precision)):
-            h = hidden_states(model, ids)
-            logits = model.lm_head(h)[:, :-1].float()
-        nll += float(F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
-        count += ids[:, 1:].numel()
+        s_logp = logits(model, ids, device, numerics)[:, :-1].log_softmax(-1)
+        target = ids[:, 1:]
+        nll -= float(s_logp.gather(-1, target[..., None]).sum())
+        if teacher is not None:
+            t_logp = logits(teacher, ids, device, numerics)[:, :-1].log_softmax(-1)
+            kl += float((t_logp.exp() * (t_logp - s_logp)).sum())
+        count += target.numel()
     model.train(was_training)
-    return nll / count
+    return Figures(nll / count, kl / count if teacher is not None else None)
 
 
 def ppl(nll: float) -> float:

@@ -9,9 +9,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from converter.checkpoint.stream_writer import StreamingShardWriter, TensorSlot
 from converter.checkpoint.writer import copy_remote_code, copy_verbatim
 from converter.conversion.settings import DTYPES
+from converter.errors import ConversionError
 from converter.hub.card import refresh_model_card
 from transmla_vllm.checkpoint_format import CARD_FILE, CONFIG_FILE, REPORT_FILE, CheckpointLayout
 
@@ -26,8 +29,10 @@ def write_healed(
     model,
     heal: dict[str, Any],
     max_shard_bytes: int,
+    fp8_scales: list[dict] | None = None,
 ) -> list[str]:
-    """Write the healed model into ``folder``; returns the shard names."""
+    """Write the healed model into ``folder``; returns the shard names. ``fp8_scales``: each
+    layer's new fp8 scale entry (heal/fp8.py), replacing the conversion's in the report."""
     dtype = DTYPES.get(str(config.get("dtype")), None)
     state = model.state_dict()
     layout = CheckpointLayout.from_config(config)
@@ -49,8 +54,25 @@ def write_healed(
         report.pop(key, None)
     report["shards"] = shards
     report["heal"] = heal
+    if fp8_scales is not None:
+        for layer, entry in zip(report.get("layers") or [], fp8_scales, strict=True):
+            layer["fp8_scales"] = {**entry, "chosen": "after heal, on the healed weights"}
     (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     if (student / CARD_FILE).is_file():  # its metadata (license, base model) is kept
         shutil.copy2(student / CARD_FILE, folder / CARD_FILE)
     refresh_model_card(folder)
     return shards
+
+
+def input_weights(student: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The student's own tensors ``names`` as stored (what heal writes when it keeps the input)."""
+    from safetensors import safe_open
+
+    wanted, out = set(names), {}
+    for shard in sorted(student.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            out.update({n: f.get_tensor(n) for n in f.keys() if n in wanted})
+    missing = wanted - set(out)
+    if missing:
+        raise ConversionError(f"{student} lacks {sorted(missing)[0]} (and {len(missing) - 1} more)")
+    return out

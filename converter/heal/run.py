@@ -1,5 +1,7 @@
-"""heal(), start to end: check the inputs, split the text, estimate memory, load both models,
-run the loop in a staging (or --resume) folder, write the best weights there, publish it."""
+"""heal(), start to end: check the inputs, cut the text into training / validation / test rows,
+estimate memory, load both models, measure what the run starts from, train in a staging (or
+--resume) folder, finish the kept weights as they will be written (fp8 scales chosen again,
+rounded to the output dtype), measure them on the test rows, write them there and publish it."""
 
 from __future__ import annotations
 
@@ -17,20 +19,22 @@ from converter.calibration.text import CalibrationInput, load_documents, read_ca
 from converter.checkpoint.resume import digest, resumable_folder, resume_folder
 from converter.checkpoint.writer import check_destination, parse_size, staging_folder
 from converter.conversion.device import keep_freed_memory, peak_rss_bytes, pick_device
-from converter.conversion.settings import check_calibration_context
+from converter.conversion.settings import DTYPES, check_calibration_context
 from converter.errors import ConversionError
 from converter.heal.data import HealData, split_text
 from converter.heal.defaults import BATCH_SIZE, LR, PRECISIONS, SEQLEN, TRAIN_CHOICES
+from converter.heal.fp8 import recorded_scales, refold, unfold
 from converter.heal.inputs import HealPair, check_pair
-from converter.heal.loop import LoopState, TrainSettings, restore, train
+from converter.heal.loop import LoopState, TrainSettings, restore, train, trained
 from converter.heal.memory import plan_memory, trainable_names
-from converter.heal.objective import choose_precision, held_out_nll, ppl
-from converter.heal.output import write_healed
+from converter.heal.objective import Figures, choose_precision, eval_precision, held_out
+from converter.heal.output import input_weights, write_healed
+from converter.heal.precision import check_precision
 from converter.heal.state import HealStore, describe_progress
-from transmla_vllm.checkpoint_format import CheckpointLayout
+from transmla_vllm.checkpoint_format import REPORT_FILE, CheckpointLayout
 
 log = logging.getLogger(__name__)
-EVALUATIONS = 8  # held-out evaluations during a run, when --eval-every is not given
+EVALUATIONS = 8  # validation evaluations during a run, when --eval-every is not given
 
 
 @dataclass
@@ -61,6 +65,7 @@ class HealOptions:
     overwrite: bool = False
     resume: bool = False
     revision: str | None = None
+    keep_worse: bool = False
 
 
 def check_options(opts: HealOptions) -> None:
@@ -96,7 +101,10 @@ def _text(opts: HealOptions, pair: HealPair) -> HealData:
     )
     documents, _files = load_documents(source, pair.tokenizer)
     held = [read_calibration_text(opts.eval_text)[0]] if opts.eval_text else None
-    return split_text(pair.tokenizer, documents, opts.seqlen, opts.eval_tokens, held, opts.seed)
+    name = Path(opts.eval_text).name if opts.eval_text else None
+    return split_text(
+        pair.tokenizer, documents, opts.seqlen, opts.eval_tokens, held, opts.seed, name
+    )
 
 
 def _load(pair: HealPair, train: str, device: str, precision: str, checkpointing: bool = True):
@@ -134,16 +142,55 @@ def _fingerprint(opts: HealOptions, pair: HealPair, data: HealData, device: str)
     sizes = {f: (pair.student / f).stat().st_size for f in weights}
     settings = {k: v for k, v in asdict(opts).items() if k not in ("resume", "overwrite")}
     settings.pop("dst")
+    held = data.validation.numpy().tobytes() + data.test.numpy().tobytes()
     return {
         "converter version": __version__,
         "teacher": str(pair.teacher.resolve()),
         "student": str(pair.student.resolve()) + "/" + digest(json.dumps(sizes)),
         "student config": digest(json.dumps(pair.student_config, sort_keys=True)),
-        "text tokens": digest(data.train.numpy().tobytes() + data.held_out.numpy().tobytes()),
+        "text tokens": digest(data.train.numpy().tobytes() + held),
         "settings": digest(json.dumps(settings, sort_keys=True)),
         "device": device,
         "precision": choose_precision(opts.precision, device),
     }
+
+
+def _figures(fig: Figures) -> dict:
+    return {"nll": fig.nll, "ppl": fig.ppl, "kl": fig.kl}
+
+
+def measure_before(teacher, student, data: HealData, device: str, precision: str, batch: int):
+    """What the run starts from, measured once: the teacher's validation and test figures, the
+    input's test figures, and (bf16 on a CPU) whether bf16 trains against the teacher the run
+    measures (heal/precision.py)."""
+    before: dict = {"precision": precision}
+    if device == "cpu" and precision == "bf16":
+        check = check_precision(teacher, student, data.train, device)
+        before["precision_check"] = check.as_report()
+        before["precision"] = check.precision
+    elif precision == "bf16":
+        before["precision_check"] = {
+            "skipped": f"on {device} the held-out figures run in bf16 like the training steps"
+        }
+    numerics = before["precision"]
+    for name, rows in (("validation", data.validation), ("test", data.test)):
+        before[f"teacher_{name}"] = _figures(held_out(teacher, rows, device, batch, numerics))
+    before["input_test"] = _figures(held_out(student, data.test, device, batch, numerics, teacher))
+    log.info(
+        "before healing: teacher test PPL %.3f, input test PPL %.3f (KL %.4f)",
+        before["teacher_test"]["ppl"],
+        before["input_test"]["ppl"],
+        before["input_test"]["kl"],
+    )
+    return before
+
+
+def as_written(student, dtype: torch.dtype) -> None:
+    """Round the trained weights to the output dtype (in place), so what is measured next is
+    what the written files hold."""
+    with torch.no_grad():
+        for p in trained(student).values():
+            p.copy_(p.to(dtype).to(p.dtype))
 
 
 def heal(opts: HealOptions) -> Path:
@@ -163,14 +210,6 @@ def heal(opts: HealOptions) -> Path:
     device = pick_device(opts.device)
     keep_freed_memory()
     precision = choose_precision(opts.precision, device)
-    log.info(
-        "training in %s on %s%s",
-        precision,
-        device,
-        " (--precision auto: this CPU has AMX bf16 tiles)"
-        if opts.precision == "auto" and device == "cpu" and precision == "bf16"
-        else "",
-    )
     layout = CheckpointLayout.from_config(pair.student_config)
     memory = plan_memory(pair.spec, layout, opts.train, opts.batch_size, opts.seqlen, device)
     log.info("%s", memory.describe())
@@ -180,46 +219,125 @@ def heal(opts: HealOptions) -> Path:
     if passes > 1:
         log.info(
             "--tokens %d is more than the %d training tokens: %d passes over the text (the "
-            "held-out rows stay out of every pass)",
+            "validation and test rows stay out of every pass)",
             opts.tokens,
             data.train.numel(),
             passes,
         )
-    every = opts.eval_every or max(1, opts.tokens // EVALUATIONS)
-    cfg = TrainSettings(
-        tokens=opts.tokens,
-        batch_size=opts.batch_size,
-        lr=opts.lr,
-        eval_every=max(1, every // (opts.batch_size * opts.seqlen)),
-        hidden_weight=opts.hidden_weight,
-        device=device,
-        precision=precision,
-    )
     teacher, student = _load(pair, opts.train, device, precision, memory.checkpointing)
+    report_path = pair.student / REPORT_FILE
+    student_report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    scales = recorded_scales(student_report)
+    if scales is not None:
+        unfold(student, scales)
+    out_dtype = DTYPES.get(str(pair.student_config.get("dtype")), torch.float32)
     folder = (
         (lambda d, o: resumable_folder(d, o, describe_progress)) if opts.resume else staging_folder
     )
     with folder(dst, opts.overwrite) as tmp:
         store = HealStore(tmp, _fingerprint(opts, pair, data, device)) if opts.resume else None
-        state = store.load() if store is not None else None
-        if state is not None:
+        loaded = store.load() if store is not None else None
+        if loaded is not None:
+            state, resumed = loaded
             log.info("resuming from %s: %d of %d steps were done", tmp, state.step, steps)
         else:
-            state = LoopState()
-            state.teacher_nll = held_out_nll(
-                teacher, data.held_out, device, opts.batch_size, precision
+            state, resumed = LoopState(), None
+            state.before = measure_before(
+                teacher, student, data, device, precision, opts.batch_size
             )
-            log.info("teacher held-out PPL %.3f", ppl(state.teacher_nll))
-        state = train(student, teacher, data, cfg, state, store.save if store else None)
+        precision = state.before["precision"]
+        log.info(
+            "training in %s on %s%s",
+            precision,
+            device,
+            " (--precision auto: this CPU has AMX bf16 tiles)"
+            if opts.precision == "auto" and device == "cpu" and precision == "bf16"
+            else "",
+        )
+        every = opts.eval_every or max(1, opts.tokens // EVALUATIONS)
+        cfg = TrainSettings(
+            tokens=opts.tokens,
+            batch_size=opts.batch_size,
+            lr=opts.lr,
+            eval_every=max(1, every // (opts.batch_size * opts.seqlen)),
+            hidden_weight=opts.hidden_weight,
+            device=device,
+            precision=precision,
+        )
+        state = train(student, teacher, data, cfg, state, store.save if store else None, resumed)
         restore(student, state.best)
+        kept, fp8_entries, after = _finish(opts, pair, data, state, teacher, student, device)
+        if kept == "input":
+            fp8_entries = None
         summary = _summary(opts, data, cfg, state, steps, passes, device, started)
+        summary.update(kept=kept, test=_test_summary(state, after, device, out_dtype))
         _log_result(summary)
         shard_bytes = parse_size(opts.max_shard_size)
-        write_healed(tmp, pair.student, pair.student_config, student, summary, shard_bytes)
+        write_healed(
+            tmp, pair.student, pair.student_config, student, summary, shard_bytes, fp8_entries
+        )
         if store is not None:
             store.clear()
     log.info("healed model written to %s", dst)
     return dst
+
+
+def _finish(opts, pair, data, state, teacher, student, device):
+    """The kept weights as they will be written, measured on the test rows; the input's
+    weights instead when no step beat them on validation, or when the healed ones measure worse
+    on the test rows (unless --keep-worse). Returns (what is written, fp8 report entries, test
+    figures of what is written)."""
+    out_dtype = DTYPES.get(str(pair.student_config.get("dtype")), torch.float32)
+    numerics = state.before["precision"]
+    before = Figures(state.before["input_test"]["nll"], state.before["input_test"]["kl"])
+    if state.best_step == 0:
+        log.warning("no training step improved the validation figure: the input is written")
+        restore(student, input_weights(pair.student, list(trained(student))))
+        return "input", None, before
+    fp8_entries = None
+    if recorded_scales(_student_report(pair)) is not None:
+        fp8_entries = refold(student, data.train, device, out_dtype)
+    as_written(student, out_dtype)
+    after = held_out(student, data.test, device, opts.batch_size, numerics, teacher)
+    if after.nll > before.nll:
+        verdict = (
+            "--keep-worse: the healed weights are written anyway"
+            if opts.keep_worse
+            else "the input's weights are written instead (--keep-worse writes the healed ones)"
+        )
+        log.warning(
+            "HEAL MADE THE MODEL WORSE on the test rows: PPL %.3f -> %.3f (the kept step was "
+            "chosen on validation rows, which improved: %.3f -> %.3f); %s",
+            before.ppl,
+            after.ppl,
+            state.history[0]["validation_ppl"],
+            min(h["validation_ppl"] for h in state.history),
+            verdict,
+        )
+        if not opts.keep_worse:
+            restore(student, input_weights(pair.student, list(trained(student))))
+            return "input", None, before
+    return "healed", fp8_entries, after
+
+
+def _student_report(pair: HealPair) -> dict:
+    path = pair.student / REPORT_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _test_summary(state: LoopState, after: Figures, device: str, dtype: torch.dtype) -> dict:
+    b = state.before
+    numerics = eval_precision(device, b["precision"])
+    return {
+        "ppl": {
+            "teacher": b["teacher_test"]["ppl"],
+            "before": b["input_test"]["ppl"],
+            "after": after.ppl,
+        },
+        "kl": {"before": b["input_test"]["kl"], "after": after.kl},
+        "measured_on": f"the weights as written ({str(dtype).removeprefix('torch.')}), "
+        f"forward in {numerics} on {device}",
+    }
 
 
 def _summary(
@@ -234,7 +352,8 @@ def _summary(
 ) -> dict:
     """The report's ``heal`` entry; ``settings`` also goes into config.json."""
     text = CalibrationInput(opts.calib_text, opts.calib_jsonl, opts.calib_field, opts.calib_dataset)
-    first, best = state.history[0], min(state.history, key=lambda h: h["held_out_nll"])
+    first = state.history[0]
+    best = next(h for h in state.history if h["step"] == state.best_step)
     return {
         "settings": {
             "teacher": opts.teacher,
@@ -244,24 +363,33 @@ def _summary(
             "steps": steps,
             "passes": passes,
             "lr": cfg.lr,
+            "lr_rule": "AdamW step relative to each tensor's RMS",
             "train": opts.train,
             "hidden_weight": cfg.hidden_weight,
             "loss": "KL(teacher || student)" + (" + hidden-state MSE" if cfg.hidden_weight else ""),
             "text": Path(opts.calib_text).name if opts.calib_text else text.describe(),
             "chat": opts.calib_chat,
-            "held_out": Path(opts.eval_text).name if opts.eval_text else "last 1/10 of the text",
-            "held_out_tokens": int(data.held_out.numel()),
+            "held_out": data.held_out_source,
+            "validation_tokens": int(data.validation.numel()),
+            "test_tokens": int(data.test.numel()),
             "device": device,
             "precision": cfg.precision,
             "seed": opts.seed,
             "converter_version": __version__,
         },
-        "held_out_ppl": {
-            "teacher": ppl(state.teacher_nll) if state.teacher_nll is not None else None,
-            "before": first["held_out_ppl"],
-            "after": best["held_out_ppl"],
+        "rows": data.describe(),
+        "precision_check": state.before.get("precision_check"),
+        "validation": {
+            "ppl": {
+                "teacher": state.before["teacher_validation"]["ppl"],
+                "before": first["validation_ppl"],
+                "best": best["validation_ppl"],
+            },
+            "kl": {"before": first["validation_kl"], "best": best["validation_kl"]},
         },
         "best_step": state.best_step,
+        "guard_events": state.events,
+        "stopped_early": state.stopped,
         "history": state.history,
         "seconds": round(state.seconds, 1),  # the loop, all runs of a --resume together
         "wall_seconds": round(time.time() - started, 1),  # this run, loading included
@@ -270,16 +398,21 @@ def _summary(
 
 
 def _log_result(summary: dict) -> None:
-    figures, settings = summary["held_out_ppl"], summary["settings"]
+    test, settings = summary["test"]["ppl"], summary["settings"]
     log.info(
-        "held-out PPL %.3f -> %.3f (teacher %s) after %d tokens in %.0f s; kept step %d of %d",
-        figures["before"],
-        figures["after"],
-        "?" if figures["teacher"] is None else f"{figures['teacher']:.3f}",
+        "test PPL %.3f -> %.3f (teacher %.3f; %s) after %d tokens in %.0f s; kept step %d of %d "
+        "(validation PPL %.3f -> %.3f); written: %s weights",
+        test["before"],
+        test["after"],
+        test["teacher"],
+        summary["test"]["measured_on"],
         settings["tokens"],
         summary["seconds"],
         summary["best_step"],
         settings["steps"],
+        summary["validation"]["ppl"]["before"],
+        summary["validation"]["ppl"]["best"],
+        "the healed" if summary["kept"] == "healed" else "the input's",
     )
 
 

@@ -29,9 +29,10 @@ class HealStore:
     def __init__(self, folder: Path, fingerprint: dict) -> None:
         self.folder, self.fingerprint = folder, fingerprint
 
-    def load(self) -> LoopState | None:
-        """The saved state, or None (and an emptied folder) when there is none; anything else
-        in the folder (output files of a run killed while writing them) is removed."""
+    def load(self) -> tuple[LoopState, tuple[dict[str, torch.Tensor], dict]] | None:
+        """The saved state with the trained weights and AdamW's state at that step, or None (and
+        an emptied folder) when there is none; anything else in the folder (output files of a
+        run killed while writing them) is removed."""
         if not (self.folder / PROGRESS).is_file():
             empty_folder(self.folder)
             return None
@@ -39,30 +40,39 @@ class HealStore:
         where = f"the heal progress in {self.folder} (step {saved['step']})"
         check_fingerprint(saved["fingerprint"], self.fingerprint, where)
         empty_folder(self.folder, keep={PROGRESS, saved["state"]})
-        return LoopState(
+        state = LoopState(
             step=saved["step"],
             best_nll=saved["best_nll"],
             best_step=saved["best_step"],
-            teacher_nll=saved.get("teacher_nll"),
             best=blob["best"],
             history=saved["history"],
             seconds=saved["seconds"],
-            optimizer=blob["optimizer"],
-            params=blob["params"],
+            start_kl=saved["start_kl"],
+            lr_scale=saved["lr_scale"],
+            recent_kl=saved["recent_kl"],
+            events=saved["events"],
+            stopped=saved["stopped"],
+            before=saved["before"],
         )
+        return state, (blob["params"], blob["optimizer"])
 
-    def save(self, state: LoopState) -> None:
+    def save(self, state: LoopState, params: dict[str, torch.Tensor], optimizer: dict) -> None:
         name = f"{STATE_PREFIX}{state.step:08d}.pt"
-        blob = {"params": state.params, "optimizer": state.optimizer, "best": state.best}
+        blob = {"params": params, "optimizer": optimizer, "best": state.best}
         _write_atomic(self.folder / name, lambda f: torch.save(blob, f))
         body = {
             "step": state.step,
             "state": name,
             "best_nll": state.best_nll,
             "best_step": state.best_step,
-            "teacher_nll": state.teacher_nll,
             "history": state.history,
             "seconds": state.history[-1]["seconds"],  # all runs so far
+            "start_kl": state.start_kl,
+            "lr_scale": state.lr_scale,
+            "recent_kl": state.recent_kl,
+            "events": state.events,
+            "stopped": state.stopped,
+            "before": state.before,
             "fingerprint": self.fingerprint,
         }
         text = json.dumps(body, indent=1).encode()

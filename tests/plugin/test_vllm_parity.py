@@ -55,7 +55,9 @@ def rope32(converted, calib_file, tmp_path_factory) -> Path:
             dst=str(dst),
             rope_dim=32,
             kv_lora_rank=96,
-            freqfold="smallest",  # no per-layer search: 3x faster
+            # fixed (no per-layer search: 3x faster); 4, not the smallest (2): with 2 this random
+            # model's second prompt continues with 3 distinct tokens, too few to test parity on
+            freqfold=4,
             calib_text=str(calib_file),
             calib_samples=8,
             calib_seqlen=64,

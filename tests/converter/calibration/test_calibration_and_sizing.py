@@ -136,6 +136,7 @@ def test_eval_and_verify_commands(tmp_path, calib_file, capsys):
         head_dim=16,
         seed=2,
         init=(0.1, 0.6, 0.6, 0.6),
+        bos="added",  # as Llama-3: every window starts with <s>, as the tokenizer starts text
     )
     dst = convert(
         ConvertOptions(
@@ -176,6 +177,7 @@ def test_eval_and_verify_commands(tmp_path, calib_file, capsys):
     with torch.no_grad():
         for i in range(1024 // 63):
             row = torch.tensor([[tok.bos_token_id] + ids[i * 63 : (i + 1) * 63]])
+            assert tok.bos_token_id == tok("x")["input_ids"][0]
             nll += float(model(row, labels=row).loss) * 63
             n += 63
     assert got["tokens"] == n and got["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-4)

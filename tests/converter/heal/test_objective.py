@@ -12,7 +12,6 @@ from converter.heal.objective import (
     choose_precision,
     distill_loss,
     eval_precision,
-    fast_cpu_bf16,
     loss_chunk,
 )
 
@@ -60,8 +59,31 @@ def test_frozen_head_gets_no_gradient_and_chunks_follow_the_vocabulary():
     assert loss_chunk(128256, "cpu") < loss_chunk(49152, "cpu") < loss_chunk(49152, "cuda")
 
 
-def test_precision_auto_follows_the_device():
+@pytest.mark.parametrize("amx,cpu_auto", [(True, "bf16"), (False, "fp32")])
+def test_precision_auto_follows_the_device(monkeypatch, amx, cpu_auto):
+    monkeypatch.setattr(objective, "fast_cpu_bf16", lambda: amx)
+    assert choose_precision("auto", "cpu") == cpu_auto
     assert choose_precision("auto", "cuda") == "bf16"
-    assert choose_precision("auto", "cpu") == ("bf16" if fast_cpu_bf16() else "fp32")
     assert choose_precision("fp32", "cuda") == "fp32" and choose_precision("bf16", "cpu") == "bf16"
     assert eval_precision("cpu", "bf16") == "fp32" and eval_precision("cuda", "bf16") == "bf16"
+
+
+def test_logits_and_kl_stay_fp32_under_bf16_autocast():
+    """The training step runs its forward passes under bf16 autocast; the loss must still make
+    its logits and KL in fp32 (bf16 logits of a real vocabulary round the laws it compares:
+    1e-2 relative error in the KL here)."""
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(2, 64, 96, generator=g)
+    t = s + 0.2 * torch.randn(2, 64, 96, generator=g)
+    s_head = 0.5 * torch.randn(4000, 96, generator=g)
+    t_head = s_head + 0.05 * torch.randn(4000, 96, generator=g)
+    s_in = s.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, kl = distill_loss(s_in, t, s_head, t_head)
+    loss.backward()
+    ref_in = s.double().requires_grad_()
+    ref = _reference(ref_in, t.double(), s_head.double(), t_head.double(), 0.0)
+    ref.backward()
+    assert loss.dtype == torch.float32
+    assert kl == pytest.approx(float(ref), rel=1e-5)
+    torch.testing.assert_close(s_in.grad.double(), ref_in.grad, rtol=1e-3, atol=1e-6)

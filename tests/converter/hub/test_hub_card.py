@@ -84,7 +84,9 @@ def test_body_numbers_match_the_conversion(checkpoint):
         assert row in text, row
     assert "No comparison with the source was recorded" in text
     # copy-paste usage for vLLM (GPU and CPU) and transformers
-    assert "pip install transmla-vllm vllm\n" in text
+    # not on PyPI yet: the card must not send people to a package index page that does not exist
+    assert 'pip install ".[vllm]"' in text and "not on PyPI yet" in text
+    assert "pypi.org" not in text and "pip install transmla-vllm" not in text
     assert f"vllm serve {LOCAL_MODEL_REF} --trust-remote-code" in text
     assert (
         f"python -m vllm.entrypoints.openai.api_server --model {LOCAL_MODEL_REF} "
