@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from converter.conversion.methods import DEFAULT_METHOD
 from transmla_testing.conversions import comedies_convert_cmd
 from transmla_testing.report import publish
 from transmla_testing.tragedies import add_common_args, tragedies
@@ -45,7 +46,7 @@ def main() -> int:
     add_common_args(p, ROOT / ".cache" / "quality", "128,192,320", 20480)
     p.add_argument(
         "--ours",
-        default="refit",
+        default=f"{DEFAULT_METHOD}:auto",  # the converter's defaults: method and FreqFold
         help="method (and ':auto' for --freqfold auto) compared with transmla",
     )
     args = p.parse_args()

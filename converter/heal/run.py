@@ -266,9 +266,9 @@ def heal(opts: HealOptions) -> Path:
         )
         state = train(student, teacher, data, cfg, state, store.save if store else None, resumed)
         restore(student, state.best)
-        kept, fp8_entries, after = _finish(opts, pair, data, state, teacher, student, device)
-        if kept == "input":
-            fp8_entries = None
+        kept, fp8_entries, after = _finish(
+            opts, pair, data, state, (teacher, student), device, out_dtype, scales is not None
+        )
         summary = _summary(opts, data, cfg, state, steps, passes, device, started)
         summary.update(kept=kept, test=_test_summary(state, after, device, out_dtype))
         _log_result(summary)
@@ -282,21 +282,29 @@ def heal(opts: HealOptions) -> Path:
     return dst
 
 
-def _finish(opts, pair, data, state, teacher, student, device):
-    """The kept weights as they will be written, measured on the test rows; the input's
-    weights instead when no step beat them on validation, or when the healed ones measure worse
-    on the test rows (unless --keep-worse). Returns (what is written, fp8 report entries, test
-    figures of what is written)."""
-    out_dtype = DTYPES.get(str(pair.student_config.get("dtype")), torch.float32)
+def _finish(
+    opts: HealOptions,
+    pair: HealPair,
+    data: HealData,
+    state: LoopState,
+    models: tuple,
+    device: str,
+    out_dtype: torch.dtype,
+    rescale: bool,
+) -> tuple[str, list[dict] | None, Figures]:
+    """The kept weights as they will be written (fp8 scales chosen again when ``rescale``,
+    rounded to ``out_dtype``), measured on the test rows; the input's weights instead when no
+    step beat them on validation, or when the healed ones measure worse on the test rows (unless
+    --keep-worse). Returns (what is written: "healed" or "input", the new fp8 report entries,
+    the test figures of what is written)."""
+    teacher, student = models
     numerics = state.before["precision"]
     before = Figures(state.before["input_test"]["nll"], state.before["input_test"]["kl"])
     if state.best_step == 0:
         log.warning("no training step improved the validation figure: the input is written")
         restore(student, input_weights(pair.student, list(trained(student))))
         return "input", None, before
-    fp8_entries = None
-    if recorded_scales(_student_report(pair)) is not None:
-        fp8_entries = refold(student, data.train, device, out_dtype)
+    fp8_entries = refold(student, data.train, device, out_dtype) if rescale else None
     as_written(student, out_dtype)
     after = held_out(student, data.test, device, opts.batch_size, numerics, teacher)
     if after.nll > before.nll:
@@ -318,11 +326,6 @@ def _finish(opts, pair, data, state, teacher, student, device):
             restore(student, input_weights(pair.student, list(trained(student))))
             return "input", None, before
     return "healed", fp8_entries, after
-
-
-def _student_report(pair: HealPair) -> dict:
-    path = pair.student / REPORT_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _test_summary(state: LoopState, after: Figures, device: str, dtype: torch.dtype) -> dict:
