@@ -48,7 +48,8 @@ def make_checkpoint(folder: Path, layers: int, seed: int = 0, shape: dict | None
     from safetensors.torch import save_file
 
     from converter.calibration.text import BUNDLED
-    from converter.sources.base import inspect_source, source_layer_tensors, source_tensors
+    from converter.sources.inspection import inspect_source
+    from converter.sources.tensors import source_layer_tensors, source_tensors
     from transmla_testing.models import make_tokenizer
     from transmla_vllm.checkpoint_format import EMBED, FINAL_NORM, LM_HEAD, layer_prefix
 
@@ -75,7 +76,7 @@ def make_checkpoint(folder: Path, layers: int, seed: int = 0, shape: dict | None
         "bos_token_id": 1,
         "eos_token_id": 2,
     }
-    # names and shapes as the converter expects them from this config (sources/base.py)
+    # names and shapes as the converter expects them from this config (sources/tensors.py)
     spec = inspect_source(config)
     gen = torch.Generator().manual_seed(seed)
 

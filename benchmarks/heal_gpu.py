@@ -57,7 +57,7 @@ def configs(shape: dict, rope: int = 64, rank: int = 512):
     """(teacher LlamaConfig, its SourceSpec, student DeepseekV3Config, student layout)."""
     from transformers import DeepseekV3Config, LlamaConfig
 
-    from converter.sources.base import inspect_source
+    from converter.sources.inspection import inspect_source
     from transmla_vllm.checkpoint_format import CheckpointLayout, MLAShape, build_config
 
     teacher = LlamaConfig(**shape)

@@ -61,7 +61,7 @@ def main() -> int:
     from converter.conversion.settings import resolve_settings
     from converter.math.kv_pca import max_rank
     from converter.measure.perplexity import load_model, perplexity
-    from converter.sources.base import inspect_source
+    from converter.sources.inspection import inspect_source
     from transmla_testing.report import publish
 
     started = time.time()

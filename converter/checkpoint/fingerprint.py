@@ -17,7 +17,8 @@ import torch
 from converter.checkpoint.source import read_config
 from converter.checkpoint.source_reader import SourceReader
 from converter.errors import ConversionError
-from converter.sources.base import SourceSpec, inspect_source
+from converter.sources.inspection import inspect_source
+from converter.sources.spec import SourceSpec
 from transmla_vllm.checkpoint_format import EMBED, FINAL_NORM, layer_prefix, transmla_block
 
 # What is compared (cheap to read even for large models: 256 embedding rows, one layer's keys).

@@ -18,7 +18,8 @@ import torch
 from safetensors import safe_open
 
 from converter.errors import ConversionError
-from converter.sources.base import SourceSpec, source_tensors
+from converter.sources.spec import SourceSpec
+from converter.sources.tensors import source_tensors
 from transmla_vllm.checkpoint_format import IGNORED_SUFFIXES, INDEX_FILE, LM_HEAD, SINGLE_FILE
 
 # safetensors dtype codes the converter reads (anything else is quantized or not a weight)
@@ -100,7 +101,7 @@ class SourceReader:
 
     def _spec_from_config(self) -> SourceSpec | None:
         from converter.checkpoint.source import read_config
-        from converter.sources.base import inspect_source
+        from converter.sources.inspection import inspect_source
 
         try:
             return inspect_source(read_config(self.folder))

@@ -15,7 +15,7 @@ from converter.conversion.methods import Method
 from converter.conversion.settings import ResolvedSettings
 from converter.conversion.source_layers import SourceLayers, batched
 from converter.conversion.stages import LayerWork
-from converter.sources.base import SourceSpec
+from converter.sources.spec import SourceSpec
 from transmla_vllm.checkpoint_format import CheckpointLayout
 
 

@@ -35,7 +35,8 @@ from converter.conversion.settings import (
 from converter.errors import ConversionError
 from converter.hub.ids import check_base_model
 from converter.math.rorope import default_freqfold
-from converter.sources.base import SourceSpec, inspect_source
+from converter.sources.inspection import inspect_source
+from converter.sources.spec import SourceSpec
 from transmla_vllm.checkpoint_format import CheckpointLayout, MLAShape, QKNorm, build_config
 
 log = logging.getLogger(__name__)

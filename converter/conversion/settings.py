@@ -10,7 +10,7 @@ import torch
 from converter.errors import ConversionError
 from converter.math.kv_pca import max_rank
 from converter.math.rorope import check_rope_settings, default_freqfold, valid_freqfolds
-from converter.sources.base import SourceSpec
+from converter.sources.spec import SourceSpec
 from transmla_vllm.backends import (
     FLASH_ATTN_PREFILL_SHAPES,
     MLA_HEAD_SIZES,

@@ -19,7 +19,9 @@ from torch import nn
 
 from converter.checkpoint.source_reader import SourceReader
 from converter.conversion.blocked_mlp import use_blocked_mlps
-from converter.sources.base import SourceSpec, adapter_for, source_layer_tensors
+from converter.sources.registry import adapter_for
+from converter.sources.spec import SourceSpec
+from converter.sources.tensors import source_layer_tensors
 from transmla_vllm.checkpoint_format import EMBED, ROUTER, layer_prefix
 
 

@@ -21,7 +21,7 @@ from converter.math.assemble_normed import assemble_normed_mla
 from converter.math.kv_pca import balanced_kv_basis
 from converter.math.refit import ridge_refit
 from converter.math.rorope import key_rotation, valid_freqfolds
-from converter.sources.base import SourceSpec
+from converter.sources.spec import SourceSpec
 from transmla_vllm.checkpoint_format import O_PROJ
 
 

@@ -13,7 +13,8 @@ from converter.checkpoint.fingerprint import source_fingerprint
 from converter.checkpoint.source import load_tokenizer, read_config, resolve_source
 from converter.checkpoint.source_reader import SourceReader
 from converter.errors import ConversionError
-from converter.sources.base import SourceSpec, inspect_source
+from converter.sources.inspection import inspect_source
+from converter.sources.spec import SourceSpec
 from transmla_vllm.checkpoint_format import (
     ARCHITECTURE,
     CONFIG_FILE,

@@ -21,7 +21,8 @@ import torch
 
 from converter.errors import ConversionError
 from converter.heal.objective import loss_chunk
-from converter.sources.base import SourceSpec, source_tensors
+from converter.sources.spec import SourceSpec
+from converter.sources.tensors import source_tensors
 from transmla_vllm.checkpoint_format import CONVERTED_ATTENTION, CheckpointLayout, layer_prefix
 
 OVERHEAD = {"cpu": 0.6e9, "cuda": 1.5e9}  # interpreter + torch; CUDA context and allocator slack

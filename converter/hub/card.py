@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from converter.hub.ids import source_hub_id
-from converter.sources.base import SourceSpec
+from converter.sources.spec import SourceSpec
 from transmla_vllm.backends import BACKENDS, served_elements, what_serves_it
 from transmla_vllm.checkpoint_format import (
     CARD_FILE,

@@ -192,7 +192,7 @@ def _geometry(cfg: dict[str, Any], rope_dim: int | None, kv_lora_rank: int) -> _
             f"converted latent {rho} + rope {r}{_QK_NORM_NOTE if qk_norm(cfg) else ''}",
         )
     from converter.conversion.settings import resolve_settings
-    from converter.sources.base import inspect_source
+    from converter.sources.inspection import inspect_source
 
     spec = inspect_source(cfg)
     # target hf: preview any shape, and show per backend what serves it (None where none does)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from converter.sources.base import FamilyAdapter
+from converter.sources.adapter import FamilyAdapter
 
 
 class MistralAdapter(FamilyAdapter):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from converter.sources.base import FamilyAdapter
+from converter.sources.adapter import FamilyAdapter
 from transmla_vllm.checkpoint_format import MoEMLP
 
 

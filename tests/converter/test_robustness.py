@@ -31,7 +31,7 @@ from converter.checkpoint.writer import check_destination
 from converter.cli import main as cli_main
 from converter.conversion.settings import resolve_settings
 from converter.errors import ConversionError, Interrupted, signals_as_interrupts
-from converter.sources.base import inspect_source
+from converter.sources.inspection import inspect_source
 from transmla_testing.hooked import REPO, run_hooked
 from transmla_testing.models import edit_tensors, make_model
 

@@ -15,7 +15,7 @@ from converter.cli import main as cli_main
 from converter.conversion.pipeline import ConvertOptions, convert
 from converter.conversion.settings import resolve_settings
 from converter.errors import ConversionError
-from converter.sources.base import inspect_source
+from converter.sources.inspection import inspect_source
 from transmla_testing.models import make_model
 from transmla_testing.text import play_text
 

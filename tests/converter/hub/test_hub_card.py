@@ -21,7 +21,7 @@ from converter.hub.card import (
     source_license,
     write_model_card,
 )
-from converter.sources.base import inspect_source
+from converter.sources.inspection import inspect_source
 from transmla_testing.fake_hub import SOURCE_HUB_ID, SOURCE_LICENSE, tiny_checkpoint
 
 
