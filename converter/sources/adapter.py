@@ -7,11 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 from converter.sources.spec import rope_parameters
-from transmla_vllm.checkpoint_format import MoEMLP
+from transmla_vllm.checkpoint_format import SUPPORTED_ROPE_TYPES, MoEMLP
 
 # Config keys that announce a feature the DeepSeek layout (or this family) has no place for.
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
 QK_NORM_KEYS = ("use_qk_norm", "qk_layernorm", "qk_norm")
+# Refusals call "default" "none": a config with plain RoPE has no rope_scaling at all.
+_ROPE_NAMES = ", ".join("none" if t == "default" else t for t in SUPPORTED_ROPE_TYPES)
 
 
 class FamilyAdapter:
@@ -54,12 +56,12 @@ class FamilyAdapter:
             reasons.append(
                 f"some layers use {', '.join(map(repr, windowed))} (only full attention converts)"
             )
-        params = rope_parameters(cfg) or {}
+        params = rope_parameters(cfg)
         rope_type = params.get("rope_type", "default")
-        if rope_type not in ("default", "linear", "llama3"):
+        if rope_type not in SUPPORTED_ROPE_TYPES:
             reasons.append(
                 f"its rope_scaling type {rope_type!r} is not supported yet "
-                "(supported: none, linear, llama3)"
+                f"(supported: {_ROPE_NAMES})"
             )
         partial = cfg.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0))
         if partial not in (None, 1, 1.0):
