@@ -21,11 +21,13 @@ ADAPTERS: tuple[FamilyAdapter, ...] = (
 )
 
 
-# what every refusal offers instead
-SUPPORTED = (
-    "full-attention LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, Qwen3ForCausalLM "
-    "or Qwen3MoeForCausalLM checkpoints convert (see README)"
-)
+def _supported_sentence() -> str:
+    """What every refusal offers instead, built from ADAPTERS so it cannot fall behind them."""
+    archs = [a.architectures[0] for a in ADAPTERS]
+    return f"full-attention {', '.join(archs[:-1])} or {archs[-1]} checkpoints convert (see README)"
+
+
+SUPPORTED = _supported_sentence()
 
 
 def adapter_for(family: str) -> FamilyAdapter:
