@@ -1,8 +1,8 @@
 """fp8 latent cache benchmark: what vLLM's `--kv-cache-dtype fp8` does to converted SmolLM2.
 
 The protocol of benchmarks/quality.py (calibrate on the Shakespeare comedies, perplexity on the
-tragedies, fp32, transformers); the fp8 cache is our remote code's simulation of vLLM's
-(docs/fp8_cache.md): every position scored as a decoded token reading the cache back. Per
+tragedies, fp32, transformers); the fp8 cache is converter/measure/fp8_cache.py's simulation of
+vLLM's (docs/fp8_cache.md): every position scored as a decoded token reading the cache back. Per
 budget, in one run: the unquantized cache, fp8 as FLASHMLA / FLASHINFER_MLA run it (absorbed
 query in e4m3 too), fp8 as TRITON_MLA runs it (query in model dtype), and FLASHMLA-style fp8 on
 the same checkpoint with the conversion's fp8 scales taken out (what the cache would hold

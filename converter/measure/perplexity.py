@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from converter.calibration.chunks import body_length, text_rows
 from converter.errors import ConversionError
-from converter.remote_code import modeling_transmla
-from transmla_vllm.checkpoint_format import ARCHITECTURE, REMOTE_CODE_FILE
+from converter.measure import fp8_cache
+from transmla_vllm.checkpoint_format import ARCHITECTURE
 
 
 @dataclass(frozen=True)
@@ -29,42 +29,32 @@ class Agreement:
     tokens: int
 
 
-# vLLM's --kv-cache-dtype names that our remote code simulates
-KV_CACHE_DTYPES = tuple(modeling_transmla.KV_CACHE_DTYPES)
+# vLLM's --kv-cache-dtype names that eval / verify simulate (measure/fp8_cache.py)
+KV_CACHE_DTYPES = tuple(fp8_cache.KV_CACHE_DTYPES)
 
 
 def load_model(folder: str | Path, kv_cache_dtype: str = "auto", fp8_query: bool = True):
     """The model in fp32. A ``kv_cache_dtype`` other than "auto" makes a converted model
     simulate vLLM's fp8 latent cache (``fp8_query``: the absorbed query is quantized too, as
-    FLASHMLA / FLASHINFER_MLA do); see docs/fp8_cache.md."""
+    FLASHMLA / FLASHINFER_MLA do): ``fp8_cache.simulate_fp8_cache``, docs/fp8_cache.md."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ConversionError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}")
     try:
-        if kv_cache_dtype == "auto":
-            return AutoModelForCausalLM.from_pretrained(
-                folder, dtype=torch.float32, trust_remote_code=True
-            ).eval()
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
-        if ARCHITECTURE not in (getattr(config, "architectures", None) or []):
-            raise ConversionError(
-                f"--kv-cache-dtype {kv_cache_dtype} simulates the MLA latent cache: {folder} "
-                "is not a converted (TransMLA) folder"
-            )
-        config.kv_cache_dtype, config.fp8_query = kv_cache_dtype, fp8_query
+        if kv_cache_dtype != "auto":
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+            if ARCHITECTURE not in (getattr(config, "architectures", None) or []):
+                raise ConversionError(
+                    f"--kv-cache-dtype {kv_cache_dtype} simulates the MLA latent cache: {folder} "
+                    "is not a converted (TransMLA) folder"
+                )
         model = AutoModelForCausalLM.from_pretrained(
-            folder, config=config, dtype=torch.float32, trust_remote_code=True
+            folder, dtype=torch.float32, trust_remote_code=True
         ).eval()
     except (OSError, ValueError) as exc:
         raise ConversionError(f"could not load a model from {folder}: {exc}") from exc
-    attn = model.model.layers[0].self_attn
-    if getattr(attn, "kv_cache_dtype", None) != kv_cache_dtype:
-        raise ConversionError(
-            f"{Path(folder) / REMOTE_CODE_FILE} predates the fp8 cache simulation; copy "
-            "converter/remote_code/modeling_transmla.py over it"
-        )
-    return model
+    return fp8_cache.simulate_fp8_cache(model, kv_cache_dtype, fp8_query)
 
 
 def windows(tokenizer, text: str, ctx: int, max_tokens: int) -> torch.Tensor:

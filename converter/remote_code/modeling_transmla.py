@@ -8,9 +8,6 @@ the source's rope scaling law applied to an r-dim interleaved (GPT-J) rope, and 
 per-head q/k RMSNorm kept in front of linear maps to the converted query and latent. Qwen3-MoE
 keeps its mixture-of-experts MLPs and routing (``transmla.mlp``), not DeepSeek's.
 
-For evaluation only, ``config.kv_cache_dtype`` ("fp8" / "fp8_e4m3" / "fp8_e5m2"; default "auto"
-= off) reproduces what vLLM's fp8 MLA KV cache does to decoding (docs/fp8_cache.md).
-
 This file is copied verbatim next to every converted checkpoint; it must not import the
 transmla_vllm package.
 """
@@ -26,24 +23,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 _SUPPORTED_ROPE = ("default", "linear", "llama3")
-# vLLM's --kv-cache-dtype names -> the fp8 format its cache stores ("fp8" means e4m3)
-KV_CACHE_DTYPES = {
-    "auto": None,
-    "fp8": torch.float8_e4m3fn,
-    "fp8_e4m3": torch.float8_e4m3fn,
-    "fp8_e5m2": torch.float8_e5m2,
-}
-
-
-def fp8_round_trip(x: torch.Tensor, fp8: torch.dtype, scale: float = 1.0) -> torch.Tensor:
-    """``x`` written to an fp8 tensor and read back the way vLLM does it: x / scale in fp32,
-    saturated to the largest finite value (CUDA's __NV_SATFINITE, vLLM's clamp before a cast;
-    torch's bare cast would give NaN or inf), rounded to nearest even, then times scale in fp32
-    and cast back to x's dtype. vLLM's default scale (no k_scale / q_scale in the checkpoint) is
-    1.0."""
-    big = torch.finfo(fp8).max
-    stored = (x.float() / scale).clamp(-big, big).to(fp8)
-    return (stored.float() * scale).to(x.dtype)
 
 
 def causal_mask(
@@ -141,14 +120,6 @@ class TransMLAAttention(nn.Module):
             )
         if config.q_lora_rank is not None:
             raise ValueError("q_lora_rank must be null for TransMLA checkpoints")
-        self.kv_cache_dtype = getattr(config, "kv_cache_dtype", None) or "auto"
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(
-                f"kv_cache_dtype {self.kv_cache_dtype!r} is not one of {tuple(KV_CACHE_DTYPES)}"
-            )
-        self.fp8 = KV_CACHE_DTYPES[self.kv_cache_dtype]
-        # FLASHMLA / FLASHINFER_MLA also quantize the absorbed query; TRITON_MLA does not
-        self.fp8_query = bool(getattr(config, "fp8_query", True))
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.rank = config.kv_lora_rank
@@ -209,8 +180,6 @@ class TransMLAAttention(nn.Module):
         q, kv_a = self.project(hidden_states)
         q_nope, q_pe = q.transpose(1, 2).split([self.nope_dim, self.rope_dim], dim=-1)
         latent, k_pe = kv_a.split([self.rank, self.rope_dim], -1)
-        if self.fp8 is not None:
-            return self.fp8_cache_attention(q_nope, q_pe, latent, k_pe, rope, mask, past_key_values)
         kv = self.kv_b_proj(latent).view(bsz, seq, self.num_heads, -1).transpose(1, 2)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         cos, sin = rope
@@ -234,35 +203,6 @@ class TransMLAAttention(nn.Module):
             scale=self.scaling,
         )[..., : self.v_dim]
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))
-
-    def fp8_cache_attention(self, q_nope, q_pe, latent, k_pe, rope, mask, past_key_values):
-        """Attention as vLLM's MLA decode computes it over an fp8 KV cache (evaluation only).
-
-        vLLM stores the latent and the roped rope key of every token in fp8 and its decode
-        kernels read them back, the new token's own included; with ``fp8_query`` the absorbed
-        query [q_nope W_UK ; q_pe] is quantized to e4m3 too. Every position here is scored like
-        a decoded token. (vLLM's prefill attends to the new tokens' own unquantized values.)
-        The cache holds the dequantized latent as keys and rope key as values, [B, 1, T, *].
-        """
-        bsz, _, seq, _ = q_nope.shape
-        cos, sin = rope
-        q_pe = apply_interleaved_rope(q_pe, cos, sin)
-        k_pe = fp8_round_trip(apply_interleaved_rope(k_pe[:, None], cos, sin), self.fp8)
-        latent = fp8_round_trip(latent[:, None], self.fp8)
-        if past_key_values is not None:
-            latent, k_pe = past_key_values.update(latent, k_pe, self.layer_idx)
-        w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.rank)
-        w_uk, w_uv = w_kv.split([self.nope_dim, self.v_dim], dim=1)
-        q = torch.cat((torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk), q_pe), dim=-1)
-        if self.fp8_query:  # vLLM quantizes the query to e4m3 whatever the cache format
-            q = fp8_round_trip(q, torch.float8_e4m3fn)
-        keys = torch.cat((latent, k_pe), dim=-1)
-        if mask is None:
-            mask = causal_mask(seq, 0, None, q.device)
-        scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * self.scaling + mask
-        probs = scores.softmax(dim=-1).to(latent.dtype)
-        out = torch.einsum("bhtr,hvr->bthv", torch.matmul(probs, latent), w_uv)
-        return self.o_proj(out.reshape(bsz, seq, -1))
 
 
 class TransMLAMLP(nn.Module):

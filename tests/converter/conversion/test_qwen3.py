@@ -5,12 +5,12 @@ logit error falls as the latent rank grows, and the fp8-cache simulation runs th
 from __future__ import annotations
 
 import json
-import sys
 
 import torch
 from safetensors.torch import load_file
 
 from converter.conversion.pipeline import ConvertOptions, convert
+from converter.measure import fp8_cache
 from converter.measure.perplexity import load_model
 from transmla_testing.conversions import attention_inputs, logit_errors_by_rank
 from transmla_testing.models import edit_tensors, make_model
@@ -91,7 +91,7 @@ def test_logit_error_falls_as_rank_grows(tmp_path, calib_file):
 
 @torch.no_grad()
 def test_fp8_cache_simulation_runs_the_normed_projections(tmp_path, calib_file, monkeypatch):
-    """The remote code's fp8-cache path (eval/verify --kv-cache-dtype) on a Qwen3 conversion:
+    """The fp8-cache simulation (eval/verify --kv-cache-dtype) on a Qwen3 conversion:
     it rounds, and with rounding switched off it is the ordinary normed forward."""
     src = make_model(tmp_path / "src", "qwen3", heads=HEADS, kv_heads=KV_HEADS, seed=3)
     dst = convert(
@@ -112,6 +112,5 @@ def test_fp8_cache_simulation_runs_the_normed_projections(tmp_path, calib_file, 
     rounded = model(ids).logits
     assert torch.isfinite(rounded).all()
     assert 1e-6 < float((rounded - exact).norm() / exact.norm()) < 0.2  # e4m3: 3 mantissa bits
-    remote = sys.modules[type(model).__module__]
-    monkeypatch.setattr(remote, "fp8_round_trip", lambda x, fp8, scale=1.0: x)
+    monkeypatch.setattr(fp8_cache, "fp8_round_trip", lambda x, fp8, scale=1.0: x)
     assert float((model(ids).logits - exact).norm() / exact.norm()) < 1e-5

@@ -1,9 +1,11 @@
-"""The fp8 latent cache simulation (issue 14): vLLM's fp8 MLA cache reproduced in our remote code.
+"""The fp8 latent cache simulation (issue 14): vLLM's fp8 MLA cache reproduced in transformers,
+installed on a loaded converted model by converter/measure/fp8_cache.py (issue 26: the remote
+code has one attention forward and no fp8 knowledge).
 
 Every check is against an independent computation: a hand-made fp8 rounding (the e4m3fn / e5m2
 grids built from their bit layout, not torch's float8 casts) and an fp64 forward pass of the
-converted checkpoint written from its weights. "auto" must stay bit-identical to the remote code
-without the switch, which the exactness tests rely on.
+converted checkpoint written from its weights. "auto" must leave the remote code's model as it
+is, which the exactness tests rely on.
 """
 
 from __future__ import annotations
@@ -11,20 +13,19 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from converter.calibration.text import read_calibration_text
 from converter.checkpoint.source import load_tokenizer
 from converter.cli import main as cli_main
 from converter.conversion.pipeline import ConvertOptions, convert
 from converter.errors import ConversionError
+from converter.measure import fp8_cache
 from converter.measure.perplexity import KV_CACHE_DTYPES, load_model, perplexity, windows
-from converter.remote_code import modeling_transmla
 from transmla_testing.models import make_model
 from transmla_testing.text import play_text
 
@@ -60,17 +61,17 @@ def test_round_trip_is_saturating_round_to_nearest_even(fmt):
     ties = ((grid[:-1] + grid[1:]) / 2).float()  # midpoints of neighbouring grid values (exact)
     special = torch.tensor([0.0, -0.0, big, -big, 1.5 * big, -3 * big, 1e30, -1e30])
     x = torch.cat((mags * signs, ties, special)).float()
-    got = modeling_transmla.fp8_round_trip(x, modeling_transmla.KV_CACHE_DTYPES[fmt])
+    got = fp8_cache.fp8_round_trip(x, fp8_cache.KV_CACHE_DTYPES[fmt])
     assert got.dtype == torch.float32
     assert torch.equal(got.double(), fp8_grid(x, fmt))
     assert got.abs().max() == big  # saturated, never inf or NaN
     bf16 = x.bfloat16()
-    got16 = modeling_transmla.fp8_round_trip(bf16, modeling_transmla.KV_CACHE_DTYPES[fmt])
+    got16 = fp8_cache.fp8_round_trip(bf16, fp8_cache.KV_CACHE_DTYPES[fmt])
     assert got16.dtype == torch.bfloat16 and torch.equal(got16.double(), fp8_grid(bf16, fmt))
 
 
-def test_cli_choices_are_the_remote_codes():
-    assert set(KV_CACHE_DTYPES) == set(modeling_transmla.KV_CACHE_DTYPES)
+def test_cli_choices_are_the_simulations():
+    assert set(KV_CACHE_DTYPES) == set(fp8_cache.KV_CACHE_DTYPES)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +163,6 @@ def test_simulation_matches_an_independent_forward(dst, fmt, backend, monkeypatc
     cfg = model.config
     ids = torch.randint(3, 512, (1, 48), generator=torch.Generator().manual_seed(1))
     # every fp8 round trip the model makes, on its own inputs: what is quantized, and how
-    remote = sys.modules[type(model).__module__]
     trips = []
 
     def spy(x, fp8, scale=1.0):
@@ -170,14 +170,14 @@ def test_simulation_matches_an_independent_forward(dst, fmt, backend, monkeypatc
         trips.append((tuple(x.shape), fp8, x.detach().clone(), y.detach().clone()))
         return y
 
-    real = remote.fp8_round_trip
-    monkeypatch.setattr(remote, "fp8_round_trip", spy)
+    real = fp8_cache.fp8_round_trip
+    monkeypatch.setattr(fp8_cache, "fp8_round_trip", spy)
     with torch.no_grad():
         out = model(ids, use_cache=True)
         exact = load_model(dst)(ids).logits[0]
     monkeypatch.undo()
     heads, rank, rope_dim = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    cache_fp8 = modeling_transmla.KV_CACHE_DTYPES[fmt]
+    cache_fp8 = fp8_cache.KV_CACHE_DTYPES[fmt]
     per_layer = [((1, 1, 48, rope_dim), cache_fp8), ((1, 1, 48, rank), cache_fp8)]
     if fp8_query:  # [q_nope W_UK ; q_pe], always e4m3
         per_layer.append(((1, heads, 48, rank + rope_dim), torch.float8_e4m3fn))
@@ -214,21 +214,43 @@ def test_simulation_matches_an_independent_forward(dst, fmt, backend, monkeypatc
     assert rel(torch.stack(steps), got) <= (2e-3 if fp8_query else 1e-5)
 
 
-def test_auto_is_the_remote_code_without_the_switch(dst):
-    ids = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(2))
-    unset = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32, trust_remote_code=True)
-    assert not hasattr(unset.config, "kv_cache_dtype")
-    config = AutoConfig.from_pretrained(dst, trust_remote_code=True)
-    config.kv_cache_dtype, config.fp8_query = "auto", True
-    explicit = AutoModelForCausalLM.from_pretrained(
-        dst, config=config, dtype=torch.float32, trust_remote_code=True
-    )
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_cache_holds_the_latent_cast_to_fp8_and_back(dst, fmt):
+    """Bit for bit: what the simulated model caches per layer is that layer's latent (the
+    remote code's own projection of the layer's input) through torch's fp8 cast, saturated."""
+    model = load_model(dst, fmt)
+    attns = fp8_cache.attention_modules(model)
+    inputs = []
+    hooks = [a.register_forward_pre_hook(lambda _m, args: inputs.append(args[0])) for a in attns]
+    ids = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(4))
+    fp8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}[fmt]
+    big = GRIDS[fmt][2]  # the largest finite value
     with torch.no_grad():
-        base = unset(ids).logits
-        for other in (explicit, load_model(dst), load_model(dst, "auto", fp8_query=False)):
-            assert other.model.layers[0].self_attn.fp8 is None
+        out = model(ids, use_cache=True)
+        for hook in hooks:
+            hook.remove()
+        for attn, x, layer in zip(attns, inputs, out.past_key_values.layers, strict=True):
+            latent = attn.project(x)[1][..., : attn.rank]
+            want = latent.clamp(-big, big).to(fp8).to(torch.float32)
+            assert torch.equal(layer.keys[:, 0], want) and not torch.equal(want, latent)
+
+
+def test_auto_is_the_remote_code_as_it_is(dst):
+    """The remote code has one attention forward and knows nothing of fp8; the converted
+    config carries no switch; "auto" installs nothing."""
+    code = Path(dst, "modeling_transmla.py").read_text()
+    assert "fp8" not in code and "kv_cache_dtype" not in code
+    assert "kv_cache_dtype" not in json.loads(Path(dst, "config.json").read_text())
+    ids = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(2))
+    plain = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32, trust_remote_code=True)
+    with torch.no_grad():
+        base = plain(ids).logits
+        for other in (load_model(dst), load_model(dst, "auto", fp8_query=False)):
+            assert not any("forward" in vars(a) for a in fp8_cache.attention_modules(other))
             assert torch.equal(other(ids).logits, base)
-        assert not torch.equal(load_model(dst, "fp8_e4m3")(ids).logits, base)
+        simulated = load_model(dst, "fp8_e4m3")
+        assert all("forward" in vars(a) for a in fp8_cache.attention_modules(simulated))
+        assert not torch.equal(simulated(ids).logits, base)
 
 
 def test_eval_and_verify_score_the_simulated_model(dst, tmp_path, capsys):
@@ -275,17 +297,15 @@ def test_refusals(dst, tmp_path, capsys):
     src = make_model(tmp_path / "src", "llama", heads=4, kv_heads=2, head_dim=16)
     with pytest.raises(ConversionError, match="not a converted"):
         load_model(src, "fp8")
-    # a folder converted before the switch existed would silently ignore it
+    # a remote code without what the simulation reads (here: no ``project``) is refused
     old = tmp_path / "old-mla"
     shutil.copytree(dst, old)
     code = old / "modeling_transmla.py"
-    code.write_text(
-        code.read_text().replace(
-            'getattr(config, "kv_cache_dtype", None) or "auto"', '"auto"  # before issue 14'
-        )
-    )
-    with pytest.raises(ConversionError, match="predates the fp8 cache simulation"):
+    code.write_text(code.read_text().replace("project(", "project_qkv("))
+    with pytest.raises(ConversionError, match="lacks project; copy converter/remote_code"):
         load_model(old, "fp8_e4m3")
+    with pytest.raises(ConversionError, match="--kv-cache-dtype must be one of"):
+        load_model(dst, "fp8_e3m4")
     text = tmp_path / "t.txt"
     text.write_text(play_text("hamlet", "tragedies")[:4000])
     argv = ["verify", "--src", str(src), "--dst", str(dst), "--text", str(text)]
