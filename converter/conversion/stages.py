@@ -182,15 +182,7 @@ class RefitOProj:
             target_energy += float(y.double().pow(2).sum())
         fit = ridge_refit(g_in, cross, o_weight.detach(), self.ridge, target_energy)
         attention.set({O_PROJ: fit.weight})
-        return work.add(
-            report={
-                "o_refit_rel_error": [fit.rel_error_before, fit.rel_error_after],
-                "refit_note": (
-                    f"; o_proj refit: relative error {fit.rel_error_before:.4f}"
-                    f" -> {fit.rel_error_after:.4f}"
-                ),
-            }
-        )
+        return work.add(report={"o_refit_rel_error": [fit.rel_error_before, fit.rel_error_after]})
 
 
 def propagate_converted(work: LayerWork) -> LayerWork:
