@@ -100,19 +100,43 @@ NORMED_ATTN_TENSORS = (
     KV_B_PROJ,
     O_PROJ,
 )
-# The attention tensors the conversion computes (the layer-wise reconstruction and heal train
-# these); a q/k-normed layer's kept source projections and norms are the source's own and are
-# not among them.
-CONVERTED_ATTENTION = (
-    Q_PROJ,
-    Q_BIAS,
-    KV_A_PROJ,
-    KV_A_BIAS,
-    KV_B_PROJ,
-    O_PROJ,
-    Q_HEAD_MAP,
-    KV_A_KEY_MAP,
-)
+# What the converter does with each attention tensor once it is assembled: the one definition
+# the layer-wise reconstruction, heal and the fp8 cache scales read (tests/converter/conversion/
+# test_tensor_roles.py checks they agree with it).
+#   trained: the conversion computes it, so the reconstruction and heal train it; a q/k-normed
+#     layer's kept source projections and norms are the source's own and are not trained.
+#   fp8: how a power-of-two fp8 cache scale 2^e per latent component / rope pair folds into it
+#     (converter/math/fp8_scales.py): FP8_KV_A_ROWS, rows [latent; rope pairs] multiplied by
+#     2^e; FP8_KV_B_COLUMNS, latent columns divided by it; FP8_QUERY_ROWS, each head's rope
+#     rows of the query divided by the rope pair's 2^e. None: not touched.
+FP8_KV_A_ROWS = "kv_a rows"
+FP8_KV_B_COLUMNS = "kv_b columns"
+FP8_QUERY_ROWS = "query rows"
+
+
+@dataclass(frozen=True)
+class AttentionRole:
+    trained: bool
+    fp8: str | None = None
+
+
+ATTENTION_ROLES: dict[str, AttentionRole] = {
+    Q_PROJ: AttentionRole(trained=True, fp8=FP8_QUERY_ROWS),
+    Q_BIAS: AttentionRole(trained=True, fp8=FP8_QUERY_ROWS),
+    KV_A_PROJ: AttentionRole(trained=True, fp8=FP8_KV_A_ROWS),
+    KV_A_BIAS: AttentionRole(trained=True, fp8=FP8_KV_A_ROWS),
+    KV_B_PROJ: AttentionRole(trained=True, fp8=FP8_KV_B_COLUMNS),
+    O_PROJ: AttentionRole(trained=True),
+    Q_HEAD_PROJ: AttentionRole(trained=False),
+    Q_NORM: AttentionRole(trained=False),
+    Q_HEAD_MAP: AttentionRole(trained=True, fp8=FP8_QUERY_ROWS),
+    K_HEAD_PROJ: AttentionRole(trained=False),
+    K_NORM: AttentionRole(trained=False),
+    KV_A_KEY_MAP: AttentionRole(trained=True, fp8=FP8_KV_A_ROWS),
+}
+# derived from the table, for readers that need one list
+CONVERTED_ATTENTION = tuple(name for name, role in ATTENTION_ROLES.items() if role.trained)
+FP8_FOLDS = {name: role.fp8 for name, role in ATTENTION_ROLES.items() if role.fp8 is not None}
 DENSE_TENSORS = (INPUT_NORM, POST_ATTN_NORM, GATE_PROJ, UP_PROJ, DOWN_PROJ)
 # Mixture-of-experts MLP (Qwen3-MoE), copied from the source under its own names: the router,
 # then each expert's gate / up / down projections.

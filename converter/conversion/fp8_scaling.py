@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from converter.conversion.stages import LayerWork
+from converter.conversion.work import LayerWork
 from converter.math.fp8_scales import (
     CacheMaxima,
     Fp8Scales,
@@ -47,11 +47,10 @@ def cache_maxima(attn: torch.nn.Module, inputs: list[torch.Tensor]) -> CacheMaxi
     return CacheMaxima(latent, query, rope_key, rope_query)
 
 
-def output_dtype(work: LayerWork) -> torch.dtype:
+def output_dtype(mla_config) -> torch.dtype:
     """The dtype the checkpoint is written in: the converted config's ``dtype`` (built from
     ``ResolvedSettings.out_dtype``); fp32, the dtype the stages compute in, when it has none."""
-    cfg = work.mla_config
-    dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    dtype = getattr(mla_config, "dtype", None) or getattr(mla_config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
@@ -97,19 +96,22 @@ def scales_report(
     return entry
 
 
-def fp8_scales(work: LayerWork) -> None:
-    """Choose and fold in the layer's fp8 scales; record them (and the maxima) in the report."""
-    conv = work.runner().conv
-    inputs = (
-        conv.input_layernorm(work.h_in[start : start + work.batch].to(work.device))
-        for start in range(0, work.n_train, work.batch)
+def fp8_scales(work: LayerWork) -> LayerWork:
+    """Choose and fold in the layer's fp8 scales; report them (and the maxima)."""
+    inputs, attention = work.inputs, work.need("attention")
+    conv = attention.runner().conv
+    # when batch does not divide n_train the last batch runs on into held-out chunks (the other
+    # stages stop at n_train); left so, since changing it can change the chosen scales
+    batches = (
+        conv.input_layernorm(inputs.h_in[start : start + inputs.batch].to(inputs.device))
+        for start in range(0, inputs.n_train, inputs.batch)
     )
-    maxima = cache_maxima(conv.self_attn, inputs)
+    maxima = cache_maxima(conv.self_attn, batches)
     attn = conv.self_attn
     requested = choose_fp8_scales(maxima)
-    dtype = output_dtype(work)
-    scales = fit_to_dtype(requested, work.mla, attn.num_heads, attn.nope_dim, dtype)
-    if not scales.identity:
-        work.mla = apply_fp8_scales(work.mla, scales, attn.num_heads, attn.nope_dim)
-        work._runner = None  # later stages run the scaled weights
-    work.report["fp8_scales"] = scales_report(maxima, scales, requested, dtype)
+    dtype = output_dtype(work.target.mla_config)
+    tensors = dict(attention.tensors)
+    scales = fit_to_dtype(requested, tensors, attn.num_heads, attn.nope_dim, dtype)
+    if not scales.identity:  # later stages run the scaled weights
+        attention.set(apply_fp8_scales(tensors, scales, attn.num_heads, attn.nope_dim))
+    return work.add(report={"fp8_scales": scales_report(maxima, scales, requested, dtype)})

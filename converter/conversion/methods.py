@@ -19,12 +19,12 @@ from converter.conversion.fp8_scaling import fp8_scales
 from converter.conversion.reconstruct import Reconstruct
 from converter.conversion.stages import (
     RefitOProj,
-    Stage,
     assemble,
     choose_freqfold,
     kv_statistics,
     propagate_converted,
 )
+from converter.conversion.work import Stage
 
 
 @dataclass(frozen=True)

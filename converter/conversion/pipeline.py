@@ -174,6 +174,7 @@ def _fingerprint(plan: ConversionPlan) -> dict:
 
 
 def _log_layer(report: dict) -> None:
+    refit = report.get("o_refit_rel_error")
     log.info(
         "layer %d: freqfold %d; rope keeps %.2f%% of key energy; latent keeps %.2f%% of "
         "balanced [K_nope; V] energy (s = %.3g)%s",
@@ -182,7 +183,7 @@ def _log_layer(report: dict) -> None:
         100 * report["rope_key_energy"],
         100 * report["latent_energy"],
         report["key_scale"],
-        report.get("refit_note", ""),
+        f"; o_proj refit: relative error {refit[0]:.4f} -> {refit[1]:.4f}" if refit else "",
     )
 
 

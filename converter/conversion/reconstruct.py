@@ -3,7 +3,8 @@
 The closed form (RoRoPE + FreqFold + balanced KV PCA, then the o_proj refit) minimises proxies:
 the energy of the dropped key/value directions, then o_proj alone. This stage optimises every
 converted attention weight (q_proj with its rope rows, kv_a_proj_with_mqa with the rope key,
-kv_b_proj, o_proj and biases; for q/k-normed sources the linear maps after the norms) jointly,
+kv_b_proj, o_proj and biases; for q/k-normed sources the linear maps after the norms: the
+tensors ``ATTENTION_ROLES`` marks trained, through ``ConvertedAttention.trainable``) jointly,
 so that the converted attention output matches the source's on the calibration stream. The loss
 it optimises is the one the conversion is judged by per layer (docs/method.md section 6).
 """
@@ -20,14 +21,9 @@ import torch
 from torch import nn
 
 from converter.conversion.source_layers import batched
-from converter.conversion.stages import LayerWork
-from transmla_vllm.checkpoint_format import CONVERTED_ATTENTION
+from converter.conversion.work import LayerInputs, LayerWork
 
 log = logging.getLogger(__name__)
-
-# the converted attention's own weights (what the closed form chose); the source projections
-# and norms a q/k-normed layer keeps (q_head_proj, k_head_proj, q_norm, k_norm) stay fixed
-TRAINABLE = CONVERTED_ATTENTION
 
 # When is the closed form exact, and when is a gain real? Both are judged against the layer's
 # noise floor: the relative squared error of the source attention's own fp32 output against the
@@ -76,41 +72,46 @@ class Reconstruct:
     seed: int = 0
     min_gain: float = 0.01
 
+    def __call__(self, work: LayerWork) -> LayerWork:
+        return work.add(report={"reconstruction": self.run(work)})
+
     @torch.no_grad()
-    def __call__(self, work: LayerWork) -> None:
+    def run(self, work: LayerWork) -> dict:
+        """Train the layer's converted attention (through ``work.attention``: its
+        ``trainable`` parameters, then ``set`` to the weights kept); return the report entry."""
         started = time.time()
-        n_fit, held = _split(work)
+        inputs, attention = work.inputs, work.need("attention")
+        n_fit, held = _split(inputs)
         if n_fit < 1 or not held:
-            work.report["reconstruction"] = {"skipped": "needs two calibration chunks or more"}
-            return
-        runner = work.runner()
+            return {"skipped": "needs two calibration chunks or more"}
+        runner = attention.runner()
         attn, norm = runner.conv.self_attn, runner.conv.input_layernorm
         # targets on the CPU, like the stream: one more stream-sized tensor, whatever the depth
-        target = batched(work.h_in, work.batch, work.device, lambda h, _: work.source_attention(h))
-        names = [n for n in TRAINABLE if n in work.mla]
-        params = _attach(attn, work, names)
+        target = batched(
+            inputs.h_in, inputs.batch, inputs.device, lambda h, _: inputs.source_attention(h)
+        )
+        params = attention.trainable()
+        init = {n: attention.tensors[n] for n in params}
 
         def held_out_error() -> float:
             num = den = 0.0
-            for sl in _slices(held, work.batch):
-                got = runner.attention(work.h_in[sl].to(work.device))
-                want = target[sl].to(work.device)
+            for sl in _slices(held, inputs.batch):
+                got = runner.attention(inputs.h_in[sl].to(inputs.device))
+                want = target[sl].to(inputs.device)
                 num += float((got - want).double().pow(2).sum())
                 den += float(want.double().pow(2).sum())
             return num / max(den, 1e-30)
 
-        init = {n: work.mla[n] for n in names}
         best_err = err0 = held_out_error()
-        noise = _noise_floor(work, held, target)
+        noise = _noise_floor(inputs, held, target)
         if exact(err0, noise):
-            _install(attn, work, init)
-            work.report["reconstruction"] = {
+            attention.set(init)
+            return {
                 "skipped": f"exact init (error {err0:.2e}, fp32 noise floor {noise:.2e})",
                 "held_out_error": [err0, err0],
                 "noise_floor": noise,
                 "kept_epoch": 0,
             }
-            return
         best, best_epoch = init, 0
         steps_per_epoch = math.ceil(n_fit / self.chunks_per_step)
         epochs = max(self.epochs, math.ceil(self.min_steps / steps_per_epoch))
@@ -133,8 +134,8 @@ class Reconstruct:
             epoch_loss = 0.0
             for start in range(0, n_fit, self.chunks_per_step):
                 idx = order[start : start + self.chunks_per_step]
-                x = norm(work.h_in[idx].to(work.device))
-                want = target[idx].to(work.device)
+                x = norm(inputs.h_in[idx].to(inputs.device))
+                want = target[idx].to(inputs.device)
                 with torch.enable_grad():
                     got = attn(x, runner.rope, runner.mask, None)
                     loss = (got - want).pow(2).sum() / want.pow(2).sum().clamp(min=1e-30)
@@ -150,8 +151,8 @@ class Reconstruct:
                 best = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
         if not self.real_gain(err0, best_err, noise):
             best, best_err, best_epoch = init, err0, 0
-        _install(attn, work, best)
-        work.report["reconstruction"] = {
+        attention.set(best)
+        entry = {
             "held_out_error": [err0, best_err],
             "noise_floor": noise,
             "train_loss_per_epoch": losses,
@@ -161,13 +162,14 @@ class Reconstruct:
         }
         log.info(
             "layer %d: reconstruction %d steps, held-out attention error %.4f -> %.4f (%s), %.1f s",
-            work.index,
+            inputs.index,
             total,
             err0,
             best_err,
             f"epoch {best_epoch}" if best_epoch else "closed form kept",
             time.time() - started,
         )
+        return entry
 
     def real_gain(self, err0: float, err: float, noise: float) -> bool:
         """Whether held-out error ``err`` beats the closed form's ``err0`` by enough to replace
@@ -182,13 +184,12 @@ def exact(err0: float, noise: float) -> bool:
     return err0 <= max(EXACT_FLOOR, NOISE_MARGIN * noise)
 
 
-def _split(work: LayerWork) -> tuple[int, list[int]]:
+def _split(inputs: LayerInputs) -> tuple[int, list[int]]:
     """(chunks the optimiser sees, held-out chunk indices it is judged on)."""
-    total = work.h_in.shape[0]
-    if total > work.n_train:
-        return work.n_train, list(range(work.n_train, total))
-    n_fit = work.n_train - max(1, work.n_train // 8)
-    return n_fit, list(range(n_fit, work.n_train))
+    if inputs.n_held_out:
+        return inputs.n_train, list(range(inputs.n_train, inputs.h_in.shape[0]))
+    n_fit = inputs.n_train - max(1, inputs.n_train // 8)
+    return n_fit, list(range(n_fit, inputs.n_train))
 
 
 def _slices(indices: list[int], batch: int) -> list[slice]:
@@ -202,52 +203,23 @@ def _rms(p: torch.Tensor) -> float:
     return rms if rms > 0 else 1e-3
 
 
-def _module(root: nn.Module, name: str) -> tuple[nn.Module, str]:
-    """'self_attn.q_proj.weight' under the decoder layer -> (q_proj module, 'weight')."""
-    path, attr = name.rsplit(".", 1)
-    return root.get_submodule(path.removeprefix("self_attn.")), attr
-
-
-def _attach(attn: nn.Module, work: LayerWork, names: list[str]) -> dict[str, nn.Parameter]:
-    """Trainable copies of the assembled tensors in the converted attention. Copies: a tensor
-    there may be the source layer's own (o_proj before a refit, on CPU), which must not move."""
-    for p in attn.parameters():
-        p.requires_grad_(False)
-    params = {}
-    for name in names:
-        module, attr = _module(attn, name)
-        params[name] = nn.Parameter(work.mla[name].to(work.device, torch.float32, copy=True))
-        setattr(module, attr, params[name])
-    return params
-
-
-def _install(attn: nn.Module, work: LayerWork, chosen: dict[str, torch.Tensor]) -> None:
-    """``chosen`` becomes the layer's tensors: in ``work.mla`` (what the writer reads, fp32 on
-    the CPU) and in the converted attention the later stages run."""
-    for name, tensor in chosen.items():
-        tensor = tensor.to("cpu", torch.float32).contiguous()
-        work.mla[name] = tensor
-        module, attr = _module(attn, name)
-        setattr(module, attr, nn.Parameter(tensor.to(work.device), requires_grad=False))
-
-
 @torch.no_grad()
-def _noise_floor(work: LayerWork, held: list[int], target: torch.Tensor) -> float:
+def _noise_floor(inputs: LayerInputs, held: list[int], target: torch.Tensor) -> float:
     """Relative squared error of the source attention's fp32 output (``target``) against the
     same attention in fp64, on the held-out chunks: what fp32 rounding alone costs this layer.
 
     Both read the same normed input (the converted layer runs the same norm, so rounding there
     is shared). The fp64 copy is made parameter by parameter (no second fp32 copy) and freed on
     return, before the optimiser's state exists; it costs one held-out forward."""
-    attn = work.layer.self_attn
+    attn = inputs.layer.self_attn
     wide = {id(p): nn.Parameter(p.detach().double(), False) for p in attn.parameters()}
     wide.update({id(b): b.double() for b in attn.buffers() if b.is_floating_point()})
     attn64 = copy.deepcopy(attn, wide)
-    rope64 = tuple(t.double() for t in work.rope)
+    rope64 = tuple(t.double() for t in inputs.rope)
     num = den = 0.0
-    for sl in _slices(held, work.batch):
-        x = work.layer.input_layernorm(work.h_in[sl].to(work.device)).double()
+    for sl in _slices(held, inputs.batch):
+        x = inputs.layer.input_layernorm(inputs.h_in[sl].to(inputs.device)).double()
         want = attn64(hidden_states=x, attention_mask=None, position_embeddings=rope64)[0]
-        num += float((target[sl].to(work.device).double() - want).pow(2).sum())
+        num += float((target[sl].to(inputs.device).double() - want).pow(2).sum())
         den += float(want.pow(2).sum())
     return num / max(den, 1e-30)

@@ -1,93 +1,51 @@
 """The stages a method is made of, each one step of converting one decoder layer.
 
-A stage reads and extends a ``LayerWork`` (the layer, its calibration streams, what earlier
-stages produced). Methods (``methods.py``) are lists of stages, so a new step plugs in as a new
-stage in a list, with no new branch in the code that runs them (``layer.py``).
+A stage takes a ``LayerWork`` (work.py: the layer's inputs and target, what earlier stages
+produced) and returns it with what it produced added, report entries included. Methods
+(``methods.py``) are lists of stages, so a new step plugs in as a new stage in a list, with no
+new branch in the code that runs them (``layer.py``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from converter.conversion.converted_layer import ConvertedRunner, converted_layer
+from converter.conversion.converted_layer import ConvertedRunner
 from converter.conversion.source_layers import accumulate_gram, batched
+from converter.conversion.work import (
+    ConvertedAttention,
+    FreqFold,
+    LayerInputs,
+    LayerTarget,
+    LayerWork,
+)
 from converter.errors import ConversionError
 from converter.math.assemble import GQAAttention, assemble_mla
 from converter.math.assemble_normed import assemble_normed_mla
 from converter.math.kv_pca import balanced_kv_basis
 from converter.math.refit import ridge_refit
 from converter.math.rorope import key_rotation, valid_freqfolds
-from converter.sources.spec import SourceSpec
 from transmla_vllm.checkpoint_format import O_PROJ
 
 
-@dataclass
-class LayerWork:
-    """One layer in conversion: inputs (fixed) and what the stages add."""
-
-    index: int
-    layer: nn.Module  # the source decoder layer (transformers' own class)
-    spec: SourceSpec
-    rope_dim: int
-    kv_lora_rank: int
-    freqfold: int | None  # None: chosen on held-out chunks (then set by choose_freqfold)
-    mla_config: Any  # DeepseekV3Config of the converted layers
-    rope: tuple  # the source layer's rope tables
-    conv_rope: tuple  # the converted layer's rope tables
-    h_src: torch.Tensor  # source stream entering the layer [N, T, D]
-    h_conv: torch.Tensor | None  # converted stream, for methods that carry it
-    inputs: str  # "source" or "converted": the stream statistics come from
-    n_train: int
-    batch: int
-    device: str
-    # added by the stages
-    kv_gram: torch.Tensor | None = None
-    freqfold_scores: dict[int, float] | None = None
-    mla: dict[str, torch.Tensor] = field(default_factory=dict)
-    report: dict[str, Any] = field(default_factory=dict)
-    next_conv: torch.Tensor | None = None
-    _runner: ConvertedRunner | None = None
-
-    @property
-    def h_in(self) -> torch.Tensor:
-        return self.h_conv if self.inputs == "converted" else self.h_src
-
-    def runner(self) -> ConvertedRunner:
-        """The converted layer with the assembled weights (built once, after assembly)."""
-        if self._runner is None:
-            conv = converted_layer(self.layer, self.mla, self.mla_config, self.index, self.device)
-            self._runner = ConvertedRunner(conv, self.conv_rope)
-        return self._runner
-
-    def source_attention(self, h: torch.Tensor) -> torch.Tensor:
-        """The source layer's attention output for residual stream ``h``."""
-        x = self.layer.input_layernorm(h)
-        return self.layer.self_attn(
-            hidden_states=x, attention_mask=None, position_embeddings=self.rope
-        )[0]
-
-
-class Stage(Protocol):
-    def __call__(self, work: LayerWork) -> None: ...
-
-
-def kv_statistics(work: LayerWork) -> None:
+def kv_statistics(work: LayerWork) -> LayerWork:
     """Second moment of [k; v] (after bias, before RoPE) over the training chunks, in fp64."""
-    attn, spec = work.layer.self_attn, work.spec
+    inputs = work.inputs
+    attn, spec = inputs.layer.self_attn, inputs.spec
     gram = torch.zeros(
-        2 * spec.kv_width, 2 * spec.kv_width, dtype=torch.float64, device=work.device
+        2 * spec.kv_width, 2 * spec.kv_width, dtype=torch.float64, device=inputs.device
     )
 
     def add(h: torch.Tensor, _sl: slice) -> None:
-        x = work.layer.input_layernorm(h)
+        x = inputs.layer.input_layernorm(h)
         accumulate_gram(gram, torch.cat([source_keys(attn, x), attn.v_proj(x)], -1))
 
-    batched(work.h_in[: work.n_train], work.batch, work.device, add)
-    work.kv_gram = gram.cpu()
+    batched(inputs.train, inputs.batch, inputs.device, add)
+    return work.add(kv_gram=gram.cpu())
 
 
 def source_keys(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -123,15 +81,17 @@ def _source_weights(layer: nn.Module) -> GQAAttention:
     )
 
 
-def _build(work: LayerWork, fold: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _build(
+    inputs: LayerInputs, target: LayerTarget, gram: torch.Tensor, fold: int
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """RoRoPE rotation, balanced latent basis and DeepSeek-named weights for ``fold``."""
-    spec, gram = work.spec, work.kv_gram
+    spec = inputs.spec
     width = spec.kv_width
     rotation = key_rotation(
-        gram[:width, :width], spec.num_kv_heads, spec.head_dim, work.rope_dim, fold
+        gram[:width, :width], spec.num_kv_heads, spec.head_dim, target.rope_dim, fold
     )
-    latent = balanced_kv_basis(gram, rotation.nope, work.kv_lora_rank)
-    src = _source_weights(work.layer)
+    latent = balanced_kv_basis(gram, rotation.nope, target.kv_lora_rank)
+    src = _source_weights(inputs.layer)
     build = assemble_mla if src.k_norm is None else assemble_normed_mla
     mla = build(src, rotation, latent, out_dtype=torch.float32)
     report = {
@@ -143,47 +103,50 @@ def _build(work: LayerWork, fold: int) -> tuple[dict[str, torch.Tensor], dict[st
     return mla, report
 
 
-def _held_out_error(work: LayerWork, runner: ConvertedRunner) -> float:
+def _held_out_error(inputs: LayerInputs, runner: ConvertedRunner) -> float:
     """Relative error of the converted attention output against the source's, held-out chunks."""
-    h = work.h_in[work.n_train :]
+    h = inputs.held_out
     num = den = 0.0
-    for start in range(0, h.shape[0], work.batch):
-        x = h[start : start + work.batch].to(work.device)
-        want = work.source_attention(x)
+    for start in range(0, h.shape[0], inputs.batch):
+        x = h[start : start + inputs.batch].to(inputs.device)
+        want = inputs.source_attention(x)
         got = runner.attention(x)
         num += float((got - want).double().pow(2).sum())
         den += float(want.double().pow(2).sum())
     return num / max(den, 1e-30)
 
 
-def choose_freqfold(work: LayerWork) -> None:
-    """Keep the given FreqFold, or pick the one with the least held-out attention error."""
-    if work.freqfold is not None:
-        return
-    if work.h_in.shape[0] == work.n_train:
+def choose_freqfold(work: LayerWork) -> LayerWork:
+    """The given FreqFold, or the one with the least held-out attention error."""
+    inputs, target = work.inputs, work.target
+    if target.freqfold is not None:
+        return work.add(freqfold=FreqFold(target.freqfold))
+    if inputs.n_held_out == 0:
         raise ConversionError("--freqfold auto needs held-out calibration chunks")
+    gram = work.need("kv_gram")
     scores = {}
-    for fold in valid_freqfolds(work.spec.head_dim, work.rope_dim):
-        mla, _ = _build(work, fold)
-        conv = converted_layer(work.layer, mla, work.mla_config, work.index, work.device)
-        scores[fold] = _held_out_error(work, ConvertedRunner(conv, work.conv_rope))
-    work.freqfold, work.freqfold_scores = min(scores, key=scores.get), scores
+    for fold in valid_freqfolds(inputs.spec.head_dim, target.rope_dim):
+        mla, _ = _build(inputs, target, gram, fold)
+        candidate = ConvertedAttention.build(mla, inputs, target)
+        scores[fold] = _held_out_error(inputs, candidate.runner())
+    return work.add(
+        freqfold=FreqFold(min(scores, key=scores.get), scores),
+        report={"freqfold_held_out_error": {str(k): v for k, v in scores.items()}},
+    )
 
 
-def assemble(work: LayerWork) -> None:
+def assemble(work: LayerWork) -> LayerWork:
     """The closed-form MLA weights for the chosen FreqFold; refuse non-finite results."""
-    work.mla, built = _build(work, work.freqfold)
-    work.report.update(built)
-    if work.freqfold_scores:
-        work.report["freqfold_held_out_error"] = {
-            str(k): v for k, v in work.freqfold_scores.items()
-        }
-    for name, tensor in work.mla.items():
+    inputs = work.inputs
+    fold = work.need("freqfold").fold
+    mla, built = _build(inputs, work.target, work.need("kv_gram"), fold)
+    for name, tensor in mla.items():
         if not torch.isfinite(tensor).all():
             raise ConversionError(
-                f"layer {work.index}: {name} came out non-finite; the source weights or "
+                f"layer {inputs.index}: {name} came out non-finite; the source weights or "
                 "calibration statistics are corrupt"
             )
+    return work.add(attention=ConvertedAttention.build(mla, inputs, work.target), report=built)
 
 
 @dataclass(frozen=True)
@@ -196,44 +159,35 @@ class RefitOProj:
     target: str
     ridge: float = 1e-3
 
-    def __call__(self, work: LayerWork) -> None:
-        runner = work.runner()
-        o_weight = work.layer.self_attn.o_proj.weight
+    def __call__(self, work: LayerWork) -> LayerWork:
+        inputs, attention = work.inputs, work.need("attention")
+        runner = attention.runner()
+        o_weight = inputs.layer.self_attn.o_proj.weight
         width_in = o_weight.shape[1]
         f64 = torch.float64
-        g_in = torch.zeros(width_in, width_in, dtype=f64, device=work.device)
-        cross = torch.zeros(o_weight.shape[0], width_in, dtype=f64, device=work.device)
-        base = work.h_in
+        g_in = torch.zeros(width_in, width_in, dtype=f64, device=inputs.device)
+        cross = torch.zeros(o_weight.shape[0], width_in, dtype=f64, device=inputs.device)
         target_energy = 0.0
-        for start in range(0, work.n_train, work.batch):
-            sl = slice(start, min(start + work.batch, work.n_train))
-            h = base[sl].to(work.device)
+        for start in range(0, inputs.n_train, inputs.batch):
+            sl = slice(start, min(start + inputs.batch, inputs.n_train))
+            h = inputs.h_in[sl].to(inputs.device)
             a = runner.attention_input_to_o(h)
-            if self.target == "local" or base is work.h_src:
-                y = work.source_attention(h)
+            if self.target == "local" or inputs.stream == "source":
+                y = inputs.source_attention(h)
             else:
-                hs = work.h_src[sl].to(work.device)
-                y = work.source_attention(hs) + (hs - h)
+                hs = inputs.h_src[sl].to(inputs.device)
+                y = inputs.source_attention(hs) + (hs - h)
             accumulate_gram(g_in, a)
             accumulate_gram(cross, a, y)
             target_energy += float(y.double().pow(2).sum())
         fit = ridge_refit(g_in, cross, o_weight.detach(), self.ridge, target_energy)
-        weight = fit.weight.to("cpu", torch.float32, memory_format=torch.contiguous_format)
-        work.mla[O_PROJ] = weight
-        # a new Parameter, never copy_: before the refit the converted layer's o_proj IS the
-        # source layer's (no copy on CPU), and writing into it would change the source stream
-        # the next layer is calibrated on
-        runner.conv.self_attn.o_proj.weight = nn.Parameter(
-            weight.to(work.device), requires_grad=False
-        )
-        work.report["o_refit_rel_error"] = [fit.rel_error_before, fit.rel_error_after]
-        work.report["refit_note"] = (
-            f"; o_proj refit: relative error {fit.rel_error_before:.4f}"
-            f" -> {fit.rel_error_after:.4f}"
-        )
+        attention.set({O_PROJ: fit.weight})
+        return work.add(report={"o_refit_rel_error": [fit.rel_error_before, fit.rel_error_after]})
 
 
-def propagate_converted(work: LayerWork) -> None:
+def propagate_converted(work: LayerWork) -> LayerWork:
     """The converted stream entering the next layer (for methods calibrated on it)."""
-    runner = work.runner()
-    work.next_conv = batched(work.h_conv, work.batch, work.device, lambda h, _sl: runner.layer(h))
+    inputs, runner = work.inputs, work.need("attention").runner()
+    return work.add(
+        next_conv=batched(inputs.h_conv, inputs.batch, inputs.device, lambda h, _: runner.layer(h))
+    )

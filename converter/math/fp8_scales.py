@@ -21,13 +21,10 @@ from dataclasses import dataclass
 import torch
 
 from transmla_vllm.checkpoint_format import (
-    KV_A_BIAS,
-    KV_A_KEY_MAP,
-    KV_A_PROJ,
-    KV_B_PROJ,
-    Q_BIAS,
-    Q_HEAD_MAP,
-    Q_PROJ,
+    FP8_FOLDS,
+    FP8_KV_A_ROWS,
+    FP8_KV_B_COLUMNS,
+    FP8_QUERY_ROWS,
 )
 
 E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
@@ -90,31 +87,34 @@ def apply_fp8_scales(
     inverse: bool = False,
 ) -> dict[str, torch.Tensor]:
     """A copy of one layer's attention ``tensors`` with ``scales`` folded in (``inverse``:
-    taken out again). Rows of the kv_a maps (latent, then rope pairs) are multiplied, kv_b's
-    columns and the query's rope rows divided; tensors not involved are passed through."""
+    taken out again), into the tensors ``FP8_FOLDS`` names (checkpoint_format.py): rows of the
+    kv_a maps (latent, then rope pairs) are multiplied, kv_b's columns and the query's rope rows
+    divided; tensors not involved are passed through."""
     sign = -1.0 if inverse else 1.0
     latent = torch.tensor([2.0 ** (sign * e) for e in scales.latent], dtype=torch.float64)
     pairs = torch.tensor([2.0 ** (sign * e) for e in scales.rope], dtype=torch.float64)
     rope = pairs.repeat_interleave(2)  # interleaved (GPT-J) layout: pair p is rows 2p, 2p + 1
-    rows = torch.cat([latent, rope])
+    per_head = torch.cat([torch.ones(nope_dim, dtype=torch.float64), 1.0 / rope])
+    factors = {  # per row (per column for kv_b)
+        FP8_KV_A_ROWS: torch.cat([latent, rope]),
+        FP8_KV_B_COLUMNS: 1.0 / latent,
+        FP8_QUERY_ROWS: per_head.repeat(num_heads),
+    }
 
     def scaled(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         return (t.to(torch.float64) * factor).to(t.dtype)  # power of two: exact
 
     out = dict(tensors)
-    for name in (KV_A_PROJ, KV_A_KEY_MAP):
-        if name in out:
-            out[name] = scaled(out[name], rows[:, None])
-    if KV_A_BIAS in out:
-        out[KV_A_BIAS] = scaled(out[KV_A_BIAS], rows)
-    out[KV_B_PROJ] = scaled(out[KV_B_PROJ], 1.0 / latent[None, :])
-    per_head = torch.cat([torch.ones(nope_dim, dtype=torch.float64), 1.0 / rope])
-    query_rows = per_head.repeat(num_heads)
-    for name in (Q_PROJ, Q_HEAD_MAP):
-        if name in out:
-            out[name] = scaled(out[name], query_rows[:, None])
-    if Q_BIAS in out:
-        out[Q_BIAS] = scaled(out[Q_BIAS], query_rows)
+    for name, t in tensors.items():
+        fold = FP8_FOLDS.get(name)
+        if fold is None:
+            continue
+        factor = factors[fold]
+        if fold == FP8_KV_B_COLUMNS:
+            factor = factor[None, :]
+        elif t.dim() == 2:
+            factor = factor[:, None]
+        out[name] = scaled(t, factor)
     return out
 
 
@@ -139,11 +139,12 @@ def _fold_layout(
     rope = rank + torch.arange(pairs).repeat_interleave(2)
     kv_a = torch.cat([latent, rope])
     per_head = torch.cat([torch.full((nope_dim,), -1), rope])
-    query = per_head.repeat(num_heads)
-    layout = [(KV_B_PROJ, 1, latent, False)]
-    layout += [(n, 0, kv_a, True) for n in (KV_A_PROJ, KV_A_KEY_MAP, KV_A_BIAS) if n in tensors]
-    layout += [(n, 0, query, False) for n in (Q_PROJ, Q_HEAD_MAP, Q_BIAS) if n in tensors]
-    return layout
+    where = {
+        FP8_KV_A_ROWS: (0, kv_a, True),
+        FP8_KV_B_COLUMNS: (1, latent, False),
+        FP8_QUERY_ROWS: (0, per_head.repeat(num_heads), False),
+    }
+    return [(name, *where[fold]) for name, fold in FP8_FOLDS.items() if name in tensors]
 
 
 @torch.no_grad()
