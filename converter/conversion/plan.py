@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from converter import __version__
-from converter.calibration.chunks import RowStart, row_start, token_chunks
+from converter.calibration.chunks import RowStart, held_out_count, row_start, token_chunks
 from converter.calibration.text import CalibrationInput, load_documents
 from converter.checkpoint.fingerprint import source_fingerprint
 from converter.checkpoint.resume import resume_folder
@@ -211,7 +211,8 @@ def prepare(opts: ConvertOptions) -> ConversionPlan:
 def _calibration(
     opts: ConvertOptions, src: Path, spec: SourceSpec, settings: ResolvedSettings
 ) -> tuple[Calibration, ResolvedSettings]:
-    """Token chunks of the calibration text; 1/8 held out when FreqFold is chosen on data."""
+    """Token chunks of the calibration text; HELD_OUT_SHARE of them held out when FreqFold is
+    chosen on data."""
     source = CalibrationInput(
         opts.calib_text, opts.calib_jsonl, opts.calib_field, opts.calib_dataset, opts.calib_chat
     )
@@ -219,7 +220,7 @@ def _calibration(
     documents, files = load_documents(source, tokenizer)
     chunks = token_chunks(tokenizer, documents, opts.calib_samples, opts.calib_seqlen)
     n_train = chunks.shape[0]
-    if settings.freqfold is None:  # hold out 1/8 of the chunks to choose FreqFold on
+    if settings.freqfold is None:  # hold some chunks out to choose FreqFold on
         if chunks.shape[0] < 2:
             fold = default_freqfold(spec.head_dim, settings.rope_dim)
             log.warning(
@@ -229,7 +230,7 @@ def _calibration(
             )
             settings = replace(settings, freqfold=fold)
         else:
-            n_train = chunks.shape[0] - max(1, chunks.shape[0] // 8)
+            n_train = chunks.shape[0] - held_out_count(chunks.shape[0])
     calibration = Calibration(source, files, chunks, n_train, row_start(tokenizer))
     log.info(
         "calibration: %s%s: %d chunks x %d tokens = %d tokens%s",

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from converter.calibration.chunks import held_out_count
 from converter.conversion.source_layers import batched
 from converter.conversion.stages import LayerWork
 from transmla_vllm.checkpoint_format import CONVERTED_ATTENTION
@@ -187,7 +188,7 @@ def _split(work: LayerWork) -> tuple[int, list[int]]:
     total = work.h_in.shape[0]
     if total > work.n_train:
         return work.n_train, list(range(work.n_train, total))
-    n_fit = work.n_train - max(1, work.n_train // 8)
+    n_fit = work.n_train - held_out_count(work.n_train)
     return n_fit, list(range(n_fit, work.n_train))
 
 

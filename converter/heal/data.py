@@ -8,26 +8,31 @@ text (calibration/chunks.py), with two slices no training pass ever sees.
 With ``eval_documents`` (--eval-text) the test rows are its first rows and the validation rows
 the next ones, each up to ``eval_tokens`` worth (``converter eval --text`` on the same file with
 ``--ctx SEQLEN --max-tokens`` the test's tokens scores the test rows). Without it both come from
-the end of the training text (each 1/20 of it, at least one row, at most ``eval_tokens``): the
-test rows last, the validation rows just before, contiguous, so no training row overlaps them.
-Asking for more tokens than the training rows hold means several passes, each in its own seeded
-order.
+the end of the training text (each HELD_OUT_SLICE_SHARE of it, at least one row, at most
+``eval_tokens``): the test rows last, the validation rows just before, contiguous, so no
+training row overlaps them. Asking for more tokens than the training rows hold means several
+passes, each in its own seeded order.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
-from converter.calibration.chunks import body_length, row_start, text_rows
+from converter.calibration.chunks import body_length, held_out_count, row_start, text_rows
 from converter.errors import ConversionError
 
 log = logging.getLogger(__name__)
-# each of the validation and test slices, when no separate evaluation text is given: 1/20 of the
-# text (1/10 in all)
-SLICE_FRACTION = 20
+# Without --eval-text, the validation rows and the test rows are each this share of the heal
+# text, taken from its end (at least one row each, at most --eval-tokens): 1/10 held out in all.
+# Not the conversion's 1/8 (calibration/chunks.py HELD_OUT_SHARE): that is one slice of a fixed,
+# small number of chunks (128 by default) that must rank per-layer choices, while heal holds out
+# two slices of a text it trains on, each capped by --eval-tokens, so its share decides only on
+# short texts, where every row kept for training counts.
+HELD_OUT_SLICE_SHARE = Fraction(1, 20)
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,7 @@ def split_text(
         test, validation = held[:n_test], held[n_test : n_test + per_slice]
         train, source = rows, f"--eval-text {eval_name or ''}".strip()
     else:
-        n = min(max(1, rows.shape[0] // SLICE_FRACTION), per_slice)
+        n = min(held_out_count(rows.shape[0], HELD_OUT_SLICE_SHARE), per_slice)
         cut = rows.shape[0] - 2 * n
         train, validation, test = rows[: max(cut, 0)], rows[cut : cut + n], rows[cut + n :]
         source = "the end of the training text"
