@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 from converter.commands import setup_logging
+from converter.commands.options import add_debug_option, add_text_options, default, options_from
 from converter.errors import ConversionError, signals_as_interrupts
-from converter.heal.defaults import BATCH_SIZE, LR, PRECISIONS, SEQLEN, TRAIN_CHOICES
+from converter.heal.options import EVALUATIONS, PRECISIONS, TRAIN_CHOICES, HealOptions
 
 EPILOG = """\
 examples:
@@ -22,16 +23,9 @@ examples:
 """
 
 
-def add_text_options(p: argparse.ArgumentParser) -> None:
-    """The calibration text flags of convert, with the same meaning (heal trains on that text)."""
-    cal = p.add_argument_group("text (default: the small set bundled with the package)")
-    cal.add_argument("--calib-text", default=None, help="UTF-8 text file or folder to train on")
-    cal.add_argument("--calib-jsonl", default=None, help="JSON-lines file of documents")
-    cal.add_argument("--calib-field", default="text", help="field / column of the documents")
-    cal.add_argument("--calib-dataset", default=None, help="hub dataset NAME[:split]")
-    cal.add_argument(
-        "--calib-chat", action="store_true", help="render the text as chat turns (instruct models)"
-    )
+def option(name: str):
+    """The default of HealOptions field ``name``: the default of its flag."""
+    return default(HealOptions, name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,82 +44,103 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="training tokens (several passes over the text when it holds fewer)",
     )
-    p.add_argument("--seqlen", type=int, default=SEQLEN, help=f"tokens per sequence ({SEQLEN})")
     p.add_argument(
-        "--batch-size", type=int, default=BATCH_SIZE, help=f"sequences per step ({BATCH_SIZE})"
+        "--seqlen", type=int, default=option("seqlen"), help="tokens per sequence (%(default)s)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=option("batch_size"),
+        help="sequences per step (%(default)s)",
     )
     p.add_argument(
         "--lr",
         type=float,
-        default=LR,
-        help=f"peak AdamW step relative to each trained tensor's RMS ({LR:g}); a run whose "
+        default=option("lr"),
+        help="peak AdamW step relative to each trained tensor's RMS (%(default)g); a run whose "
         "training KL blows up goes back to its best weights at half the rate (3 times at most)",
     )
     p.add_argument(
         "--train",
         choices=TRAIN_CHOICES,
-        default="attention",
+        default=option("train"),
         help="weights trained: the attention ones (default; MLP, norms and embeddings frozen) "
         "or all",
     )
     p.add_argument(
         "--hidden-weight",
         type=float,
-        default=0.0,
+        default=option("hidden_weight"),
         help="add this weight times the relative squared error of the final hidden states to "
         "the KL loss (0: KL only)",
     )
-    add_text_options(p)
+    add_text_options(p, "text (default: the small set bundled with the package)", "train on")
     ev = p.add_argument_group(
         "held-out text: validation rows choose the kept step, test rows give the reported "
         "figure (measured on the weights as written) and choose nothing"
     )
     ev.add_argument(
         "--eval-text",
-        default=None,
+        default=option("eval_text"),
         help="text to hold out instead of the end of the training text: its first rows are the "
         "test rows, the next ones the validation rows",
     )
     ev.add_argument(
         "--eval-tokens",
         type=int,
-        default=4096,
-        help="tokens in each of the validation and test slices (4096)",
+        default=option("eval_tokens"),
+        help="tokens in each of the validation and test slices (%(default)s)",
     )
     ev.add_argument(
         "--eval-every",
         type=int,
-        default=None,
-        help="training tokens between validation evaluations (default: 8 over the run)",
+        default=option("eval_every"),
+        help=f"training tokens between validation evaluations (default: {EVALUATIONS} over the "
+        "run)",
     )
     ev.add_argument(
         "--keep-worse",
         action="store_true",
+        default=option("keep_worse"),
         help="write the healed weights even when they measure worse than the input on the test "
         "rows (default: write the input's weights and say so)",
     )
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=option("device"))
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default="auto",
+        default=option("precision"),
         help="matmuls of the training steps: bf16 autocast (weights stay as loaded) or fp32; "
         "auto: bf16 on a GPU and on a CPU with AMX tiles, else fp32 (docs/benchmarks.md "
         "heal_step measures both). Held-out figures on a CPU are fp32, and bf16 is used only "
         "where both models' bf16 and fp32 forwards agree (else fp32, with a warning)",
     )
-    p.add_argument("--seed", type=int, default=0, help="order of the training sequences")
-    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (5GB)")
-    p.add_argument("--revision", default=None, help="hub revision when --teacher is a hub id")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
+    p.add_argument(
+        "--seed", type=int, default=option("seed"), help="order of the training sequences"
+    )
+    p.add_argument(
+        "--max-shard-size",
+        default=option("max_shard_size"),
+        help="largest safetensors shard (%(default)s)",
+    )
+    p.add_argument(
+        "--revision", default=option("revision"), help="hub revision when --teacher is a hub id"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=option("overwrite"),
+        help="replace a non-empty --dst",
+    )
     p.add_argument(
         "--resume",
         action="store_true",
+        default=option("resume"),
         help="keep progress in .DST.resume at every evaluation; the same command with "
         "--resume continues an interrupted run from there",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    add_debug_option(p)
     return p
 
 
@@ -134,37 +149,11 @@ def main(argv: list[str]) -> int:
     setup_logging(args.debug)
     import torch
 
-    from converter.heal import HealOptions, heal
+    from converter.heal import heal
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    opts = HealOptions(
-        teacher=args.teacher,
-        student=args.student,
-        dst=args.dst,
-        tokens=args.tokens,
-        seqlen=args.seqlen,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        train=args.train,
-        hidden_weight=args.hidden_weight,
-        eval_text=args.eval_text,
-        eval_tokens=args.eval_tokens,
-        eval_every=args.eval_every,
-        calib_text=args.calib_text,
-        calib_jsonl=args.calib_jsonl,
-        calib_field=args.calib_field,
-        calib_dataset=args.calib_dataset,
-        calib_chat=args.calib_chat,
-        device=args.device,
-        precision=args.precision,
-        seed=args.seed,
-        max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
-        resume=args.resume,
-        revision=args.revision,
-        keep_worse=args.keep_worse,
-    )
+    opts = options_from(HealOptions, args)
     try:
         with signals_as_interrupts():
             heal(opts)

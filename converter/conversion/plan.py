@@ -24,7 +24,8 @@ from converter.checkpoint.source_reader import SourceReader
 from converter.checkpoint.stream_writer import TensorSlot
 from converter.checkpoint.writer import check_destination, parse_size
 from converter.conversion.device import pick_device
-from converter.conversion.methods import DEFAULT_METHOD, METHODS, Method
+from converter.conversion.methods import METHODS, Method
+from converter.conversion.options import ConvertOptions
 from converter.conversion.settings import (
     DTYPES,
     ResolvedSettings,
@@ -39,36 +40,6 @@ from converter.sources.base import SourceSpec, inspect_source
 from transmla_vllm.checkpoint_format import CheckpointLayout, MLAShape, QKNorm, build_config
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ConvertOptions:
-    """The convert command's options, as the user gave them (see ``--help``)."""
-
-    src: str
-    dst: str
-    rope_dim: int | None = None
-    kv_lora_rank: int | None = None  # None: 512, or what the KV budget leaves
-    freqfold: int | str | None = None  # None or "auto": best per layer on held-out chunks
-    kv_budget: float | None = None
-    kv_elements: int | None = None
-    target: str = "vllm"
-    calib_text: str | None = None
-    calib_jsonl: str | None = None
-    calib_field: str = "text"
-    calib_dataset: str | None = None
-    calib_chat: bool = False
-    calib_samples: int = 128
-    calib_seqlen: int = 256
-    dtype: str | None = None
-    device: str = "auto"
-    max_shard_size: str = "5GB"
-    overwrite: bool = False
-    revision: str | None = None
-    method: str = DEFAULT_METHOD
-    batch_size: int = 8
-    resume: bool = False
-    base_model: str | None = None  # Hub id of the source, for the card (a local --src has none)
 
 
 @dataclass(frozen=True)
@@ -213,9 +184,7 @@ def _calibration(
 ) -> tuple[Calibration, ResolvedSettings]:
     """Token chunks of the calibration text; HELD_OUT_SHARE of them held out when FreqFold is
     chosen on data."""
-    source = CalibrationInput(
-        opts.calib_text, opts.calib_jsonl, opts.calib_field, opts.calib_dataset, opts.calib_chat
-    )
+    source = opts.text_input
     tokenizer = load_tokenizer(src)
     documents, files = load_documents(source, tokenizer)
     chunks = token_chunks(tokenizer, documents, opts.calib_samples, opts.calib_seqlen)

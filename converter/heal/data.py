@@ -8,7 +8,7 @@ text (calibration/chunks.py), with two slices no training pass ever sees.
 With ``eval_documents`` (--eval-text) the test rows are its first rows and the validation rows
 the next ones, each up to ``eval_tokens`` worth (``converter eval --text`` on the same file with
 ``--ctx SEQLEN --max-tokens`` the test's tokens scores the test rows). Without it both come from
-the end of the training text (each HELD_OUT_SLICE_SHARE of it, at least one row, at most
+the end of the training text (each options.py HELD_OUT_SLICE_SHARE of it, at least one row, at most
 ``eval_tokens``): the test rows last, the validation rows just before, contiguous, so no
 training row overlaps them. Asking for more tokens than the training rows hold means several
 passes, each in its own seeded order.
@@ -18,21 +18,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from fractions import Fraction
 
 import torch
 
 from converter.calibration.chunks import body_length, held_out_count, row_start, text_rows
 from converter.errors import ConversionError
+from converter.heal.options import HELD_OUT_SLICE_SHARE
 
 log = logging.getLogger(__name__)
-# Without --eval-text, the validation rows and the test rows are each this share of the heal
-# text, taken from its end (at least one row each, at most --eval-tokens): 1/10 held out in all.
-# Not the conversion's 1/8 (calibration/chunks.py HELD_OUT_SHARE): that is one slice of a fixed,
-# small number of chunks (128 by default) that must rank per-layer choices, while heal holds out
-# two slices of a text it trains on, each capped by --eval-tokens, so its share decides only on
-# short texts, where every row kept for training counts.
-HELD_OUT_SLICE_SHARE = Fraction(1, 20)
 
 
 @dataclass(frozen=True)
