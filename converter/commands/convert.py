@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import sys
 from pathlib import Path
 
 from converter import __version__
 from converter.calibration.chunks import HELD_OUT_SHARE
 from converter.commands import COMMANDS, setup_logging
+from converter.commands.errors import run_command
 from converter.commands.options import add_debug_option, add_text_options, default, options_from
 from converter.conversion.methods import METHODS
 from converter.conversion.options import ConvertOptions
@@ -188,95 +187,56 @@ def option(name: str):
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
-    from converter.conversion.pipeline import convert
+    return run_command(
+        _convert,
+        args,
+        output=args.dst,
+        memory_hint="lower --calib-samples / --calib-seqlen or use a machine with more RAM",
+    )
 
-    freqfold = args.freqfold
-    if freqfold not in (None, "auto"):
-        try:
-            freqfold = int(freqfold)
-        except ValueError:
-            print(
-                f"error: --freqfold must be an integer or 'auto', not {freqfold!r}", file=sys.stderr
-            )
-            return 2
-    opts = options_from(ConvertOptions, args, freqfold=freqfold)
-    dst = None
+
+def _convert(args: argparse.Namespace) -> None:
+    opts = options_from(ConvertOptions, args, freqfold=_freqfold(args.freqfold))
+    # everything visible from the flags is checked before any model file is read
+    _preflight(args)
+    if args.push_to_hub:  # fail before hours of work, not after: token and name first
+        from converter.hub.upload import check_repo_id, resolve_token
+
+        check_repo_id(args.push_to_hub)
+        resolve_token()
+    if args.heal_tokens is not None:
+        from converter.heal import convert_and_heal
+
+        dst = convert_and_heal(opts, tokens=args.heal_tokens, train=args.heal_train)
+    else:
+        from converter.conversion.pipeline import convert
+
+        dst = convert(opts)
+    if args.push_to_hub:
+        _push(dst, args)
+
+
+def _freqfold(value: str | None) -> int | str | None:
+    """--freqfold: an integer, 'auto' or absent (None, the same as 'auto')."""
+    if value in (None, "auto"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ConversionError(f"--freqfold must be an integer or 'auto', not {value!r}") from None
+
+
+def _push(dst: Path, args: argparse.Namespace) -> None:
+    """Upload the finished --dst; an interrupt from here on leaves it complete (and says so)."""
+    from converter.hub.upload import push_folder
+
     try:
         with signals_as_interrupts():
-            # everything visible from the flags is checked before any model file is read
-            _preflight(args)
-            if args.push_to_hub:  # fail before hours of work, not after: token and name first
-                from converter.hub.upload import check_repo_id, resolve_token
-
-                check_repo_id(args.push_to_hub)
-                resolve_token()
-            if args.heal_tokens is not None:
-                from converter.heal import convert_and_heal
-
-                dst = convert_and_heal(opts, tokens=args.heal_tokens, train=args.heal_train)
-            else:
-                dst = convert(opts)
-            if args.push_to_hub:
-                from converter.hub.upload import push_folder
-
-                url = push_folder(dst, args.push_to_hub, private=args.private)
-                logging.getLogger("converter").info("uploaded to %s", url)
-    except ConversionError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP
-        signum = getattr(exc, "signum", signal.SIGINT)
-        if dst is not None or getattr(exc, "committed", False):
-            print(
-                f"interrupted ({signal.Signals(signum).name}) after {args.dst} was complete; "
-                "it is kept",
-                file=sys.stderr,
-            )
-        elif args.resume:
-            from converter.checkpoint.resume import resume_folder
-
-            print(
-                f"interrupted ({signal.Signals(signum).name}): progress kept in "
-                f"{resume_folder(Path(args.dst))}; rerun the same command (with --resume) to "
-                "continue",
-                file=sys.stderr,
-            )
-        else:
-            print(
-                f"interrupted ({signal.Signals(signum).name}): nothing was written to --dst "
-                "(partial output removed)",
-                file=sys.stderr,
-            )
-        return 128 + signum
-    except OSError as exc:
-        if args.debug:
-            raise
-        from converter.errors import describe_os_error
-
-        print(f"error: {describe_os_error(exc, args.dst)}", file=sys.stderr)
-        return 1
-    except MemoryError:
-        if args.debug:
-            raise
-        print(
-            "error: out of memory; lower --calib-samples / --calib-seqlen or use a machine "
-            "with more RAM",
-            file=sys.stderr,
-        )
-        return 1
-    except Exception as exc:  # a bug: one line, and how to get the traceback
-        if args.debug:
-            raise
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        print(
-            f"error: unexpected {type(exc).__name__}: {first}; rerun with --debug for the "
-            "traceback and report it",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+            url = push_folder(dst, args.push_to_hub, private=args.private)
+    except KeyboardInterrupt as exc:
+        exc.committed = True  # --dst was complete before the upload began
+        raise
+    logging.getLogger("converter").info("uploaded to %s", url)
 
 
 def _preflight(args: argparse.Namespace) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from converter.calibration.text import read_calibration_text
 from converter.checkpoint.source import load_tokenizer
+from converter.commands.errors import run_command
 from converter.commands.options import add_debug_option, add_scoring_options
 from converter.measure.perplexity import KV_CACHE_DTYPES, load_model, perplexity, windows
 from transmla_vllm.backends import BACKENDS
@@ -55,8 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    _eval(args)
-    return 0
+    return run_command(_eval, args)
 
 
 def _eval(args: argparse.Namespace) -> None:

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import sys
-from pathlib import Path
 
 from converter.commands import setup_logging
+from converter.commands.errors import run_command
 from converter.commands.options import add_debug_option, add_text_options, default, options_from
-from converter.errors import ConversionError, signals_as_interrupts
 from converter.heal.options import EVALUATIONS, PRECISIONS, TRAIN_CHOICES, HealOptions
 
 EPILOG = """\
@@ -147,43 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
+    return run_command(_heal, args, output=args.dst, memory_hint="lower --batch-size or --seqlen")
+
+
+def _heal(args: argparse.Namespace) -> None:
     import torch
 
     from converter.heal import heal
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    opts = options_from(HealOptions, args)
-    try:
-        with signals_as_interrupts():
-            heal(opts)
-    except ConversionError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        signum = getattr(exc, "signum", signal.SIGINT)
-        name = signal.Signals(signum).name
-        if getattr(exc, "committed", False):
-            print(
-                f"interrupted ({name}) after {args.dst} was complete; it is kept", file=sys.stderr
-            )
-        elif args.resume:
-            from converter.checkpoint.resume import resume_folder
-
-            print(
-                f"interrupted ({name}): progress kept in {resume_folder(Path(args.dst))}; rerun "
-                "the same command (with --resume) to continue",
-                file=sys.stderr,
-            )
-        else:
-            print(f"interrupted ({name}): nothing was written to --dst", file=sys.stderr)
-        return 128 + signum
-    except MemoryError:
-        if args.debug:
-            raise
-        print("error: out of memory; lower --batch-size or --seqlen", file=sys.stderr)
-        return 1
+    heal(options_from(HealOptions, args))
     logging.getLogger("converter").info("done")
-    return 0

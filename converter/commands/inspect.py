@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from converter.commands.errors import run_command
 from converter.commands.options import add_debug_option
 from converter.measure.kv_cache import DTYPE_BYTES, format_table, kv_budget, parse_memory
 
@@ -66,8 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    _inspect(build_parser().parse_args(argv))
-    return 0
+    return run_command(_inspect, build_parser().parse_args(argv))
 
 
 def _inspect(args: argparse.Namespace) -> None:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from converter.commands import setup_logging
+from converter.commands.errors import run_command
 from converter.commands.options import add_debug_option
 from converter.errors import ConversionError
 
@@ -63,8 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
-    _upload(args)
-    return 0
+    return run_command(_upload, args)
 
 
 def _upload(args: argparse.Namespace) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from converter.calibration.text import read_calibration_text
 from converter.checkpoint.fingerprint import check_converted_from
 from converter.checkpoint.source import load_tokenizer
+from converter.commands.errors import run_command
 from converter.commands.eval import FP8_BACKENDS, add_kv_cache_options
 from converter.commands.options import add_debug_option, add_scoring_options
 from converter.errors import ConversionError
@@ -38,8 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    _verify(args)
-    return 0
+    return run_command(_verify, args)
 
 
 def _verify(args: argparse.Namespace) -> None:
