@@ -10,7 +10,25 @@ import logging
 from converter.commands import setup_logging
 from converter.commands.errors import run_command
 from converter.commands.options import add_debug_option, add_text_options, default, options_from
-from converter.heal.options import EVALUATIONS, PRECISIONS, TRAIN_CHOICES, HealOptions
+from converter.heal.options import (
+    EVALUATIONS,
+    HELD_OUT_SLICE_SHARE,
+    PRECISIONS,
+    TRAIN_CHOICES,
+    HealOptions,
+)
+
+DESCRIPTION = """\
+Distil the source model (the teacher, frozen) into its converted checkpoint (the student): the
+student learns the teacher's next-token distributions (KL) on real text, which recovers most of
+what the conversion lost. The output has the student's format (same tensors, shapes and dtype),
+served and loaded as before; its transmla_report.json gains a "heal" entry with every figure.
+
+Held-out rows keep the figures honest: validation rows choose which step's weights are kept,
+test rows are measured for the teacher, the input and the weights as written, and choose
+nothing. When no step beats the input, or the kept weights measure worse than it on the test
+rows, the input's weights are written instead (--keep-worse writes the healed ones). Memory is
+estimated and checked before any weight is loaded. docs/heal.md tells the whole method."""
 
 EPILOG = """\
 examples:
@@ -28,72 +46,118 @@ def option(name: str):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m converter heal",
-        description=__doc__,
+        description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--teacher", required=True, help="the source model (folder or hub id)")
-    p.add_argument("--student", required=True, help="its converted folder")
-    p.add_argument("--dst", required=True, help="output folder (must be absent or empty)")
+    p.add_argument(
+        "--teacher",
+        required=True,
+        help="the source model the student was converted from: a folder, or a Hub id "
+        "(owner/name, see --revision). Frozen, it gives the distributions the student learns; "
+        "another model of the same family, vocabulary and tokenizer is accepted with a warning",
+    )
+    p.add_argument(
+        "--student",
+        required=True,
+        help="the converted folder to heal (the converter's --dst); read, never changed",
+    )
+    p.add_argument(
+        "--dst",
+        required=True,
+        help="output folder: absent or empty (see --overwrite), and neither inside nor around "
+        "--teacher or --student. Written through a hidden staging folder, so it is either "
+        "absent or complete",
+    )
     p.add_argument(
         "--tokens",
         type=int,
         required=True,
-        help="training tokens (several passes over the text when it holds fewer)",
+        help="training tokens, rounded up to whole steps of --batch-size x --seqlen; more than "
+        "the training rows hold means several passes over them, each in its own seeded order "
+        "(the held-out rows stay out of every pass)",
     )
-    p.add_argument(
-        "--seqlen", type=int, default=option("seqlen"), help="tokens per sequence (%(default)s)"
+    train = p.add_argument_group("training")
+    train.add_argument(
+        "--seqlen",
+        type=int,
+        default=option("seqlen"),
+        help="tokens per sequence, for training and held-out rows alike (default %(default)s); "
+        "at most the teacher's context. Each row starts as the tokenizer starts text",
     )
-    p.add_argument(
+    train.add_argument(
         "--batch-size",
         type=int,
         default=option("batch_size"),
-        help="sequences per step (%(default)s)",
+        help="sequences per optimizer step (default %(default)s); memory grows with "
+        "--batch-size x --seqlen, and a run that cannot fit is refused before loading",
     )
-    p.add_argument(
+    train.add_argument(
         "--lr",
         type=float,
         default=option("lr"),
-        help="peak AdamW step relative to each trained tensor's RMS (%(default)g); a run whose "
-        "training KL blows up goes back to its best weights at half the rate (3 times at most)",
+        help="peak AdamW step relative to each trained tensor's RMS (default %(default)g), after "
+        "a short warmup and decaying on a cosine. A run whose training KL blows up goes back to "
+        "its best weights at half the rate, and stops if that keeps happening (docs/heal.md: "
+        "Optimizer, A run that goes wrong)",
     )
-    p.add_argument(
+    train.add_argument(
         "--train",
         choices=TRAIN_CHOICES,
         default=option("train"),
-        help="weights trained: the attention ones (default; MLP, norms and embeddings frozen) "
-        "or all",
+        help="weights trained. attention (default): the attention tensors the conversion "
+        "computed (q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj and their biases); MLP, "
+        "norms and embeddings stay frozen and are written back bit for bit. all: every "
+        "weight, which needs far more memory (a gradient and two fp32 AdamW moments each)",
     )
-    p.add_argument(
+    train.add_argument(
         "--hidden-weight",
         type=float,
         default=option("hidden_weight"),
-        help="add this weight times the relative squared error of the final hidden states to "
-        "the KL loss (0: KL only)",
+        help="add this weight times the squared error of the final hidden states, relative to "
+        "the teacher's mean square, to the KL loss (default %(default)s: KL only)",
     )
-    add_text_options(p, "text (default: the small set bundled with the package)", "train on")
+    train.add_argument(
+        "--seed",
+        type=int,
+        default=option("seed"),
+        help="order of the training sequences in each pass (default %(default)s); the same "
+        "seed, text and flags train on the same rows in the same order",
+    )
+    add_text_options(
+        p, "text to train on (default: the small set bundled with the package)", "train on"
+    )
     ev = p.add_argument_group(
-        "held-out text: validation rows choose the kept step, test rows give the reported "
-        "figure (measured on the weights as written) and choose nothing"
+        "held-out rows (none is ever trained on)",
+        "validation rows choose the kept step; test rows give the reported figure (measured on\n"
+        "the weights as written) and choose nothing. Without --eval-text both come from the end\n"
+        "of the training text.",
     )
     ev.add_argument(
         "--eval-text",
+        metavar="PATH",
         default=option("eval_text"),
-        help="text to hold out instead of the end of the training text: its first rows are the "
-        "test rows, the next ones the validation rows",
+        help="UTF-8 text file or folder to hold out instead of the end of the training text: "
+        "its first rows are the test rows, the next ones the validation rows (then `python -m "
+        "converter eval --text PATH --ctx SEQLEN --max-tokens EVAL_TOKENS` on the output scores "
+        "exactly the test rows)",
     )
     ev.add_argument(
         "--eval-tokens",
         type=int,
         default=option("eval_tokens"),
-        help="tokens in each of the validation and test slices (%(default)s)",
+        help="tokens in each of the validation and test slices, at most (default %(default)s); "
+        f"without --eval-text each is also at most {HELD_OUT_SLICE_SHARE} of the text (at "
+        "least one row)",
     )
     ev.add_argument(
         "--eval-every",
         type=int,
+        metavar="TOKENS",
         default=option("eval_every"),
-        help=f"training tokens between validation evaluations (default: {EVALUATIONS} over the "
-        "run)",
+        help=f"training tokens between validation evaluations (default: --tokens / "
+        f"{EVALUATIONS}, so {EVALUATIONS} over the run); each evaluation is also where --resume "
+        "saves progress",
     )
     ev.add_argument(
         "--keep-worse",
@@ -102,41 +166,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the healed weights even when they measure worse than the input on the test "
         "rows (default: write the input's weights and say so)",
     )
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=option("device"))
-    p.add_argument(
+    run = p.add_argument_group("where and how it runs")
+    run.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default=option("device"),
+        help="where the models run (default auto: cuda when available)",
+    )
+    run.add_argument(
         "--precision",
         choices=PRECISIONS,
         default=option("precision"),
         help="matmuls of the training steps: bf16 autocast (weights stay as loaded) or fp32; "
-        "auto: bf16 on a GPU and on a CPU with AMX tiles, else fp32 (docs/benchmarks.md "
+        "auto (default): bf16 on a GPU and on a CPU with AMX tiles, else fp32 (docs/benchmarks.md "
         "heal_step measures both). Held-out figures on a CPU are fp32, and bf16 is used only "
         "where both models' bf16 and fp32 forwards agree (else fp32, with a warning)",
     )
-    p.add_argument(
-        "--seed", type=int, default=option("seed"), help="order of the training sequences"
+    run.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's own choice)",
     )
-    p.add_argument(
+    out = p.add_argument_group("output")
+    out.add_argument(
         "--max-shard-size",
         default=option("max_shard_size"),
-        help="largest safetensors shard (%(default)s)",
+        help="largest safetensors shard, e.g. 5GB or 500MB (default %(default)s)",
     )
-    p.add_argument(
-        "--revision", default=option("revision"), help="hub revision when --teacher is a hub id"
+    out.add_argument(
+        "--revision",
+        default=option("revision"),
+        help="Hub revision (branch, tag or commit) when --teacher is a Hub id",
     )
-    p.add_argument(
+    out.add_argument(
         "--overwrite",
         action="store_true",
         default=option("overwrite"),
-        help="replace a non-empty --dst",
+        help="replace a non-empty --dst (the old folder goes only once the new one is complete)",
     )
-    p.add_argument(
+    out.add_argument(
         "--resume",
         action="store_true",
         default=option("resume"),
         help="keep progress in .DST.resume at every evaluation; the same command with "
-        "--resume continues an interrupted run from there",
+        "--resume continues an interrupted run from there, to the weights an uninterrupted "
+        "run gives",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     add_debug_option(p)
     return p
 
