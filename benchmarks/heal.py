@@ -27,8 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+from converter.commands.options import default
 from converter.conversion.methods import DEFAULT_METHOD
-from converter.heal.defaults import BATCH_SIZE, LR
+from converter.heal.options import EVALUATIONS, HealOptions
 from transmla_testing.conversions import comedies_convert_cmd, heal_args
 from transmla_testing.report import publish
 from transmla_testing.text import plays
@@ -171,10 +172,16 @@ def main() -> int:
     add_common_args(p, ROOT / ".cache" / "heal", "128,192", 10240)
     p.add_argument("--method", default=DEFAULT_METHOD, help="conversion before the heal")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="heal tokens per budget")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--lr", type=float, default=LR)
-    p.add_argument("--precision", default="auto", help="heal --precision (auto: bf16 with AMX)")
-    p.add_argument("--eval-every", type=int, default=None, help="tokens (default tokens/8)")
+    p.add_argument("--batch-size", type=int, default=default(HealOptions, "batch_size"))
+    p.add_argument("--lr", type=float, default=default(HealOptions, "lr"))
+    p.add_argument(
+        "--precision",
+        default=default(HealOptions, "precision"),
+        help="heal --precision (auto: bf16 with AMX)",
+    )
+    p.add_argument(
+        "--eval-every", type=int, default=None, help=f"tokens (default tokens/{EVALUATIONS})"
+    )
     p.add_argument(
         "--compare",
         default="transmla,refit",
@@ -187,7 +194,7 @@ def main() -> int:
         "(their recorded times are used)",
     )
     args = p.parse_args()
-    args.eval_every = args.eval_every or max(1, args.tokens // 8)
+    args.eval_every = args.eval_every or max(1, args.tokens // EVALUATIONS)
 
     started = time.time()
     setup = tragedies(args)  # evaluation windows = the heal's held-out rows (--ctx = --seqlen)

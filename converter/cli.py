@@ -1,8 +1,9 @@
 """Command line entry: ``python -m converter [COMMAND] ...``.
 
 Conversion is the default command (no name needed); every other command is a module in
-``converter/commands`` with ``main(argv) -> int``. A ConversionError ends any command with one
-line on stderr and exit code 2 (``--debug`` shows the traceback instead).
+``converter/commands`` with ``main(argv) -> int``. Every command ends an error the same way, in
+one line on stderr and an exit status (converter/commands/errors.py run_command; ``--debug``
+shows the traceback instead).
 """
 
 from __future__ import annotations
@@ -11,18 +12,10 @@ import importlib
 import sys
 
 from converter.commands import COMMANDS
-from converter.errors import ConversionError
 
 
 def run_subcommand(name: str, argv: list[str]) -> int:
-    module = importlib.import_module(f"converter.commands.{name}")
-    try:
-        return module.main(argv)
-    except ConversionError as exc:
-        if "--debug" in argv:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return importlib.import_module(f"converter.commands.{name}").main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

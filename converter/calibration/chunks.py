@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -21,6 +22,17 @@ from converter.errors import ConversionError
 log = logging.getLogger(__name__)
 PROBE = "The quick brown fox"  # any plain text: what the tokenizer adds around it is the answer
 _LOGGED: set[str] = set()
+# Calibration chunks kept out of the statistics, to choose on: FreqFold per layer (--freqfold
+# auto: conversion/plan.py) and, with FreqFold given, whether the reconstruction stage's trained
+# attention beats the closed form (conversion/reconstruct.py). A trade between the two uses of a
+# small, fixed number of chunks: the statistics the rotation and latent are fitted on keep 7/8,
+# and the choices are judged on chunks none of them saw (16 of the default 128).
+HELD_OUT_SHARE = Fraction(1, 8)
+
+
+def held_out_count(rows: int, share: Fraction = HELD_OUT_SHARE) -> int:
+    """Rows of ``rows`` held out to choose on: ``share`` of them (rounded down), at least one."""
+    return max(1, int(rows * share))
 
 
 @dataclass(frozen=True)

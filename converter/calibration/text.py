@@ -39,9 +39,11 @@ def read_calibration_text(path: str | Path) -> tuple[str, list[str]]:
 
 @dataclass(frozen=True)
 class CalibrationInput:
+    """Where the text comes from (the --calib-* flags; TextOptions holds them as given)."""
+
     text: str | None = None  # file or folder
     jsonl: str | None = None
-    field: str = "text"
+    field: str = "text"  # JSON field / dataset column
     dataset: str | None = None  # NAME[:split]
     chat: bool = False
 
@@ -53,6 +55,24 @@ class CalibrationInput:
         if self.dataset:
             return f"dataset {self.dataset}"
         return "the bundled calibration set (prose, code, dialogue)"
+
+
+@dataclass(kw_only=True)
+class TextOptions:
+    """The text options convert and heal share (flags --calib-*, made by
+    commands/options.py add_text_options); the defaults are CalibrationInput's."""
+
+    calib_text: str | None = CalibrationInput.text
+    calib_jsonl: str | None = CalibrationInput.jsonl
+    calib_field: str = CalibrationInput.field
+    calib_dataset: str | None = CalibrationInput.dataset
+    calib_chat: bool = CalibrationInput.chat
+
+    @property
+    def text_input(self) -> CalibrationInput:
+        return CalibrationInput(
+            self.calib_text, self.calib_jsonl, self.calib_field, self.calib_dataset, self.calib_chat
+        )
 
 
 def _jsonl_documents(path: str, field: str) -> list[str]:

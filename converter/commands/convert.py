@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import sys
 from pathlib import Path
 
 from converter import __version__
-from converter.commands import setup_logging
-from converter.conversion.methods import DEFAULT_METHOD, METHODS
+from converter.calibration.chunks import HELD_OUT_SHARE
+from converter.commands import COMMANDS, setup_logging
+from converter.commands.errors import run_command
+from converter.commands.options import add_debug_option, add_text_options, default, options_from
+from converter.conversion.methods import METHODS
+from converter.conversion.options import ConvertOptions
 from converter.errors import ConversionError, signals_as_interrupts
-from converter.heal.defaults import TRAIN_CHOICES
+from converter.heal.options import TRAIN_CHOICES, HealOptions
 
 DESCRIPTION = """\
 Convert a LLaMA / Qwen2 / Mistral checkpoint (grouped-query attention) into Multi-head Latent
@@ -22,19 +24,16 @@ in transformers with trust_remote_code=True.
 The KV cache shrinks from 2 * kv_heads * head_dim to kv_lora_rank + rope_dim elements per token
 and layer. Calibration text steers the rotations and the latent basis."""
 
-EPILOG = """\
-other commands (python -m converter COMMAND --help):
-  upload    publish a converted folder to the Hugging Face Hub
-  inspect   KV cache sizes and capacity of a source or converted folder
-  eval      perplexity of a model folder on a text file
-  verify    compare a converted folder with its source
-  heal      distil the source into a converted folder (or --heal-tokens here)
-
+EPILOG = (
+    "other commands (python -m converter COMMAND --help):\n"
+    + "".join(f"  {name:<9} {what}\n" for name, what in COMMANDS.items())
+    + """
 examples:
   python -m converter --src ./SmolLM2-135M-Instruct --dst ./smollm2-mla --calib-text book.txt
   python -m converter --src meta-llama/Llama-3.1-8B-Instruct --dst ./llama-mla \\
       --calib-text ./my-corpus/ --kv-lora-rank 448 --rope-dim 64
 """
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,31 +51,31 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument(
         "--rope-dim",
         type=int,
-        default=None,
+        default=option("rope_dim"),
         help="dims of the shared rope key r (default 64, or head_dim if smaller)",
     )
     size.add_argument(
         "--kv-lora-rank",
         type=int,
-        default=None,
+        default=option("kv_lora_rank"),
         help="latent rank rho (default 512; clipped to 2*kv_heads*head_dim - r)",
     )
     size.add_argument(
         "--kv-budget",
         type=float,
-        default=None,
+        default=option("kv_budget"),
         help="fraction of the source's KV elements to keep; picks r and rho",
     )
     size.add_argument(
         "--kv-elements",
         type=int,
-        default=None,
+        default=option("kv_elements"),
         help="KV elements per token per layer to keep; picks r and rho",
     )
     size.add_argument(
         "--target",
         choices=["vllm", "hf"],
-        default="vllm",
+        default=option("target"),
         help="vllm (default): only shapes vLLM serves as MLA on a GPU (rope 64 or a "
         "divisor of it, latent <= 512; others are refused with what would serve them), and "
         "a budget rounded down to a size served unpadded (320/512/576); hf: any size, for "
@@ -84,59 +83,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     size.add_argument(
         "--freqfold",
-        default=None,
-        help="frequencies pooled per rope PCA: an integer, or 'auto' (default) "
-        "to pick the best per layer on held-out calibration chunks",
+        default=option("freqfold"),
+        help="frequencies pooled per rope PCA: an integer, or 'auto' (default) to pick the "
+        f"best per layer on held-out calibration chunks ({HELD_OUT_SHARE} of them)",
     )
     p.add_argument(
         "--method",
         choices=sorted(METHODS),
-        default=DEFAULT_METHOD,
-        help=f"conversion method (default {DEFAULT_METHOD}); 'transmla' is the "
-        "published method. " + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()),
+        default=option("method"),
+        help="conversion method (default %(default)s); 'transmla' is the published method. "
+        + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()),
     )
-    cal = p.add_argument_group("calibration (default: the small set bundled with the package)")
-    cal.add_argument(
-        "--calib-text",
-        default=None,
-        help="UTF-8 text file, or a folder of .txt/.md files, to calibrate on",
-    )
-    cal.add_argument("--calib-jsonl", default=None, help="JSON-lines file of documents")
-    cal.add_argument(
-        "--calib-field",
-        default="text",
-        help="field of --calib-jsonl / column of --calib-dataset (default text)",
+    cal = add_text_options(
+        p, "calibration (default: the small set bundled with the package)", "calibrate on"
     )
     cal.add_argument(
-        "--calib-dataset",
-        default=None,
-        help="hub dataset NAME[:split] loaded with `datasets` (needs hub access)",
+        "--calib-samples",
+        type=int,
+        default=option("calib_samples"),
+        help="chunks (default %(default)s)",
     )
     cal.add_argument(
-        "--calib-chat",
-        action="store_true",
-        help="render calibration text as chat turns with the model's template",
+        "--calib-seqlen",
+        type=int,
+        default=option("calib_seqlen"),
+        help="tokens per chunk (default %(default)s)",
     )
-    cal.add_argument("--calib-samples", type=int, default=128, help="chunks (default 128)")
-    cal.add_argument("--calib-seqlen", type=int, default=256, help="tokens per chunk (default 256)")
     p.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
-        default=None,
+        default=option("dtype"),
         help="output dtype (default: the source's)",
     )
     p.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
-        default="auto",
-        help="where calibration runs (default: cuda when available)",
+        default=option("device"),
+        help="where calibration runs (default auto: cuda when available)",
     )
     p.add_argument(
         "--max-shard-size",
-        default="5GB",
-        help="largest safetensors shard, e.g. 5GB or 500MB (default 5GB)",
+        default=option("max_shard_size"),
+        help="largest safetensors shard, e.g. 5GB or 500MB (default %(default)s)",
     )
-    p.add_argument("--revision", default=None, help="hub revision when --src is a hub id")
+    p.add_argument(
+        "--revision", default=option("revision"), help="hub revision when --src is a hub id"
+    )
     p.add_argument(
         "--push-to-hub",
         metavar="USER/NAME",
@@ -148,15 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--base-model",
         metavar="OWNER/NAME",
-        default=None,
+        default=option("base_model"),
         help="Hub id of the source, recorded in config.json and the card's "
         "base_model so the Hub links the conversion to it (automatic when "
         "--src is a Hub id; needed for a local folder)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=option("overwrite"),
+        help="replace a non-empty --dst",
+    )
     p.add_argument(
         "--resume",
         action="store_true",
+        default=option("resume"),
         help="build the output in .DST.resume next to --dst and keep it if the run "
         "stops (Ctrl-C, kill, crash); the same command with --resume then "
         "continues from the last finished layer. Costs one write of the "
@@ -173,130 +171,72 @@ def build_parser() -> argparse.ArgumentParser:
     heal.add_argument(
         "--heal-train",
         choices=TRAIN_CHOICES,
-        default="attention",
-        help="weights the heal trains (default attention)",
+        default=default(HealOptions, "train"),
+        help="weights the heal trains (default %(default)s; heal's --train)",
     )
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    add_debug_option(p)
     p.add_argument("--version", action="version", version=f"transmla-vllm {__version__}")
     return p
+
+
+def option(name: str):
+    """The default of ConvertOptions field ``name``: the default of its flag."""
+    return default(ConvertOptions, name)
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
-    from converter.conversion.pipeline import ConvertOptions, convert
-
-    freqfold = args.freqfold
-    if freqfold not in (None, "auto"):
-        try:
-            freqfold = int(freqfold)
-        except ValueError:
-            print(
-                f"error: --freqfold must be an integer or 'auto', not {freqfold!r}", file=sys.stderr
-            )
-            return 2
-    opts = ConvertOptions(
-        src=args.src,
-        dst=args.dst,
-        rope_dim=args.rope_dim,
-        kv_lora_rank=args.kv_lora_rank,
-        freqfold=freqfold,
-        kv_budget=args.kv_budget,
-        kv_elements=args.kv_elements,
-        target=args.target,
-        calib_text=args.calib_text,
-        calib_jsonl=args.calib_jsonl,
-        calib_field=args.calib_field,
-        calib_dataset=args.calib_dataset,
-        calib_chat=args.calib_chat,
-        calib_samples=args.calib_samples,
-        calib_seqlen=args.calib_seqlen,
-        dtype=args.dtype,
-        device=args.device,
-        max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
-        revision=args.revision,
-        method=args.method,
-        resume=args.resume,
-        base_model=args.base_model,
+    return run_command(
+        _convert,
+        args,
+        output=args.dst,
+        memory_hint="lower --calib-samples / --calib-seqlen or use a machine with more RAM",
     )
-    dst = None
+
+
+def _convert(args: argparse.Namespace) -> None:
+    opts = options_from(ConvertOptions, args, freqfold=_freqfold(args.freqfold))
+    # everything visible from the flags is checked before any model file is read
+    _preflight(args)
+    if args.push_to_hub:  # fail before hours of work, not after: token and name first
+        from converter.hub.upload import check_repo_id, resolve_token
+
+        check_repo_id(args.push_to_hub)
+        resolve_token()
+    if args.heal_tokens is not None:
+        from converter.heal import convert_and_heal
+
+        dst = convert_and_heal(opts, tokens=args.heal_tokens, train=args.heal_train)
+    else:
+        from converter.conversion.pipeline import convert
+
+        dst = convert(opts)
+    if args.push_to_hub:
+        _push(dst, args)
+
+
+def _freqfold(value: str | None) -> int | str | None:
+    """--freqfold: an integer, 'auto' or absent (None, the same as 'auto')."""
+    if value in (None, "auto"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ConversionError(f"--freqfold must be an integer or 'auto', not {value!r}") from None
+
+
+def _push(dst: Path, args: argparse.Namespace) -> None:
+    """Upload the finished --dst; an interrupt from here on leaves it complete (and says so)."""
+    from converter.hub.upload import push_folder
+
     try:
         with signals_as_interrupts():
-            # everything visible from the flags is checked before any model file is read
-            _preflight(args)
-            if args.push_to_hub:  # fail before hours of work, not after: token and name first
-                from converter.hub.upload import check_repo_id, resolve_token
-
-                check_repo_id(args.push_to_hub)
-                resolve_token()
-            if args.heal_tokens is not None:
-                from converter.heal import convert_and_heal
-
-                dst = convert_and_heal(opts, args.heal_tokens, args.heal_train)
-            else:
-                dst = convert(opts)
-            if args.push_to_hub:
-                from converter.hub.upload import push_folder
-
-                url = push_folder(dst, args.push_to_hub, private=args.private)
-                logging.getLogger("converter").info("uploaded to %s", url)
-    except ConversionError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP
-        signum = getattr(exc, "signum", signal.SIGINT)
-        if dst is not None or getattr(exc, "committed", False):
-            print(
-                f"interrupted ({signal.Signals(signum).name}) after {args.dst} was complete; "
-                "it is kept",
-                file=sys.stderr,
-            )
-        elif args.resume:
-            from converter.checkpoint.resume import resume_folder
-
-            print(
-                f"interrupted ({signal.Signals(signum).name}): progress kept in "
-                f"{resume_folder(Path(args.dst))}; rerun the same command (with --resume) to "
-                "continue",
-                file=sys.stderr,
-            )
-        else:
-            print(
-                f"interrupted ({signal.Signals(signum).name}): nothing was written to --dst "
-                "(partial output removed)",
-                file=sys.stderr,
-            )
-        return 128 + signum
-    except OSError as exc:
-        if args.debug:
-            raise
-        from converter.errors import describe_os_error
-
-        print(f"error: {describe_os_error(exc, args.dst)}", file=sys.stderr)
-        return 1
-    except MemoryError:
-        if args.debug:
-            raise
-        print(
-            "error: out of memory; lower --calib-samples / --calib-seqlen or use a machine "
-            "with more RAM",
-            file=sys.stderr,
-        )
-        return 1
-    except Exception as exc:  # a bug: one line, and how to get the traceback
-        if args.debug:
-            raise
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        print(
-            f"error: unexpected {type(exc).__name__}: {first}; rerun with --debug for the "
-            "traceback and report it",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+            url = push_folder(dst, args.push_to_hub, private=args.private)
+    except KeyboardInterrupt as exc:
+        exc.committed = True  # --dst was complete before the upload began
+        raise
+    logging.getLogger("converter").info("uploaded to %s", url)
 
 
 def _preflight(args: argparse.Namespace) -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
 from converter.calibration.text import read_calibration_text
 from converter.checkpoint.source import load_tokenizer
+from converter.commands.errors import run_command
+from converter.commands.options import add_debug_option, add_scoring_options
 from converter.measure.perplexity import KV_CACHE_DTYPES, load_model, perplexity, windows
 from transmla_vllm.backends import BACKENDS
 
@@ -40,21 +43,25 @@ def add_kv_cache_options(p: argparse.ArgumentParser, which: str = "the model") -
     )
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m converter eval", description=__doc__)
     p.add_argument("--model", required=True, help="model folder (source or converted)")
-    p.add_argument("--text", required=True, help="UTF-8 text file or folder to score")
-    p.add_argument("--ctx", type=int, default=512, help="window length in tokens (512)")
-    p.add_argument("--max-tokens", type=int, default=20480, help="tokens scored (20480)")
+    add_scoring_options(p, "UTF-8 text file or folder to score")
     add_kv_cache_options(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--debug", action="store_true")
-    args = p.parse_args(argv)
+    add_debug_option(p)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(_eval, args)
+
+
+def _eval(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    from pathlib import Path
-
     tok = load_tokenizer(Path(args.model))
     batch = windows(tok, read_calibration_text(args.text)[0], args.ctx, args.max_tokens)
     fp8_query = FP8_BACKENDS[args.fp8_backend]
@@ -75,4 +82,3 @@ def main(argv: list[str]) -> int:
         if args.json
         else f"perplexity {ppl:.4f} over {result['tokens']} tokens (ctx {args.ctx}{note})"
     )
-    return 0

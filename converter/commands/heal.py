@@ -6,13 +6,29 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import sys
-from pathlib import Path
 
 from converter.commands import setup_logging
-from converter.errors import ConversionError, signals_as_interrupts
-from converter.heal.defaults import BATCH_SIZE, LR, PRECISIONS, SEQLEN, TRAIN_CHOICES
+from converter.commands.errors import run_command
+from converter.commands.options import add_debug_option, add_text_options, default, options_from
+from converter.heal.options import (
+    EVALUATIONS,
+    HELD_OUT_SLICE_SHARE,
+    PRECISIONS,
+    TRAIN_CHOICES,
+    HealOptions,
+)
+
+DESCRIPTION = """\
+Distil the source model (the teacher, frozen) into its converted checkpoint (the student): the
+student learns the teacher's next-token distributions (KL) on real text, which recovers most of
+what the conversion lost. The output has the student's format (same tensors, shapes and dtype),
+served and loaded as before; its transmla_report.json gains a "heal" entry with every figure.
+
+Held-out rows keep the figures honest: validation rows choose which step's weights are kept,
+test rows are measured for the teacher, the input and the weights as written, and choose
+nothing. When no step beats the input, or the kept weights measure worse than it on the test
+rows, the input's weights are written instead (--keep-worse writes the healed ones). Memory is
+estimated and checked before any weight is loaded. docs/heal.md tells the whole method."""
 
 EPILOG = """\
 examples:
@@ -22,179 +38,197 @@ examples:
 """
 
 
-def add_text_options(p: argparse.ArgumentParser) -> None:
-    """The calibration text flags of convert, with the same meaning (heal trains on that text)."""
-    cal = p.add_argument_group("text (default: the small set bundled with the package)")
-    cal.add_argument("--calib-text", default=None, help="UTF-8 text file or folder to train on")
-    cal.add_argument("--calib-jsonl", default=None, help="JSON-lines file of documents")
-    cal.add_argument("--calib-field", default="text", help="field / column of the documents")
-    cal.add_argument("--calib-dataset", default=None, help="hub dataset NAME[:split]")
-    cal.add_argument(
-        "--calib-chat", action="store_true", help="render the text as chat turns (instruct models)"
-    )
+def option(name: str):
+    """The default of HealOptions field ``name``: the default of its flag."""
+    return default(HealOptions, name)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m converter heal",
-        description=__doc__,
+        description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--teacher", required=True, help="the source model (folder or hub id)")
-    p.add_argument("--student", required=True, help="its converted folder")
-    p.add_argument("--dst", required=True, help="output folder (must be absent or empty)")
+    p.add_argument(
+        "--teacher",
+        required=True,
+        help="the source model the student was converted from: a folder, or a Hub id "
+        "(owner/name, see --revision). Frozen, it gives the distributions the student learns; "
+        "another model of the same family, vocabulary and tokenizer is accepted with a warning",
+    )
+    p.add_argument(
+        "--student",
+        required=True,
+        help="the converted folder to heal (the converter's --dst); read, never changed",
+    )
+    p.add_argument(
+        "--dst",
+        required=True,
+        help="output folder: absent or empty (see --overwrite), and neither inside nor around "
+        "--teacher or --student. Written through a hidden staging folder, so it is either "
+        "absent or complete",
+    )
     p.add_argument(
         "--tokens",
         type=int,
         required=True,
-        help="training tokens (several passes over the text when it holds fewer)",
+        help="training tokens, rounded up to whole steps of --batch-size x --seqlen; more than "
+        "the training rows hold means several passes over them, each in its own seeded order "
+        "(the held-out rows stay out of every pass)",
     )
-    p.add_argument("--seqlen", type=int, default=SEQLEN, help=f"tokens per sequence ({SEQLEN})")
-    p.add_argument(
-        "--batch-size", type=int, default=BATCH_SIZE, help=f"sequences per step ({BATCH_SIZE})"
+    train = p.add_argument_group("training")
+    train.add_argument(
+        "--seqlen",
+        type=int,
+        default=option("seqlen"),
+        help="tokens per sequence, for training and held-out rows alike (default %(default)s); "
+        "at most the teacher's context. Each row starts as the tokenizer starts text",
     )
-    p.add_argument(
+    train.add_argument(
+        "--batch-size",
+        type=int,
+        default=option("batch_size"),
+        help="sequences per optimizer step (default %(default)s); memory grows with "
+        "--batch-size x --seqlen, and a run that cannot fit is refused before loading",
+    )
+    train.add_argument(
         "--lr",
         type=float,
-        default=LR,
-        help=f"peak AdamW step relative to each trained tensor's RMS ({LR:g}); a run whose "
-        "training KL blows up goes back to its best weights at half the rate (3 times at most)",
+        default=option("lr"),
+        help="peak AdamW step relative to each trained tensor's RMS (default %(default)g), after "
+        "a short warmup and decaying on a cosine. A run whose training KL blows up goes back to "
+        "its best weights at half the rate, and stops if that keeps happening (docs/heal.md: "
+        "Optimizer, A run that goes wrong)",
     )
-    p.add_argument(
+    train.add_argument(
         "--train",
         choices=TRAIN_CHOICES,
-        default="attention",
-        help="weights trained: the attention ones (default; MLP, norms and embeddings frozen) "
-        "or all",
+        default=option("train"),
+        help="weights trained. attention (default): the attention tensors the conversion "
+        "computed (q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj and their biases); MLP, "
+        "norms and embeddings stay frozen and are written back bit for bit. all: every "
+        "weight, which needs far more memory (a gradient and two fp32 AdamW moments each)",
     )
-    p.add_argument(
+    train.add_argument(
         "--hidden-weight",
         type=float,
-        default=0.0,
-        help="add this weight times the relative squared error of the final hidden states to "
-        "the KL loss (0: KL only)",
+        default=option("hidden_weight"),
+        help="add this weight times the squared error of the final hidden states, relative to "
+        "the teacher's mean square, to the KL loss (default %(default)s: KL only)",
     )
-    add_text_options(p)
+    train.add_argument(
+        "--seed",
+        type=int,
+        default=option("seed"),
+        help="order of the training sequences in each pass (default %(default)s); the same "
+        "seed, text and flags train on the same rows in the same order",
+    )
+    add_text_options(
+        p, "text to train on (default: the small set bundled with the package)", "train on"
+    )
     ev = p.add_argument_group(
-        "held-out text: validation rows choose the kept step, test rows give the reported "
-        "figure (measured on the weights as written) and choose nothing"
+        "held-out rows (none is ever trained on)",
+        "validation rows choose the kept step; test rows give the reported figure (measured on\n"
+        "the weights as written) and choose nothing. Without --eval-text both come from the end\n"
+        "of the training text.",
     )
     ev.add_argument(
         "--eval-text",
-        default=None,
-        help="text to hold out instead of the end of the training text: its first rows are the "
-        "test rows, the next ones the validation rows",
+        metavar="PATH",
+        default=option("eval_text"),
+        help="UTF-8 text file or folder to hold out instead of the end of the training text: "
+        "its first rows are the test rows, the next ones the validation rows (then `python -m "
+        "converter eval --text PATH --ctx SEQLEN --max-tokens EVAL_TOKENS` on the output scores "
+        "exactly the test rows)",
     )
     ev.add_argument(
         "--eval-tokens",
         type=int,
-        default=4096,
-        help="tokens in each of the validation and test slices (4096)",
+        default=option("eval_tokens"),
+        help="tokens in each of the validation and test slices, at most (default %(default)s); "
+        f"without --eval-text each is also at most {HELD_OUT_SLICE_SHARE} of the text (at "
+        "least one row)",
     )
     ev.add_argument(
         "--eval-every",
         type=int,
-        default=None,
-        help="training tokens between validation evaluations (default: 8 over the run)",
+        metavar="TOKENS",
+        default=option("eval_every"),
+        help=f"training tokens between validation evaluations (default: --tokens / "
+        f"{EVALUATIONS}, so {EVALUATIONS} over the run); each evaluation is also where --resume "
+        "saves progress",
     )
     ev.add_argument(
         "--keep-worse",
         action="store_true",
+        default=option("keep_worse"),
         help="write the healed weights even when they measure worse than the input on the test "
         "rows (default: write the input's weights and say so)",
     )
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument(
+    run = p.add_argument_group("where and how it runs")
+    run.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default=option("device"),
+        help="where the models run (default auto: cuda when available)",
+    )
+    run.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default="auto",
+        default=option("precision"),
         help="matmuls of the training steps: bf16 autocast (weights stay as loaded) or fp32; "
-        "auto: bf16 on a GPU and on a CPU with AMX tiles, else fp32 (docs/benchmarks.md "
+        "auto (default): bf16 on a GPU and on a CPU with AMX tiles, else fp32 (docs/benchmarks.md "
         "heal_step measures both). Held-out figures on a CPU are fp32, and bf16 is used only "
         "where both models' bf16 and fp32 forwards agree (else fp32, with a warning)",
     )
-    p.add_argument("--seed", type=int, default=0, help="order of the training sequences")
-    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (5GB)")
-    p.add_argument("--revision", default=None, help="hub revision when --teacher is a hub id")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
-    p.add_argument(
+    run.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's own choice)",
+    )
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "--max-shard-size",
+        default=option("max_shard_size"),
+        help="largest safetensors shard, e.g. 5GB or 500MB (default %(default)s)",
+    )
+    out.add_argument(
+        "--revision",
+        default=option("revision"),
+        help="Hub revision (branch, tag or commit) when --teacher is a Hub id",
+    )
+    out.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=option("overwrite"),
+        help="replace a non-empty --dst (the old folder goes only once the new one is complete)",
+    )
+    out.add_argument(
         "--resume",
         action="store_true",
+        default=option("resume"),
         help="keep progress in .DST.resume at every evaluation; the same command with "
-        "--resume continues an interrupted run from there",
+        "--resume continues an interrupted run from there, to the weights an uninterrupted "
+        "run gives",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    add_debug_option(p)
     return p
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
+    return run_command(_heal, args, output=args.dst, memory_hint="lower --batch-size or --seqlen")
+
+
+def _heal(args: argparse.Namespace) -> None:
     import torch
 
-    from converter.heal import HealOptions, heal
+    from converter.heal import heal
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    opts = HealOptions(
-        teacher=args.teacher,
-        student=args.student,
-        dst=args.dst,
-        tokens=args.tokens,
-        seqlen=args.seqlen,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        train=args.train,
-        hidden_weight=args.hidden_weight,
-        eval_text=args.eval_text,
-        eval_tokens=args.eval_tokens,
-        eval_every=args.eval_every,
-        calib_text=args.calib_text,
-        calib_jsonl=args.calib_jsonl,
-        calib_field=args.calib_field,
-        calib_dataset=args.calib_dataset,
-        calib_chat=args.calib_chat,
-        device=args.device,
-        precision=args.precision,
-        seed=args.seed,
-        max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
-        resume=args.resume,
-        revision=args.revision,
-        keep_worse=args.keep_worse,
-    )
-    try:
-        with signals_as_interrupts():
-            heal(opts)
-    except ConversionError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        signum = getattr(exc, "signum", signal.SIGINT)
-        name = signal.Signals(signum).name
-        if getattr(exc, "committed", False):
-            print(
-                f"interrupted ({name}) after {args.dst} was complete; it is kept", file=sys.stderr
-            )
-        elif args.resume:
-            from converter.checkpoint.resume import resume_folder
-
-            print(
-                f"interrupted ({name}): progress kept in {resume_folder(Path(args.dst))}; rerun "
-                "the same command (with --resume) to continue",
-                file=sys.stderr,
-            )
-        else:
-            print(f"interrupted ({name}): nothing was written to --dst", file=sys.stderr)
-        return 128 + signum
-    except MemoryError:
-        if args.debug:
-            raise
-        print("error: out of memory; lower --batch-size or --seqlen", file=sys.stderr)
-        return 1
+    heal(options_from(HealOptions, args))
     logging.getLogger("converter").info("done")
-    return 0

@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from converter.commands.errors import run_command
+from converter.commands.options import add_debug_option
 from converter.measure.kv_cache import DTYPE_BYTES, format_table, kv_budget, parse_memory
 
 EPILOG = """\
@@ -60,12 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="source folders only: latent rank of the previewed conversion",
     )
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_debug_option(p)
     return p
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    return run_command(_inspect, build_parser().parse_args(argv))
+
+
+def _inspect(args: argparse.Namespace) -> None:
     budget = kv_budget(
         Path(args.folder),
         dtype=args.dtype,
@@ -78,4 +83,3 @@ def main(argv: list[str]) -> int:
         print(json.dumps(budget.to_dict(), indent=2))
     else:
         print(format_table(budget), end="")
-    return 0

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from converter.commands import setup_logging
+from converter.commands.errors import run_command
+from converter.commands.options import add_debug_option
 from converter.errors import ConversionError
 
 DESCRIPTION = """\
@@ -55,13 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
         "base_model so the Hub links the conversion to it (needed when the "
         "folder was converted from a local --src)",
     )
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    add_debug_option(p)
     return p
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
+    return run_command(_upload, args)
+
+
+def _upload(args: argparse.Namespace) -> None:
     folder = Path(args.dst)
     if not folder.is_dir():
         raise ConversionError(f"{folder} is not a folder; pass the converter's --dst")
@@ -77,4 +83,3 @@ def main(argv: list[str]) -> int:
         base_model=args.base_model,
     )
     print(url)
-    return 0

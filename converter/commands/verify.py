@@ -13,28 +13,36 @@ from pathlib import Path
 from converter.calibration.text import read_calibration_text
 from converter.checkpoint.fingerprint import check_converted_from
 from converter.checkpoint.source import load_tokenizer
+from converter.commands.errors import run_command
 from converter.commands.eval import FP8_BACKENDS, add_kv_cache_options
+from converter.commands.options import add_debug_option, add_scoring_options
 from converter.errors import ConversionError
 from converter.measure.perplexity import agreement, load_model, windows
 from transmla_vllm.checkpoint_format import REPORT_FILE
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m converter verify", description=__doc__)
     p.add_argument("--src", required=True, help="source model folder")
     p.add_argument("--dst", required=True, help="converted model folder")
-    p.add_argument("--text", required=True, help="UTF-8 text file or folder (not calibration text)")
-    p.add_argument("--ctx", type=int, default=512)
-    p.add_argument("--max-tokens", type=int, default=20480)
+    add_scoring_options(p, "UTF-8 text file or folder to score (not the calibration text)")
     add_kv_cache_options(p, which="the converted model (DST)")
     p.add_argument(
         "--write-card",
         action="store_true",
         help="store the figures in DST/transmla_report.json and its README.md",
     )
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--debug", action="store_true")
-    args = p.parse_args(argv)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_debug_option(p)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(_verify, args)
+
+
+def _verify(args: argparse.Namespace) -> None:
     if args.write_card and args.kv_cache_dtype != "auto":
         raise ConversionError(
             "--write-card records the checkpoint as stored: run it without --kv-cache-dtype"
@@ -63,7 +71,6 @@ def main(argv: list[str]) -> int:
             f"{100 * result.top1_agreement:.2f}%; mean KL {result.mean_kl:.4f} nats "
             f"over {result.tokens} tokens{sim}"
         )
-    return 0
 
 
 def record_verification(dst: Path, data: dict) -> None:

@@ -24,7 +24,8 @@ from converter.checkpoint.stream_writer import StreamingShardWriter
 from converter.checkpoint.writer import copy_remote_code, copy_verbatim, staging_folder
 from converter.conversion.device import peak_rss_bytes, release_memory
 from converter.conversion.layer import LayerResult, convert_layer
-from converter.conversion.plan import ConversionPlan, ConvertOptions, prepare
+from converter.conversion.options import ConvertOptions
+from converter.conversion.plan import ConversionPlan, prepare
 from converter.conversion.source_layers import SourceLayers
 from converter.hub.card import write_model_card
 from transmla_vllm.checkpoint_format import (

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from converter import __version__
-from converter.calibration.chunks import RowStart, row_start, token_chunks
+from converter.calibration.chunks import RowStart, held_out_count, row_start, token_chunks
 from converter.calibration.text import CalibrationInput, load_documents
 from converter.checkpoint.fingerprint import source_fingerprint
 from converter.checkpoint.resume import resume_folder
@@ -24,7 +24,8 @@ from converter.checkpoint.source_reader import SourceReader
 from converter.checkpoint.stream_writer import TensorSlot
 from converter.checkpoint.writer import check_destination, parse_size
 from converter.conversion.device import pick_device
-from converter.conversion.methods import DEFAULT_METHOD, METHODS, Method
+from converter.conversion.methods import METHODS, Method
+from converter.conversion.options import ConvertOptions
 from converter.conversion.settings import (
     DTYPES,
     ResolvedSettings,
@@ -40,36 +41,6 @@ from converter.sources.spec import SourceSpec
 from transmla_vllm.checkpoint_format import CheckpointLayout, MLAShape, QKNorm, build_config
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ConvertOptions:
-    """The convert command's options, as the user gave them (see ``--help``)."""
-
-    src: str
-    dst: str
-    rope_dim: int | None = None
-    kv_lora_rank: int | None = None  # None: 512, or what the KV budget leaves
-    freqfold: int | str | None = None  # None or "auto": best per layer on held-out chunks
-    kv_budget: float | None = None
-    kv_elements: int | None = None
-    target: str = "vllm"
-    calib_text: str | None = None
-    calib_jsonl: str | None = None
-    calib_field: str = "text"
-    calib_dataset: str | None = None
-    calib_chat: bool = False
-    calib_samples: int = 128
-    calib_seqlen: int = 256
-    dtype: str | None = None
-    device: str = "auto"
-    max_shard_size: str = "5GB"
-    overwrite: bool = False
-    revision: str | None = None
-    method: str = DEFAULT_METHOD
-    batch_size: int = 8
-    resume: bool = False
-    base_model: str | None = None  # Hub id of the source, for the card (a local --src has none)
 
 
 @dataclass(frozen=True)
@@ -212,15 +183,14 @@ def prepare(opts: ConvertOptions) -> ConversionPlan:
 def _calibration(
     opts: ConvertOptions, src: Path, spec: SourceSpec, settings: ResolvedSettings
 ) -> tuple[Calibration, ResolvedSettings]:
-    """Token chunks of the calibration text; 1/8 held out when FreqFold is chosen on data."""
-    source = CalibrationInput(
-        opts.calib_text, opts.calib_jsonl, opts.calib_field, opts.calib_dataset, opts.calib_chat
-    )
+    """Token chunks of the calibration text; HELD_OUT_SHARE of them held out when FreqFold is
+    chosen on data."""
+    source = opts.text_input
     tokenizer = load_tokenizer(src)
     documents, files = load_documents(source, tokenizer)
     chunks = token_chunks(tokenizer, documents, opts.calib_samples, opts.calib_seqlen)
     n_train = chunks.shape[0]
-    if settings.freqfold is None:  # hold out 1/8 of the chunks to choose FreqFold on
+    if settings.freqfold is None:  # hold some chunks out to choose FreqFold on
         if chunks.shape[0] < 2:
             fold = default_freqfold(spec.head_dim, settings.rope_dim)
             log.warning(
@@ -230,7 +200,7 @@ def _calibration(
             )
             settings = replace(settings, freqfold=fold)
         else:
-            n_train = chunks.shape[0] - max(1, chunks.shape[0] // 8)
+            n_train = chunks.shape[0] - held_out_count(chunks.shape[0])
     calibration = Calibration(source, files, chunks, n_train, row_start(tokenizer))
     log.info(
         "calibration: %s%s: %d chunks x %d tokens = %d tokens%s",

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from converter.calibration.chunks import held_out_count
 from converter.conversion.source_layers import batched
 from converter.conversion.work import LayerInputs, LayerWork
 
@@ -188,7 +189,7 @@ def _split(inputs: LayerInputs) -> tuple[int, list[int]]:
     """(chunks the optimiser sees, held-out chunk indices it is judged on)."""
     if inputs.n_held_out:
         return inputs.n_train, list(range(inputs.n_train, inputs.h_in.shape[0]))
-    n_fit = inputs.n_train - max(1, inputs.n_train // 8)
+    n_fit = inputs.n_train - held_out_count(inputs.n_train)
     return n_fit, list(range(n_fit, inputs.n_train))
 
 

@@ -4,7 +4,7 @@ The conversion is closed-form and layer-local; a short end-to-end distillation (
 two next-token laws on real text) recovers most of what it loses. Same checkpoint format in and
 out, so the plugin serves a healed folder unchanged.
 
-    defaults.py   the command's choices and defaults (no torch: --help stays fast)
+    options.py    HealOptions (the one home of the defaults), choices (no torch: --help stays fast)
     data.py       text -> training sequences and a held-out slice kept out of every pass
     inputs.py     the teacher / student pair, checked before anything heavy
     memory.py     what a run needs, estimated up front and refused when it cannot fit
@@ -19,7 +19,11 @@ __all__ = ["HealOptions", "convert_and_heal", "heal"]
 
 
 def __getattr__(name: str):
-    """Import run.py (torch, transformers) on first use, not with converter.heal.defaults."""
+    """Import run.py (torch, transformers) on first use, not with converter.heal.options."""
+    if name == "HealOptions":
+        from converter.heal.options import HealOptions
+
+        return HealOptions
     if name in __all__:
         from converter.heal import run
 

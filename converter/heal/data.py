@@ -8,10 +8,10 @@ text (calibration/chunks.py), with two slices no training pass ever sees.
 With ``eval_documents`` (--eval-text) the test rows are its first rows and the validation rows
 the next ones, each up to ``eval_tokens`` worth (``converter eval --text`` on the same file with
 ``--ctx SEQLEN --max-tokens`` the test's tokens scores the test rows). Without it both come from
-the end of the training text (each 1/20 of it, at least one row, at most ``eval_tokens``): the
-test rows last, the validation rows just before, contiguous, so no training row overlaps them.
-Asking for more tokens than the training rows hold means several passes, each in its own seeded
-order.
+the end of the training text (each options.py HELD_OUT_SLICE_SHARE of it, at least one row, at most
+``eval_tokens``): the test rows last, the validation rows just before, contiguous, so no
+training row overlaps them. Asking for more tokens than the training rows hold means several
+passes, each in its own seeded order.
 """
 
 from __future__ import annotations
@@ -21,13 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from converter.calibration.chunks import body_length, row_start, text_rows
+from converter.calibration.chunks import body_length, held_out_count, row_start, text_rows
 from converter.errors import ConversionError
+from converter.heal.options import HELD_OUT_SLICE_SHARE
 
 log = logging.getLogger(__name__)
-# each of the validation and test slices, when no separate evaluation text is given: 1/20 of the
-# text (1/10 in all)
-SLICE_FRACTION = 20
 
 
 @dataclass(frozen=True)
@@ -116,7 +114,7 @@ def split_text(
         test, validation = held[:n_test], held[n_test : n_test + per_slice]
         train, source = rows, f"--eval-text {eval_name or ''}".strip()
     else:
-        n = min(max(1, rows.shape[0] // SLICE_FRACTION), per_slice)
+        n = min(held_out_count(rows.shape[0], HELD_OUT_SLICE_SHARE), per_slice)
         cut = rows.shape[0] - 2 * n
         train, validation, test = rows[: max(cut, 0)], rows[cut : cut + n], rows[cut + n :]
         source = "the end of the training text"

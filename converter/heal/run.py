@@ -9,63 +9,37 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from converter import __version__
-from converter.calibration.text import CalibrationInput, load_documents, read_calibration_text
+from converter.calibration.text import load_documents, read_calibration_text
 from converter.checkpoint.resume import digest, resumable_folder, resume_folder
 from converter.checkpoint.writer import check_destination, parse_size, staging_folder
 from converter.conversion.device import keep_freed_memory, peak_rss_bytes, pick_device
 from converter.conversion.settings import DTYPES, check_calibration_context
 from converter.errors import ConversionError
 from converter.heal.data import HealData, split_text
-from converter.heal.defaults import BATCH_SIZE, LR, PRECISIONS, SEQLEN, TRAIN_CHOICES
 from converter.heal.fp8 import recorded_scales, refold, unfold
 from converter.heal.inputs import HealPair, check_pair
 from converter.heal.loop import LoopState, TrainSettings, restore, train, trained
 from converter.heal.memory import plan_memory, trainable_names
 from converter.heal.objective import Figures, choose_precision, eval_precision, held_out
+from converter.heal.options import (
+    EVALUATIONS,
+    PRECISIONS,
+    TRAIN_CHOICES,
+    HealOptions,
+    heal_after_convert,
+)
 from converter.heal.output import input_weights, write_healed
 from converter.heal.precision import check_precision
 from converter.heal.state import HealStore, describe_progress
 from transmla_vllm.checkpoint_format import REPORT_FILE, CheckpointLayout
 
 log = logging.getLogger(__name__)
-EVALUATIONS = 8  # validation evaluations during a run, when --eval-every is not given
-
-
-@dataclass
-class HealOptions:
-    """The heal command's options, as the user gave them (see ``heal --help``)."""
-
-    teacher: str
-    student: str
-    dst: str
-    tokens: int
-    seqlen: int = SEQLEN
-    batch_size: int = BATCH_SIZE
-    lr: float = LR
-    train: str = "attention"
-    precision: str = "auto"
-    hidden_weight: float = 0.0
-    eval_text: str | None = None
-    eval_tokens: int = 4096
-    eval_every: int | None = None  # tokens; None: EVALUATIONS points over the run
-    calib_text: str | None = None
-    calib_jsonl: str | None = None
-    calib_field: str = "text"
-    calib_dataset: str | None = None
-    calib_chat: bool = False
-    device: str = "auto"
-    seed: int = 0
-    max_shard_size: str = "5GB"
-    overwrite: bool = False
-    resume: bool = False
-    revision: str | None = None
-    keep_worse: bool = False
 
 
 def check_options(opts: HealOptions) -> None:
@@ -96,10 +70,7 @@ def check_options(opts: HealOptions) -> None:
 
 
 def _text(opts: HealOptions, pair: HealPair) -> HealData:
-    source = CalibrationInput(
-        opts.calib_text, opts.calib_jsonl, opts.calib_field, opts.calib_dataset, opts.calib_chat
-    )
-    documents, _files = load_documents(source, pair.tokenizer)
+    documents, _files = load_documents(opts.text_input, pair.tokenizer)
     held = [read_calibration_text(opts.eval_text)[0]] if opts.eval_text else None
     name = Path(opts.eval_text).name if opts.eval_text else None
     return split_text(
@@ -354,7 +325,6 @@ def _summary(
     started: float,
 ) -> dict:
     """The report's ``heal`` entry; ``settings`` also goes into config.json."""
-    text = CalibrationInput(opts.calib_text, opts.calib_jsonl, opts.calib_field, opts.calib_dataset)
     first = state.history[0]
     best = next(h for h in state.history if h["step"] == state.best_step)
     return {
@@ -370,7 +340,7 @@ def _summary(
             "train": opts.train,
             "hidden_weight": cfg.hidden_weight,
             "loss": "KL(teacher || student)" + (" + hidden-state MSE" if cfg.hidden_weight else ""),
-            "text": Path(opts.calib_text).name if opts.calib_text else text.describe(),
+            "text": Path(opts.calib_text).name if opts.calib_text else opts.text_input.describe(),
             "chat": opts.calib_chat,
             "held_out": data.held_out_source,
             "validation_tokens": int(data.validation.numel()),
@@ -419,10 +389,12 @@ def _log_result(summary: dict) -> None:
     )
 
 
-def convert_and_heal(convert_opts, heal_tokens: int, train: str = "attention") -> Path:
+def convert_and_heal(convert_opts, **settings) -> Path:
     """``python -m converter --src S --dst D --heal-tokens N``: convert into a hidden sibling of
-    D, heal it into D on the calibration text, remove the sibling. With --resume a finished
-    sibling is reused and both steps continue where they stopped."""
+    D, heal it into D on the calibration text, remove the sibling. ``settings`` are HealOptions
+    fields (tokens, train); the rest comes from ``convert_opts`` (options.py FROM_CONVERT) or
+    heal's defaults. With --resume a finished sibling is reused and both steps continue where they
+    stopped."""
     from converter.checkpoint.source import resolve_source
     from converter.conversion.pipeline import convert
 
@@ -433,23 +405,8 @@ def convert_and_heal(convert_opts, heal_tokens: int, train: str = "attention") -
         log.info("reusing the finished conversion in %s", inner)
     else:
         convert(replace(convert_opts, dst=str(inner), overwrite=True))
-    opts = HealOptions(
-        teacher=str(resolve_source(convert_opts.src, convert_opts.revision)),
-        student=str(inner),
-        dst=str(dst),
-        tokens=heal_tokens,
-        train=train,
-        calib_text=convert_opts.calib_text,
-        calib_jsonl=convert_opts.calib_jsonl,
-        calib_field=convert_opts.calib_field,
-        calib_dataset=convert_opts.calib_dataset,
-        calib_chat=convert_opts.calib_chat,
-        device=convert_opts.device,
-        max_shard_size=convert_opts.max_shard_size,
-        overwrite=convert_opts.overwrite,
-        resume=convert_opts.resume,
-        revision=convert_opts.revision,
-    )
+    teacher = str(resolve_source(convert_opts.src, convert_opts.revision))
+    opts = heal_after_convert(convert_opts, teacher, str(inner), **settings)
     try:
         heal(opts)
     except BaseException:
