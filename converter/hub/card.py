@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from converter.hub.ids import source_hub_id
+from converter.hub.licence import licence_file, source_license
 from converter.sources.base import SourceSpec
 from transmla_vllm.backends import BACKENDS, served_elements, what_serves_it
 from transmla_vllm.checkpoint_format import (
@@ -44,8 +45,6 @@ def base_model_relation(summary: dict[str, Any]) -> str:
 
 # Usage snippets name the model by this until its Hub id is known; push_folder swaps in the id.
 LOCAL_MODEL_REF = "path/to/this-model"
-LICENSE_KEYS = ("license", "license_name", "license_link")
-LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md")
 # Keys of the ``verification`` dict (``python -m converter verify --write-card`` stores it in
 # transmla_report.json): label and format of each row of the quality table.
 VERIFICATION_ROWS = (
@@ -80,29 +79,6 @@ class SourceInfo:
 
 def _name(hub_id: str | None, src_arg: str) -> str:
     return hub_id.split("/")[-1] if hub_id else Path(src_arg.rstrip("/")).name or "model"
-
-
-def source_license(src_path: Path) -> dict[str, str]:
-    """license (and license_name / license_link for "other") from the source's card YAML, else
-    from its config.json; empty when neither says."""
-    readme = Path(src_path) / CARD_FILE
-    if readme.is_file():
-        import yaml
-        from huggingface_hub.repocard import metadata_load
-
-        try:
-            meta = metadata_load(readme) or {}
-        except (ValueError, yaml.YAMLError, UnicodeDecodeError):
-            meta = {}
-        found = {k: str(meta[k]) for k in LICENSE_KEYS if meta.get(k)}
-        if "license" in found:
-            return found
-    config = Path(src_path) / CONFIG_FILE
-    try:
-        value = json.loads(config.read_text()).get("license")
-    except (OSError, ValueError, AttributeError):
-        value = None
-    return {"license": str(value)} if value else {}
 
 
 def _fmt_bytes(n: float) -> str:
@@ -377,10 +353,6 @@ def _render(
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
-def _licence_file(*folders: Path) -> str | None:
-    return next((n for f in folders for n in LICENSE_FILES if (Path(f) / n).is_file()), None)
-
-
 def build_model_card(
     spec: SourceSpec,
     config: dict[str, Any],
@@ -407,7 +379,7 @@ def build_model_card(
         meta["base_model_relation"] = BASE_MODEL_RELATION
     if verification is None:
         verification = summary.get("verification")
-    licence = _licence_file(*(p for p in (folder, src_path) if p is not None))
+    licence = licence_file(*(p for p in (folder, src_path) if p is not None))
     return _render(source, config, summary, meta, verification, repo_id, licence)
 
 
@@ -475,7 +447,7 @@ def render_model_card(folder: Path, *, repo_id: str | None = None, base_model: s
         tm.get("source_head_dim"),
     )
     return _render(
-        source, config, summary, meta, summary.get("verification"), repo_id, _licence_file(folder)
+        source, config, summary, meta, summary.get("verification"), repo_id, licence_file(folder)
     )
 
 

@@ -18,9 +18,9 @@ from converter.hub.card import (
     LOCAL_MODEL_REF,
     TAGS,
     refresh_model_card,
-    source_license,
     write_model_card,
 )
+from converter.hub.licence import source_license
 from converter.sources.base import inspect_source
 from transmla_testing.fake_hub import SOURCE_HUB_ID, SOURCE_LICENSE, tiny_checkpoint
 
