@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from converter.hub.card.compose import compose_card
-from converter.hub.card.metadata import BASE_MODEL_RELATION
 from converter.hub.card.source import SourceInfo, source_name
 from converter.hub.ids import source_hub_id
 from converter.hub.licence import licence_file, source_license
@@ -19,6 +18,43 @@ if TYPE_CHECKING:
     from huggingface_hub import ModelCard
 
     from converter.sources.base import SourceSpec
+
+
+def _card(
+    config: dict[str, Any],
+    summary: dict[str, Any],
+    meta: dict[str, Any],
+    geometry: tuple[str, int | None, int | None, int | None],
+    src_arg: str,
+    src_path: Path | str | None,
+    *,
+    base_model: str | None = None,
+    verification: dict[str, Any] | None = None,
+    repo_id: str | None = None,
+    licence_folders: tuple[Path, ...] = (),
+) -> ModelCard:
+    """The setup both builders share once their inputs are read: settle the source's Hub id,
+    name it as base_model unless the card already names one, describe the source, compose.
+
+    The Hub id is ``base_model`` (a flag), else the card's own base_model, else the config's
+    ``transmla.base_model``, else the id --src names (``src_arg``, a Hub id, or ``src_path``, a
+    Hub cache snapshot). ``geometry`` is the source's architecture, query heads, KV heads and
+    head_dim; ``verification`` defaults to the report's; the licence file is the first found in
+    ``licence_folders``.
+    """
+    bases = meta.get("base_model")
+    hub_id = base_model or (bases if isinstance(bases, str) else (bases[0] if bases else None))
+    if hub_id is None:
+        recorded = (config.get("transmla") or {}).get("base_model")
+        found = source_hub_id(src_arg, src_path) if src_path is not None else None
+        hub_id = recorded or found
+    if hub_id and (base_model or not bases):
+        meta = {**meta, "base_model": hub_id}
+    source = SourceInfo(hub_id, source_name(hub_id, src_arg), *geometry)
+    if verification is None:
+        verification = summary.get("verification")
+    licence = licence_file(*licence_folders)
+    return compose_card(source, config, summary, meta, verification, repo_id, licence)
 
 
 def build_model_card(
@@ -32,23 +68,18 @@ def build_model_card(
     repo_id: str | None = None,
     folder: Path | None = None,
 ) -> ModelCard:
-    """The card as a ``huggingface_hub.ModelCard`` (metadata validated by its parser)."""
-    hub_id = (config.get("transmla") or {}).get("base_model") or source_hub_id(src_arg, src_path)
-    source = SourceInfo(
-        hub_id,
-        source_name(hub_id, src_arg),
-        spec.architecture,
-        spec.num_heads,
-        spec.num_kv_heads,
-        spec.head_dim,
+    """The card at conversion time, from the SourceSpec and the source folder (its licence)."""
+    return _card(
+        config,
+        summary,
+        source_license(src_path),
+        (spec.architecture, spec.num_heads, spec.num_kv_heads, spec.head_dim),
+        src_arg,
+        src_path,
+        verification=verification,
+        repo_id=repo_id,
+        licence_folders=tuple(p for p in (folder, src_path) if p is not None),
     )
-    meta: dict[str, Any] = {"base_model": hub_id, **source_license(src_path)}
-    if hub_id:
-        meta["base_model_relation"] = BASE_MODEL_RELATION
-    if verification is None:
-        verification = summary.get("verification")
-    licence = licence_file(*(p for p in (folder, src_path) if p is not None))
-    return compose_card(source, config, summary, meta, verification, repo_id, licence)
 
 
 def write_model_card(
@@ -101,23 +132,22 @@ def render_model_card(
     except ValueError:
         meta = {}
     tm = config.get("transmla") or {}
-    bases = meta.get("base_model")
-    hub_id = base_model or (bases if isinstance(bases, str) else (bases[0] if bases else None))
     src_arg = str(tm.get("source") or "")
-    if hub_id is None:
-        hub_id = tm.get("base_model") or (source_hub_id(src_arg, src_arg) if src_arg else None)
-    if hub_id and (base_model or not bases):
-        meta.update(base_model=hub_id, base_model_relation=BASE_MODEL_RELATION)
-    source = SourceInfo(
-        hub_id,
-        source_name(hub_id, src_arg or "model"),
-        str(tm.get("source_architecture", "the source architecture")),
-        config.get("num_attention_heads"),
-        tm.get("source_kv_heads"),
-        tm.get("source_head_dim"),
-    )
-    return compose_card(
-        source, config, summary, meta, summary.get("verification"), repo_id, licence_file(folder)
+    return _card(
+        config,
+        summary,
+        meta,
+        (
+            str(tm.get("source_architecture", "the source architecture")),
+            config.get("num_attention_heads"),
+            tm.get("source_kv_heads"),
+            tm.get("source_head_dim"),
+        ),
+        src_arg,
+        src_arg or None,
+        base_model=base_model,
+        repo_id=repo_id,
+        licence_folders=(folder,),
     )
 
 
