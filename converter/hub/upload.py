@@ -18,7 +18,8 @@ from typing import Any
 
 from converter import __version__
 from converter.errors import ConversionError
-from converter.hub.card import LOCAL_MODEL_REF, render_model_card
+from converter.hub.card import render_model_card
+from converter.hub.card.snippets import LOCAL_MODEL_REF
 from converter.hub.ids import HUB_ID, check_base_model
 from converter.hub.validate import validate_folder
 from transmla_vllm.checkpoint_format import CARD_FILE

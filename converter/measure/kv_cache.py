@@ -84,6 +84,12 @@ def dtype_bytes(dtype: str) -> int:
         raise ConversionError(f"--dtype {dtype!r} is not one of {sorted(DTYPE_BYTES)}") from None
 
 
+def cache_bytes(elements: int, layers: int, bytes_per_element: int, tokens: int = 1) -> int:
+    """Bytes of KV cache ``tokens`` tokens take at ``elements`` per token and layer: the one
+    formula ``inspect``, its capacities and the model card all use."""
+    return elements * layers * bytes_per_element * tokens
+
+
 def capacity(
     elements: int, layers: int, bytes_per_element: int, kv_memory: int, context: int
 ) -> tuple[int, int]:
@@ -91,8 +97,14 @@ def capacity(
 
     vLLM rounds further down to whole blocks (16 tokens on GPU); that is under 0.1% here.
     """
-    tokens = kv_memory // (elements * layers * bytes_per_element)
+    tokens = kv_memory // cache_bytes(elements, layers, bytes_per_element)
     return tokens, tokens // context
+
+
+def served_splits(kv_lora_rank: int, rope_dim: int) -> list[tuple[Backend, tuple[int, int] | None]]:
+    """Each backend with the (latent, rope) it serves this shape at after the plugin's zero
+    padding, None where it cannot serve it as MLA (``inspect`` rows, the card's padding note)."""
+    return [(b, served_split(kv_lora_rank, rope_dim, b.name)) for b in BACKENDS]
 
 
 def _row(
@@ -118,7 +130,7 @@ def _row(
         fp8_numbers = dict(
             fp8_tokens=tokens8, fp8_requests=requests8, fp8_capacity_vs_original=round(ratio8, 4)
         )
-    per_layer = elements * budget.bytes_per_element
+    per_layer = cache_bytes(elements, 1, budget.bytes_per_element)
     tokens, requests = capacity(
         elements, budget.layers, budget.bytes_per_element, budget.kv_memory_bytes, budget.context
     )
@@ -128,7 +140,7 @@ def _row(
         label,
         elements,
         per_layer,
-        per_layer * budget.layers,
+        cache_bytes(elements, budget.layers, budget.bytes_per_element),
         tokens,
         requests,
         round(ratio, 4),
@@ -249,8 +261,7 @@ def kv_budget(
             note="checkpoint size, before backend padding",
         ),
     ]
-    for backend in BACKENDS:
-        split = served_split(rho, r, backend.name)
+    for backend, split in served_splits(rho, r):
         if split is None:
             rows.append(
                 _row(

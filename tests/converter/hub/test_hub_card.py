@@ -13,14 +13,10 @@ from huggingface_hub import ModelCard
 from huggingface_hub.repocard import metadata_load
 
 from converter.checkpoint.source import read_config
-from converter.hub.card import (
-    BASE_MODEL_RELATION,
-    LOCAL_MODEL_REF,
-    TAGS,
-    refresh_model_card,
-    source_license,
-    write_model_card,
-)
+from converter.hub.card import refresh_model_card, write_model_card
+from converter.hub.card.metadata import BASE_MODEL_RELATION, TAGS
+from converter.hub.card.snippets import LOCAL_MODEL_REF
+from converter.hub.licence import source_license
 from converter.sources.inspection import inspect_source
 from transmla_testing.fake_hub import SOURCE_HUB_ID, SOURCE_LICENSE, tiny_checkpoint
 

@@ -22,7 +22,7 @@ from huggingface_hub.utils import (
 from converter.cli import main as cli_main
 from converter.errors import ConversionError
 from converter.hub import push_folder, validate_folder
-from converter.hub.card import LOCAL_MODEL_REF
+from converter.hub.card.snippets import LOCAL_MODEL_REF
 from transmla_testing.fake_hub import FakeHub, Repo, folder_digest, tiny_checkpoint
 
 REPO_ID = "user/tiny-mla"
