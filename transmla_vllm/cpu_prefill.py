@@ -34,7 +34,8 @@ from vllm.v1.attention.backends.mla.prefill.cpu_sdpa import CPUSDPAMLAPrefillBac
 if TYPE_CHECKING:
     from vllm.model_executor.layers.attention.mla_attention import MLACommonPrefillMetadata
 
-logger = init_logger(__name__)
+# under "vllm." so that vLLM's logging configuration (handlers, level) applies
+logger = init_logger("vllm.transmla_vllm.cpu_prefill")
 
 # "0" / "false" / "off" / "no": vLLM's own CPU prefill backend (read when the plugin registers,
 # i.e. in every process vLLM starts).
