@@ -136,8 +136,9 @@ def _prefills(pair: str, fused: dict[str, Any], dense: dict[str, Any]) -> list[s
     """The plugin's fused prefill against vLLM's, same checkpoint, same run."""
     fl, dl = fused["load"], dense["load"]
     out = [
-        f"- {pair}, the plugin's fused prefill vs vLLM's (selected: {fused.get('mla_prefill_backend')} "
-        f"vs {dense.get('mla_prefill_backend')}): TTFT alone {fused['ttft_single_s']:.2f} vs "
+        f"- {pair}, the plugin's fused prefill vs vLLM's (selected: "
+        f"{fused.get('mla_prefill_backend')} vs {dense.get('mla_prefill_backend')}): "
+        f"TTFT alone {fused['ttft_single_s']:.2f} vs "
         f"{dense['ttft_single_s']:.2f} s "
         f"({compare(fused['ttft_single_s'], dense['ttft_single_s'], 'longer', 'shorter')}); "
         f"prompt steps under load {fl['prefill_step_s']:.1f} vs {dl['prefill_step_s']:.1f} s "
