@@ -11,7 +11,7 @@ MODEL_CLASS_PATH = "transmla_vllm.model:TransMLAForCausalLM"
 
 
 def register() -> None:
-    """Register the TransMLA architecture and its config hook with vLLM."""
+    """Register the TransMLA architecture, its config hook and (on CPU) the MLA prefill."""
     from vllm import ModelRegistry
 
     from transmla_vllm.checkpoint_format import ARCHITECTURE
@@ -28,6 +28,15 @@ def register() -> None:
         from transmla_vllm.serve_plan import TransMLAConfigHook
 
         MODELS_CONFIG_MAP[ARCHITECTURE] = TransMLAConfigHook  # type: ignore[assignment]
+
+    # MLA prefill on CPU: torch's fused flash attention in vLLM's CPU prefill slot (see
+    # cpu_prefill; TRANSMLA_CPU_PREFILL=0 keeps vLLM's own). Never on other platforms.
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from transmla_vllm.cpu_prefill import register_cpu_prefill
+
+        register_cpu_prefill()
 
 
 __all__ = ["__version__", "register"]

@@ -1,7 +1,9 @@
 """Test 3 of the spine: vLLM (our plugin, MLA backend, paged latent cache) and transformers (our
 remote code) produce the same greedy tokens and logprobs for the same converted checkpoint: on
 each exact zero padding the plugin applies at load (latent 96 -> 512 for every test checkpoint
-on CPU, rope 32 -> 64 slot-interleaving, nope/v padding) and with MLA switched off."""
+on CPU, rope 32 -> 64 slot-interleaving, nope/v padding) and with MLA switched off. The MLA
+prefill runs the plugin's fused CPU kernel (transmla_vllm/cpu_prefill.py); one test runs it off
+and compares."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pytest
 
 from converter.conversion.pipeline import ConvertOptions, convert
 from transmla_testing.parity import prompts_for, run_vllm, transformers_greedy
+from transmla_vllm.cpu_prefill import CPU_PREFILL_ENV
 from transmla_vllm.serve_plan import FORCE_PAD_V_ENV
 
 pytestmark = pytest.mark.vllm
@@ -45,6 +48,26 @@ def reference():
 
 
 @pytest.fixture(scope="module")
+def vllm_runs(tmp_path_factory):
+    """One vLLM run per (checkpoint, tp, env), shared by the module's tests."""
+    cache: dict[tuple, dict] = {}
+
+    def get(model: Path, prompts: list[list[int]], tp: int = 1, env: dict | None = None) -> dict:
+        key = (model, tp, tuple(sorted((env or {}).items())))
+        if key not in cache:
+            tmp = tmp_path_factory.mktemp("vllm-run")
+            cache[key] = run_vllm(model, prompts, tmp, tp=tp, env=env)
+        return cache[key]
+
+    return get
+
+
+# Log lines that say which MLA prefill ran: vLLM's selection, and the plugin's first fused call.
+FUSED_PREFILL_LINE = "MLA prefill runs torch's fused CPU flash attention"
+SELECTED = "Using {} MLA prefill backend"
+
+
+@pytest.fixture(scope="module")
 def rope32(converted, calib_file, tmp_path_factory) -> Path:
     """The llama source (llama3 rope scaling) converted with a rope of 32: CPU_MLA serves 64."""
     source = json.loads((converted["llama"] / "config.json").read_text())["transmla"]["source"]
@@ -71,13 +94,36 @@ IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
-def test_vllm_matches_transformers(name, converted, reference, tmp_path):
+def test_vllm_matches_transformers(name, converted, reference, vllm_runs):
     model = converted[name]
     prompts, want = reference(model)
-    got = run_vllm(model, prompts, tmp_path)
+    got = vllm_runs(model, prompts)
     assert got["info"]["use_mla"] is True
     assert got["info"]["architecture"] == ["TransMLAForCausalLM"]
+    assert FUSED_PREFILL_LINE in got["log"], got["log"][-4000:]
     assert_parity(got["results"], want)
+
+
+def test_cpu_prefill_off_gives_the_same_outputs(converted, reference, vllm_runs):
+    """The plugin's fused CPU prefill (the default, shared run above) and vLLM's own
+    (TRANSMLA_CPU_PREFILL=0): both match transformers and each other."""
+    model = converted["llama"]
+    prompts, want = reference(model)
+    on = vllm_runs(model, prompts)
+    off = vllm_runs(model, prompts, env={**IN_PROCESS, CPU_PREFILL_ENV: "0"})
+    assert SELECTED.format("CPU_FLASH_MLA") in on["log"] and FUSED_PREFILL_LINE in on["log"]
+    assert SELECTED.format("CPU_SDPA_MLA") in off["log"], off["log"][-4000:]
+    assert FUSED_PREFILL_LINE not in off["log"]
+    assert_parity(off["results"], want)
+    for a, b in zip(on["results"], off["results"], strict=True):
+        assert a["tokens"] == b["tokens"]
+    diff = max(
+        abs(x - y)
+        for a, b in zip(on["results"], off["results"], strict=True)
+        for x, y in zip(a["logprobs"], b["logprobs"], strict=True)
+    )
+    print(f"fused vs vLLM's CPU prefill: max |logprob difference| {diff:.2e}")
+    assert diff <= 1e-4, diff
 
 
 def test_vllm_tensor_parallel_matches_transformers(converted, reference, tmp_path):
