@@ -171,17 +171,38 @@ def _prefills(pair: str, fused: dict[str, Any], dense: dict[str, Any]) -> list[s
     return out
 
 
+def _prefill_attention(r: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+    """(description, profiler ops) of the attention a converted engine's prompt step ran."""
+    if r.get("fused_prefill_calls"):
+        return f"the fused flash attention (`{FUSED_PREFILL[0]}`)", FUSED_PREFILL
+    if r.get("mla_decode_backend") == "AMX_MLA":
+        return f"AMX_MLA's own prefill (`{AMX_PREFILL[0]}`)", AMX_PREFILL
+    dense = "vLLM's dense prefill (`bmm` / `mul` / `softmax` / `masked_fill` / `triu`)"
+    return dense, DENSE_PREFILL
+
+
 def mla_prefill_ops(r: dict[str, Any], prof: dict[str, Any]) -> str:
     """The attention ops of a converted engine's prompt step, by the prefill it ran."""
+    what, ops = _prefill_attention(r)
+    return f"{what} {op_seconds(prof['prefill'], *ops):.2f} s"
+
+
+def attention_free_bound(o: dict[str, Any], c: dict[str, Any], prof: dict[str, Any]) -> str:
+    """The end-to-end ratio the converted engine would reach if its prefill attention took no
+    time: its prompt steps under load shrunk by the attention's share of the profiled prompt
+    step, everything else as measured. No prefill kernel can do better than this."""
     phase = prof["prefill"]
-    if r.get("fused_prefill_calls"):
-        seconds = op_seconds(phase, *FUSED_PREFILL)
-        return f"the fused flash attention (`{FUSED_PREFILL[0]}`) {seconds:.2f} s"
-    if r.get("mla_decode_backend") == "AMX_MLA":
-        return f"AMX_MLA's own prefill (`{AMX_PREFILL[0]}`) {op_seconds(phase, *AMX_PREFILL):.2f} s"
+    share = op_seconds(phase, *_prefill_attention(c)[1]) / phase["step_s"]
+    cl, ol = c["load"], o["load"]
+    wall = cl["wall_s"] - share * cl["prefill_step_s"]
+    bound = cl["output_tok_s"] * cl["wall_s"] / wall / ol["output_tok_s"]
     return (
-        "vLLM's dense prefill (`bmm` / `mul` / `softmax` / `masked_fill` / `triu`) "
-        f"{op_seconds(phase, *DENSE_PREFILL):.2f} s"
+        f"  Bound, {c['variant']['label']}: its prefill attention is {100 * share:.0f}% of its "
+        f"profiled prompt step; were it free, the prompt steps under load would take "
+        f"{(1 - share) * cl['prefill_step_s']:.1f} s (the original's: "
+        f"{ol['prefill_step_s']:.1f} s), TTFT alone {(1 - share) * c['ttft_single_s']:.2f} s "
+        f"(the original's: {o['ttft_single_s']:.2f} s), and end to end would reach at most "
+        f"{bound:.2f}x the original's output tok/s in this workload."
     )
 
 
@@ -212,6 +233,10 @@ def _profile_lines(profiles: dict[str, Any], pairs_last: dict[str, Any]) -> list
             + ". (`mul` also counts the model's small elementwise ops: "
             f"{op_seconds(po['prefill'], 'aten::mul'):.2f} s in the original.)"
         )
+        # the default engine only: the dense prefill's ops include elementwise ops of the model
+        pc = profiles.get(CONVERTED[0])
+        if pc and "prefill" in pc and "original" in pairs_last and CONVERTED[0] in pairs_last:
+            out.append(attention_free_bound(pairs_last["original"], pairs_last[CONVERTED[0]], pc))
         dec = ["original `_C::cpu_attention_with_kv_cache` "]
         dec[0] += f"{op_seconds(po['decode'], *ORIGINAL_ATTENTION):.2f} s"
         for key in CONVERTED:
