@@ -33,6 +33,8 @@ def label(r: dict[str, Any]) -> str:
     if not r["use_mla"]:
         return f"{name} (GQA)"
     prefill = r.get("mla_prefill_backend")
+    if r.get("mla_decode_backend") == "AMX_MLA":  # selected, but AMX_MLA never calls it
+        prefill = "AMX_MLA's own"
     return f"{name} (MLA {r['head_size']}{', ' + prefill + ' prefill' if prefill else ''})"
 
 
