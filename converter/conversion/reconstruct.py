@@ -23,6 +23,7 @@ from torch import nn
 from converter.calibration.chunks import held_out_count
 from converter.conversion.source_layers import batched
 from converter.conversion.work import LayerInputs, LayerWork
+from converter.math.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +123,7 @@ class Reconstruct:
             betas=(0.9, 0.99),
         )
         warm = max(1.0, self.warmup * total)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt,
-            lambda s: (
-                min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-            ),
-        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warm))
         gen = torch.Generator().manual_seed(self.seed)
         losses = []
         for epoch in range(1, epochs + 1):
