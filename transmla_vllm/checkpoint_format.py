@@ -100,43 +100,52 @@ NORMED_ATTN_TENSORS = (
     KV_B_PROJ,
     O_PROJ,
 )
-# What the converter does with each attention tensor once it is assembled: the one definition
-# the layer-wise reconstruction, heal and the fp8 cache scales read (tests/converter/conversion/
-# test_tensor_roles.py checks they agree with it).
+# What the converter and the plugin do with each attention tensor: the one definition the
+# layer-wise reconstruction, heal, the fp8 cache scales and the plugin's padding read
+# (tests/converter/conversion/test_tensor_roles.py checks they agree with it).
 #   trained: the conversion computes it, so the reconstruction and heal train it; a q/k-normed
 #     layer's kept source projections and norms are the source's own and are not trained.
-#   fp8: how a power-of-two fp8 cache scale 2^e per latent component / rope pair folds into it
-#     (converter/math/fp8_scales.py): FP8_KV_A_ROWS, rows [latent; rope pairs] multiplied by
-#     2^e; FP8_KV_B_COLUMNS, latent columns divided by it; FP8_QUERY_ROWS, each head's rope
-#     rows of the query divided by the rope pair's 2^e. None: not touched.
-FP8_KV_A_ROWS = "kv_a rows"
-FP8_KV_B_COLUMNS = "kv_b columns"
-FP8_QUERY_ROWS = "query rows"
+#   layout: how its rows (columns) follow the latent dims, which decides both its zero padding
+#     to a served shape (transmla_vllm/padding.py) and how a power-of-two fp8 cache scale 2^e
+#     per latent component / rope pair folds into it (converter/math/fp8_scales.py):
+#     KV_A_ROWS, rows [latent; rope pairs] (scale: multiplied by 2^e); KV_B_COLUMNS, per head
+#     [nope; v] rows over latent columns (columns divided by 2^e); QUERY_ROWS, per head
+#     [nope; rope] rows (rope rows divided by the pair's 2^e); O_COLUMNS, per head v input
+#     columns (no scale). None: the source's own layout, neither padded nor scaled.
+KV_A_ROWS = "kv_a rows"
+KV_B_COLUMNS = "kv_b columns"
+QUERY_ROWS = "query rows"
+O_COLUMNS = "o columns"
+FP8_FOLDED_LAYOUTS = (KV_A_ROWS, KV_B_COLUMNS, QUERY_ROWS)
 
 
 @dataclass(frozen=True)
 class AttentionRole:
     trained: bool
-    fp8: str | None = None
+    layout: str | None = None
 
 
 ATTENTION_ROLES: dict[str, AttentionRole] = {
-    Q_PROJ: AttentionRole(trained=True, fp8=FP8_QUERY_ROWS),
-    Q_BIAS: AttentionRole(trained=True, fp8=FP8_QUERY_ROWS),
-    KV_A_PROJ: AttentionRole(trained=True, fp8=FP8_KV_A_ROWS),
-    KV_A_BIAS: AttentionRole(trained=True, fp8=FP8_KV_A_ROWS),
-    KV_B_PROJ: AttentionRole(trained=True, fp8=FP8_KV_B_COLUMNS),
-    O_PROJ: AttentionRole(trained=True),
+    Q_PROJ: AttentionRole(trained=True, layout=QUERY_ROWS),
+    Q_BIAS: AttentionRole(trained=True, layout=QUERY_ROWS),
+    KV_A_PROJ: AttentionRole(trained=True, layout=KV_A_ROWS),
+    KV_A_BIAS: AttentionRole(trained=True, layout=KV_A_ROWS),
+    KV_B_PROJ: AttentionRole(trained=True, layout=KV_B_COLUMNS),
+    O_PROJ: AttentionRole(trained=True, layout=O_COLUMNS),
     Q_HEAD_PROJ: AttentionRole(trained=False),
     Q_NORM: AttentionRole(trained=False),
-    Q_HEAD_MAP: AttentionRole(trained=True, fp8=FP8_QUERY_ROWS),
+    # the normed attention's maps have the output rows of q_proj / kv_a_proj_with_mqa over
+    # other input widths
+    Q_HEAD_MAP: AttentionRole(trained=True, layout=QUERY_ROWS),
     K_HEAD_PROJ: AttentionRole(trained=False),
     K_NORM: AttentionRole(trained=False),
-    KV_A_KEY_MAP: AttentionRole(trained=True, fp8=FP8_KV_A_ROWS),
+    KV_A_KEY_MAP: AttentionRole(trained=True, layout=KV_A_ROWS),
 }
 # derived from the table, for readers that need one list
 CONVERTED_ATTENTION = tuple(name for name, role in ATTENTION_ROLES.items() if role.trained)
-FP8_FOLDS = {name: role.fp8 for name, role in ATTENTION_ROLES.items() if role.fp8 is not None}
+FP8_FOLDS = {
+    name: role.layout for name, role in ATTENTION_ROLES.items() if role.layout in FP8_FOLDED_LAYOUTS
+}
 DENSE_TENSORS = (INPUT_NORM, POST_ATTN_NORM, GATE_PROJ, UP_PROJ, DOWN_PROJ)
 # Mixture-of-experts MLP (Qwen3-MoE), copied from the source under its own names: the router,
 # then each expert's gate / up / down projections.

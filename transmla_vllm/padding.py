@@ -24,14 +24,11 @@ from collections.abc import Callable
 import torch
 
 from transmla_vllm.checkpoint_format import (
-    KV_A_BIAS,
-    KV_A_KEY_MAP,
-    KV_A_PROJ,
-    KV_B_PROJ,
-    O_PROJ,
-    Q_BIAS,
-    Q_HEAD_MAP,
-    Q_PROJ,
+    ATTENTION_ROLES,
+    KV_A_ROWS,
+    KV_B_COLUMNS,
+    O_COLUMNS,
+    QUERY_ROWS,
     LatentDims,
 )
 
@@ -108,16 +105,16 @@ def pad_o_proj(t: torch.Tensor, src: LatentDims, dst: LatentDims, num_heads: int
     return out.reshape(t.shape[0], -1)
 
 
-# Layer-relative checkpoint tensor -> its padding; every other tensor loads unchanged. The
-# normed attention's maps have the output rows of q_proj / kv_a_proj_with_mqa (per-head
-# [nope; rope], [latent; rope]) over other input widths, so they pad the same way.
+PAD_BY_LAYOUT: dict[str, PadFn] = {
+    QUERY_ROWS: pad_q_proj,
+    KV_A_ROWS: pad_kv_a_proj,
+    KV_B_COLUMNS: pad_kv_b_proj,
+    O_COLUMNS: pad_o_proj,
+}
+# Layer-relative checkpoint tensor -> its padding, by the layout checkpoint_format gives it;
+# every other tensor loads unchanged.
 PADDING: dict[str, PadFn] = {
-    Q_PROJ: pad_q_proj,
-    Q_BIAS: pad_q_proj,
-    Q_HEAD_MAP: pad_q_proj,
-    KV_A_PROJ: pad_kv_a_proj,
-    KV_A_BIAS: pad_kv_a_proj,
-    KV_A_KEY_MAP: pad_kv_a_proj,
-    KV_B_PROJ: pad_kv_b_proj,
-    O_PROJ: pad_o_proj,
+    name: PAD_BY_LAYOUT[role.layout]
+    for name, role in ATTENTION_ROLES.items()
+    if role.layout is not None
 }

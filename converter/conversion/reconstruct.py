@@ -23,6 +23,7 @@ from torch import nn
 from converter.calibration.chunks import held_out_count
 from converter.conversion.source_layers import batched
 from converter.conversion.work import LayerInputs, LayerWork
+from converter.math.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +56,12 @@ class Reconstruct:
     error; the attention-only loss skips the MLP's forward and backward (about half a
     SmolLM2 layer's compute) and is the held-out error FreqFold is already chosen by.
 
-    The weights with the least error on held-out chunks (the plan's, or the last eighth of the
-    training chunks when none are held out) are kept, among the closed-form init and the end of
-    every epoch; the init wins unless the error drops by ``min_gain`` (relative) and by more than
-    the rounding noise (NOISE_MARGIN times the layer's noise floor), so an exact init (nothing
-    to fix; its error is rounding, see ``exact``) is returned bit for bit. Minibatch order comes
-    from ``seed`` only.
+    The weights with the least error on held-out chunks (the plan's, or the last HELD_OUT_SHARE
+    of the training chunks when none are held out) are kept, among the closed-form init and the
+    end of every epoch; the init wins unless the error drops by ``min_gain`` (relative) and by
+    more than the rounding noise (NOISE_MARGIN times the layer's noise floor), so an exact init
+    (nothing to fix; its error is rounding, see ``exact``) is returned bit for bit. Minibatch
+    order comes from ``seed`` only.
     """
 
     # 3 epochs: SmolLM2 at 128 KV elements, PPL 33.23 in 139 s against refit's 36.30 in 70 s
@@ -122,12 +123,7 @@ class Reconstruct:
             betas=(0.9, 0.99),
         )
         warm = max(1.0, self.warmup * total)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt,
-            lambda s: (
-                min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-            ),
-        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warm))
         gen = torch.Generator().manual_seed(self.seed)
         losses = []
         for epoch in range(1, epochs + 1):

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from converter.heal.data import HealData
 from converter.heal.objective import autocast, distill_loss, held_out, hidden_states, ppl
+from converter.math.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 WARMUP = 0.05  # share of the steps spent warming the learning rate up
@@ -79,10 +80,7 @@ class LoopState:
 def learning_rate(step: int, steps: int, lr: float, warmup: float = WARMUP) -> float:
     """Linear warmup over ``warmup`` of the steps, then a cosine down to FLOOR x ``lr``."""
     warm = max(1, round(warmup * steps))
-    if step < warm:
-        return lr * (step + 1) / warm
-    done = (step - warm) / max(1, steps - warm)
-    return lr * (FLOOR + (1 - FLOOR) * 0.5 * (1 + math.cos(math.pi * done)))
+    return lr * warmup_cosine(step, steps, warm, FLOOR, cosine_from=warm)
 
 
 def trained(model) -> dict[str, torch.nn.Parameter]:

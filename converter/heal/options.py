@@ -14,8 +14,8 @@ TRAIN_CHOICES = ("attention", "all")  # weights trained: attention only, or ever
 PRECISIONS = ("auto", "fp32", "bf16")
 EVALUATIONS = 8  # validation evaluations during a run, when --eval-every is not given
 # Without --eval-text, the validation rows and the test rows are each this share of the heal
-# text, taken from its end (at least one row each, at most --eval-tokens): 1/10 held out in all.
-# Not the conversion's 1/8 (calibration/chunks.py HELD_OUT_SHARE): that is one slice of a fixed,
+# text, taken from its end (at least one row each, at most --eval-tokens): two slices held out.
+# Not the conversion's share (calibration/chunks.py HELD_OUT_SHARE): that is one slice of a fixed,
 # small number of chunks (128 by default) that must rank per-layer choices, while heal holds out
 # two slices of a text it trains on, each capped by --eval-tokens, so its share decides only on
 # short texts, where every row kept for training counts.

@@ -1,1 +1,1 @@
-"""Pure tensor functions of the conversion (no file I/O): RoRoPE, balanced KV PCA, assembly."""
+"""Pure functions of the conversion (no file I/O): RoRoPE, balanced KV PCA, assembly, schedule."""

@@ -22,9 +22,9 @@ import torch
 
 from transmla_vllm.checkpoint_format import (
     FP8_FOLDS,
-    FP8_KV_A_ROWS,
-    FP8_KV_B_COLUMNS,
-    FP8_QUERY_ROWS,
+    KV_A_ROWS,
+    KV_B_COLUMNS,
+    QUERY_ROWS,
 )
 
 E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
@@ -96,9 +96,9 @@ def apply_fp8_scales(
     rope = pairs.repeat_interleave(2)  # interleaved (GPT-J) layout: pair p is rows 2p, 2p + 1
     per_head = torch.cat([torch.ones(nope_dim, dtype=torch.float64), 1.0 / rope])
     factors = {  # per row (per column for kv_b)
-        FP8_KV_A_ROWS: torch.cat([latent, rope]),
-        FP8_KV_B_COLUMNS: 1.0 / latent,
-        FP8_QUERY_ROWS: per_head.repeat(num_heads),
+        KV_A_ROWS: torch.cat([latent, rope]),
+        KV_B_COLUMNS: 1.0 / latent,
+        QUERY_ROWS: per_head.repeat(num_heads),
     }
 
     def scaled(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -110,7 +110,7 @@ def apply_fp8_scales(
         if fold is None:
             continue
         factor = factors[fold]
-        if fold == FP8_KV_B_COLUMNS:
+        if fold == KV_B_COLUMNS:
             factor = factor[None, :]
         elif t.dim() == 2:
             factor = factor[:, None]
@@ -140,9 +140,9 @@ def _fold_layout(
     kv_a = torch.cat([latent, rope])
     per_head = torch.cat([torch.full((nope_dim,), -1), rope])
     where = {
-        FP8_KV_A_ROWS: (0, kv_a, True),
-        FP8_KV_B_COLUMNS: (1, latent, False),
-        FP8_QUERY_ROWS: (0, per_head.repeat(num_heads), False),
+        KV_A_ROWS: (0, kv_a, True),
+        KV_B_COLUMNS: (1, latent, False),
+        QUERY_ROWS: (0, per_head.repeat(num_heads), False),
     }
     return [(name, *where[fold]) for name, fold in FP8_FOLDS.items() if name in tensors]
 

@@ -1,15 +1,19 @@
 """One home for each fact: the supported rope types are defined once (transmla_vllm's
 checkpoint_format) and the standalone remote code's copy must equal it; the source adapters and
-their registry form no import circle."""
+their registry form no import circle; the docs quote the held-out shares as defined."""
 
 from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
+from converter.calibration.chunks import HELD_OUT_SHARE
+from converter.heal.options import HELD_OUT_SLICE_SHARE
 from converter.sources.registry import ADAPTERS
 from transmla_vllm import config_checks
 from transmla_vllm.checkpoint_format import SUPPORTED_ROPE_TYPES
@@ -124,3 +128,21 @@ def test_importing_the_adapters_does_not_load_the_registry() -> None:
     assert done.returncode == 0, done.stderr
     loaded = ast.literal_eval(done.stdout.strip())
     assert "converter.sources.registry" not in loaded, loaded
+
+
+def test_docs_quote_the_held_out_shares_as_defined() -> None:
+    """README and docs name each held-out share by its constant and quote its value beside it;
+    a changed constant fails here instead of leaving the prose behind."""
+    shares = {"HELD_OUT_SHARE": HELD_OUT_SHARE, "HELD_OUT_SLICE_SHARE": HELD_OUT_SLICE_SHARE}
+    quoted = []
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = path.read_text()
+        for name, value in shares.items():
+            for m in re.finditer(rf"`{name}`\W[^`]{{0,20}}?(\d+/\d+)", text):
+                quoted.append((path.name, name, m.group(1)))
+                assert Fraction(m.group(1)) == value, (path.name, name, m.group(1), value)
+    assert {(p, n) for p, n, _ in quoted} >= {
+        ("README.md", "HELD_OUT_SHARE"),
+        ("method.md", "HELD_OUT_SHARE"),
+        ("heal.md", "HELD_OUT_SLICE_SHARE"),
+    }

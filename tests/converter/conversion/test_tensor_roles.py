@@ -1,6 +1,7 @@
-"""Which attention tensors are trained, and which the fp8 cache scales fold into, is defined
-once (``ATTENTION_ROLES`` in transmla_vllm/checkpoint_format.py). The layer-wise
-reconstruction, heal and the fp8 fold must each follow it, and what it says must be true of
+"""Which attention tensors are trained, and how each follows the latent dims (which decides
+the fp8 cache scales' fold and the plugin's padding), is defined once (``ATTENTION_ROLES`` in
+transmla_vllm/checkpoint_format.py). The layer-wise reconstruction, heal, the fp8 fold and the
+padding must each follow it, and what it says must be true of
 the converted attention: the tensors it leaves untrained are the source's own, and folding
 scales into exactly the tensors it names (each needed) leaves the attention's output as it was.
 Checked on a plain layer with biases (Qwen2) and a q/k-normed one (Qwen3)."""
@@ -26,14 +27,17 @@ from transmla_vllm.checkpoint_format import (
     CONFIG_FILE,
     CONVERTED_ATTENTION,
     FP8_FOLDS,
-    FP8_KV_A_ROWS,
-    FP8_KV_B_COLUMNS,
-    FP8_QUERY_ROWS,
+    KV_A_ROWS,
+    KV_B_COLUMNS,
     NORMED_ATTN_TENSORS,
+    O_COLUMNS,
+    O_PROJ,
+    QUERY_ROWS,
     SINGLE_FILE,
     CheckpointLayout,
     layer_prefix,
 )
+from transmla_vllm.padding import PADDING
 
 RANK, ROPE, SEQ = 16, 8, 32
 
@@ -82,14 +86,18 @@ def layer(request, tmp_path_factory, calib_file) -> Layer:
 
 def test_every_attention_tensor_has_one_role():
     assert set(ATTENTION_ROLES) == set(ATTN_TENSORS) | set(NORMED_ATTN_TENSORS)
-    assert {r.fp8 for r in ATTENTION_ROLES.values()} == {
+    assert {r.layout for r in ATTENTION_ROLES.values()} == {
         None,
-        FP8_KV_A_ROWS,
-        FP8_KV_B_COLUMNS,
-        FP8_QUERY_ROWS,
+        KV_A_ROWS,
+        KV_B_COLUMNS,
+        QUERY_ROWS,
+        O_COLUMNS,
     }
     assert CONVERTED_ATTENTION == tuple(n for n, r in ATTENTION_ROLES.items() if r.trained)
-    assert FP8_FOLDS == {n: r.fp8 for n, r in ATTENTION_ROLES.items() if r.fp8}
+    # o_proj is padded (v columns) but takes no fp8 scale; the kept source tensors get neither
+    assert set(FP8_FOLDS) == set(PADDING) - {O_PROJ}
+    assert set(PADDING) == {n for n, r in ATTENTION_ROLES.items() if r.layout}
+    assert not {n for n, r in ATTENTION_ROLES.items() if not r.trained} & set(PADDING)
 
 
 def test_reconstruction_and_heal_train_the_tensors_the_table_names(layer):
