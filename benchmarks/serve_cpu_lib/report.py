@@ -25,6 +25,7 @@ from serve_cpu_lib.stats import (
     block_rounded_tokens,
     compare,
     converted_keys,
+    runs_own_prefill,
     spread,
     summarize,
 )
@@ -162,7 +163,7 @@ def _prefills(pair: str, fused: dict[str, Any], dense: dict[str, Any]) -> list[s
             f"({fused.get('fallback_prefill_calls', 0)} calls handed to vLLM's) and "
             f"{calls[1]} times in the second's, {used}."
         )
-        if not calls[0] and fused.get("mla_decode_backend") == "AMX_MLA":
+        if not calls[0] and runs_own_prefill(fused):
             out.append(
                 "  AMX_MLA (bf16 on a CPU with AMX tiles) runs its own prefill "
                 "(`cpu_mla_extend`, attention in latent space) and never calls an MLA prefill "
@@ -175,7 +176,7 @@ def _prefill_attention(r: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
     """(description, profiler ops) of the attention a converted engine's prompt step ran."""
     if r.get("fused_prefill_calls"):
         return f"the fused flash attention (`{FUSED_PREFILL[0]}`)", FUSED_PREFILL
-    if r.get("mla_decode_backend") == "AMX_MLA":
+    if runs_own_prefill(r):
         return f"AMX_MLA's own prefill (`{AMX_PREFILL[0]}`)", AMX_PREFILL
     dense = "vLLM's dense prefill (`bmm` / `mul` / `softmax` / `masked_fill` / `triu`)"
     return dense, DENSE_PREFILL

