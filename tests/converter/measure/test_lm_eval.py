@@ -13,18 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from converter.measure.lm_eval import SHIPPED_TASKS, run_lm_eval
+from transmla_testing.lm_eval_reference import CPU_MODEL_ARGS, DirectScorer, complete_chars
 
 pytestmark = pytest.mark.vllm
 LIMIT = 4  # items per task: a few, to keep CI time small
-MODEL_ARGS = {
-    "hf": "dtype=float32",
-    "vllm": "dtype=float32,enforce_eager=True,max_model_len=512,kv_cache_memory_bytes=268435456",
-}
-UNTIL = ("\n", ".")  # transmla_complete's stop strings
-MAX_GEN_TOKS = 8
 
 
 @pytest.fixture(scope="module")
@@ -35,54 +29,18 @@ def mla(converted) -> Path:
 @pytest.fixture(scope="module")
 def runs(mla):
     """One lm-eval run per backend on the converted folder, shared by the module's tests."""
-    return {b: run_lm_eval(mla, b, list(SHIPPED_TASKS), MODEL_ARGS[b], LIMIT) for b in MODEL_ARGS}
-
-
-class Direct:
-    """The items scored by hand in transformers (fp32, no cache, no lm-eval code)."""
-
-    def __init__(self, folder: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.tok = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, trust_remote_code=True
-        )
-
-    @torch.no_grad()
-    def loglikelihood(self, context: str, continuation: str) -> float:
-        ctx, cont = self.tok(context).input_ids, self.tok(continuation).input_ids
-        logp = self.model(torch.tensor([ctx + cont]), use_cache=False).logits[0].log_softmax(-1)
-        return float(logp[len(ctx) - 1 : -1].gather(-1, torch.tensor(cont)[:, None]).sum())
-
-    @torch.no_grad()
-    def greedy(self, context: str) -> str:
-        seq = torch.tensor([self.tok(context).input_ids])
-        start = seq.shape[1]
-        for _ in range(MAX_GEN_TOKS):
-            nxt = self.model(seq, use_cache=False).logits[0, -1].argmax()
-            if nxt == self.tok.eos_token_id:
-                break
-            seq = torch.cat([seq, nxt.view(1, 1)], 1)
-        text = self.tok.decode(seq[0, start:])
-        for stop in UNTIL:
-            text = text.split(stop)[0]
-        return text
-
-    def cloze_acc(self, docs: list[dict]) -> float:
-        right = 0
-        for doc in docs:
-            lls = [self.loglikelihood(doc["context"], " " + c) for c in doc["choices"]]
-            right += max(range(len(lls)), key=lls.__getitem__) == doc["answer"]
-        return right / len(docs)
+    return {
+        b: run_lm_eval(mla, b, list(SHIPPED_TASKS), CPU_MODEL_ARGS[b], LIMIT)
+        for b in CPU_MODEL_ARGS
+    }
 
 
 @pytest.fixture(scope="module")
-def direct(mla) -> Direct:
-    return Direct(mla)
+def direct(mla) -> DirectScorer:
+    return DirectScorer(mla)
 
 
-@pytest.mark.parametrize("backend", list(MODEL_ARGS))
+@pytest.mark.parametrize("backend", list(CPU_MODEL_ARGS))
 def test_loglikelihoods_match_a_direct_computation(runs, direct, backend):
     samples = runs[backend].samples["transmla_cloze"]
     assert len(samples) == LIMIT
@@ -90,7 +48,7 @@ def test_loglikelihoods_match_a_direct_computation(runs, direct, backend):
     for sample in samples:
         doc = sample["doc"]
         got = [float(r[0][0]) for r in sample["resps"]]
-        want = [direct.loglikelihood(doc["context"], " " + c) for c in doc["choices"]]
+        want = direct.choice_loglikelihoods(doc)
         worst = max(worst, *(abs(g - w) for g, w in zip(got, want, strict=True)))
     print(f"{backend}: max |loglikelihood difference| {worst:.2e}")
     assert worst < 1e-3
@@ -98,20 +56,13 @@ def test_loglikelihoods_match_a_direct_computation(runs, direct, backend):
     assert runs[backend].scores["transmla_cloze"]["acc,none"] == direct.cloze_acc(docs)
 
 
-@pytest.mark.parametrize("backend", list(MODEL_ARGS))
+@pytest.mark.parametrize("backend", list(CPU_MODEL_ARGS))
 def test_completions_match_direct_greedy_decoding(runs, direct, backend):
     samples = runs[backend].samples["transmla_complete"]
     assert len(samples) == LIMIT
-    texts = [_complete_chars(s["resps"][0][0]) for s in samples]
-    assert texts == [_complete_chars(direct.greedy(s["doc"]["context"])) for s in samples]
+    texts = [complete_chars(s["resps"][0][0]) for s in samples]
+    assert texts == [complete_chars(direct.greedy(s["doc"]["context"])) for s in samples]
     assert any(t.strip() for t in texts)  # something was generated
-
-
-def _complete_chars(text: str) -> str:
-    """``text`` without a trailing U+FFFD: the random model's last byte-level token may end
-    inside a UTF-8 character, which tokenizer.decode shows as U+FFFD and vLLM's incremental
-    detokenizer holds back."""
-    return text.rstrip("\ufffd")
 
 
 def test_backends_report_the_same_scores(runs):
@@ -127,12 +78,12 @@ def test_verify_prints_and_records_source_and_converted(runs, mla, calib_file, t
     cmd = [sys.executable, "-m", "converter", "verify", "--src", src, "--dst", str(dst)]
     cmd += ["--text", str(calib_file), "--ctx", "64", "--max-tokens", "256", "--write-card"]
     cmd += ["--lm-eval-tasks", "transmla_cloze", "--lm-eval-backend", "hf"]
-    cmd += ["--lm-eval-args", MODEL_ARGS["hf"], "--lm-eval-limit", str(LIMIT)]
+    cmd += ["--lm-eval-args", CPU_MODEL_ARGS["hf"], "--lm-eval-limit", str(LIMIT)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     docs = [s["doc"] for s in runs["hf"].samples["transmla_cloze"]]
     acc_src, acc_dst = (
-        Direct(Path(src)).cloze_acc(docs),
+        DirectScorer(Path(src)).cloze_acc(docs),
         runs["hf"].scores["transmla_cloze"]["acc,none"],
     )
     line = next(ln for ln in proc.stdout.splitlines() if "transmla_cloze acc:" in ln)
