@@ -19,8 +19,9 @@ from converter.errors import ConversionError
 TASKS_DIR = Path(__file__).resolve().parents[1] / "lm_eval_tasks"
 SHIPPED_TASKS = ("transmla_cloze", "transmla_complete")
 BACKENDS = ("vllm", "hf")
-# Each backend's model_args besides the folder: our code runs the converted architecture.
-BASE_MODEL_ARGS = {"vllm": "trust_remote_code=True", "hf": "trust_remote_code=True"}
+# model_args every run gets besides the folder: our remote code defines the converted
+# architecture for transformers, and vLLM reads the folder's config through it too.
+REMOTE_CODE_ARG = "trust_remote_code=True"
 # hf's "auto" batch size probes ever larger batches, slow on CPU; vLLM schedules its own.
 BATCH_SIZE = {"vllm": "auto", "hf": "8"}
 INSTALL_HINT = "pip install 'transmla-vllm[lmeval]'"
@@ -62,7 +63,7 @@ def lm_eval_command(
 ) -> list[str]:
     """The lm-eval command line for ``folder`` (what a user can run by hand: replace the
     launcher with ``lm_eval`` on a GPU install)."""
-    args = ",".join(a for a in (f"pretrained={folder}", BASE_MODEL_ARGS[backend], model_args) if a)
+    args = ",".join(a for a in (f"pretrained={folder}", REMOTE_CODE_ARG, model_args) if a)
     cmd = [sys.executable, "-m", LAUNCHER, "run", "--model", backend, "--model_args", args]
     cmd += ["--tasks", ",".join(tasks), "--include_path", str(TASKS_DIR)]
     cmd += ["--output_path", str(output), "--log_samples", "--batch_size", BATCH_SIZE[backend]]
