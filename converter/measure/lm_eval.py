@@ -17,7 +17,7 @@ from pathlib import Path
 from converter.errors import ConversionError
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "lm_eval_tasks"
-SHIPPED_TASKS = ("transmla_cloze", "transmla_complete")
+SHIPPED_TASKS = tuple(sorted(p.stem for p in TASKS_DIR.glob("*.yaml")))  # task = file name
 BACKENDS = ("vllm", "hf")
 # model_args every run gets besides the folder: our remote code defines the converted
 # architecture for transformers, and vLLM reads the folder's config through it too.
