@@ -61,6 +61,7 @@ from vllm.sequence import IntermediateTensors
 
 from transmla_vllm.checkpoint_format import GATE_PROJ, UP_PROJ, biases, moe_mlp, qk_norm
 from transmla_vllm.config_checks import rope_parameters_for
+from transmla_vllm.flat_rope import FlatRope
 from transmla_vllm.moe import EXPERTS_PREFIX, MLP_MODULE, TransMLAQwen3MoE
 from transmla_vllm.normed_attention import add_normed_projections
 from transmla_vllm.padding import PADDING
@@ -195,11 +196,13 @@ class TransMLAAttention(nn.Module):
             quant_config=quant_config,
             prefix=f"{prefix}.o_proj",
         )
-        self.rotary_emb = get_rope(
-            self.qk_rope_head_dim,
-            max_position=getattr(config, "max_position_embeddings", 8192),
-            is_neox_style=False,
-            rope_parameters=rope_parameters_for(config),
+        self.rotary_emb = FlatRope(
+            get_rope(
+                self.qk_rope_head_dim,
+                max_position=getattr(config, "max_position_embeddings", 8192),
+                is_neox_style=False,
+                rope_parameters=rope_parameters_for(config),
+            )
         )
 
         if self.use_mla:

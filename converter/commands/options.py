@@ -97,6 +97,42 @@ def add_scoring_options(p: argparse.ArgumentParser, text_help: str) -> None:
     )
 
 
+def add_lm_eval_options(p: argparse.ArgumentParser) -> None:
+    """--lm-eval-tasks, --lm-eval-backend, --lm-eval-args and --lm-eval-limit: lm-eval tasks run
+    on source and converted (needs the lmeval extra)."""
+    from converter.measure.lm_eval import BACKENDS, SHIPPED_TASKS
+
+    g = p.add_argument_group(
+        "lm-evaluation-harness (optional: pip install 'transmla-vllm[lmeval]')"
+    )
+    g.add_argument(
+        "--lm-eval-tasks",
+        metavar="T1,T2",
+        type=lambda s: [t for t in s.split(",") if t],
+        help="lm-eval tasks to run on source and converted, side by side: any lm-eval task "
+        f"(hub tasks download their data) or the shipped offline ones ({', '.join(SHIPPED_TASKS)})",
+    )
+    g.add_argument(
+        "--lm-eval-backend",
+        choices=BACKENDS,
+        default=BACKENDS[0],
+        help="vllm: vLLM with our plugin, as served; hf: transformers with our remote code "
+        "(default %(default)s)",
+    )
+    g.add_argument(
+        "--lm-eval-args",
+        metavar="K=V,...",
+        default="",
+        help="more lm-eval model_args for both models, e.g. dtype=bfloat16,max_model_len=4096",
+    )
+    g.add_argument(
+        "--lm-eval-limit",
+        type=int,
+        metavar="N",
+        help="score only the first N items of each task (default: all)",
+    )
+
+
 def add_debug_option(p: argparse.ArgumentParser) -> None:
     """--debug, which commands/errors.py run_command reads."""
     p.add_argument(

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from converter.hub.card.source import SourceInfo
+from converter.measure.lm_eval_compare import comparison_rows
 from transmla_vllm.checkpoint_format import moe_mlp, qk_norm
 
 # Keys of the ``verification`` dict (``python -m converter verify --write-card`` stores it in
@@ -125,7 +126,26 @@ def quality_section(verification: dict[str, Any] | None) -> str:
     src, conv = verification.get("ppl_source"), verification.get("ppl_converted")
     if src and conv:
         rows.insert(2, f"| perplexity change | {100 * (conv / src - 1):+.2f}% |")
-    return head + "| metric | value |\n|---|---:|\n" + "\n".join(rows) + "\n"
+    table = head + "| metric | value |\n|---|---:|\n" + "\n".join(rows) + "\n"
+    return table + lm_eval_table(verification.get("lm_eval"))
+
+
+def lm_eval_table(comparison: dict[str, Any] | None) -> str:
+    """``verify --lm-eval-tasks``'s scores, source and converted side by side."""
+    if not comparison:
+        return ""
+    limit = comparison.get("limit")
+    rows = "\n".join(
+        f"| {task} | {metric} | {s:.4f} | {c:.4f} | {c - s:+.4f} |"
+        for task, metric, s, c in comparison_rows(comparison)
+    )
+    return (
+        f"\nlm-evaluation-harness, {comparison['backend']} backend"
+        + (f", first {limit} items of each task" if limit else "")
+        + ":\n\n| task | metric | source | converted | change |\n|---|---|---:|---:|---:|\n"
+        + rows
+        + "\n"
+    )
 
 
 def heal_section(heal: dict[str, Any] | None) -> str:
