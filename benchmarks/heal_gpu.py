@@ -2,7 +2,7 @@
 
 Builds a Llama-3.1-8B-shaped teacher and its MLA student (rope 64 + latent 512, the default
 conversion) in GPU memory with random weights -- heal's memory and speed do not depend on the
-values, and nothing has to be downloaded -- then runs the real loop (converter.heal.loop.train:
+values, and nothing has to be downloaded -- then runs the real loop (converter.heal.trainer:
 bf16 autocast, trained attention weights in fp32 with AdamW, gradient checkpointing, chunked
 KL) for a few steps, and prints the peak GPU memory (torch.cuda.max_memory_allocated) next to
 converter.heal.memory's estimate, and tokens per second.
@@ -103,10 +103,12 @@ def main() -> int:
     p.add_argument("--json", default=None, help="also write the result to this file")
     args = p.parse_args()
 
+    from converter.heal.callbacks import standard
     from converter.heal.data import HealData
-    from converter.heal.loop import LoopState, TrainSettings, train
+    from converter.heal.loop import LoopState, TrainSettings
     from converter.heal.memory import estimate, trainable_names
     from converter.heal.objective import held_out
+    from converter.heal.trainer import Trainer
 
     shape = TINY if args.tiny else LLAMA_31_8B
     teacher_cfg, spec, student_cfg, layout = configs(shape)
@@ -128,7 +130,7 @@ def main() -> int:
         return 0
     from transformers import LlamaForCausalLM
 
-    from converter.heal.run import make_trainable
+    from converter.heal.models import make_trainable
     from converter.remote_code.modeling_transmla import TransMLAForCausalLM
 
     if device == "cuda":
@@ -159,7 +161,8 @@ def main() -> int:
     held_out(student, data.validation, device, args.batch_size, precision, teacher)
     eval_s = time.time() - t0
     t0 = time.time()
-    train(student, teacher, data, cfg, LoopState())  # evaluates before and after: 2 x eval_s
+    trainer = Trainer(student, teacher, data, cfg, LoopState(), standard())
+    trainer.fit()  # evaluates before and after: 2 x eval_s
     train_s = max(time.time() - t0 - 2 * eval_s, 1e-9)
     result.update(
         build_s=round(built, 1),
