@@ -109,15 +109,22 @@ NORMED_ATTN_TENSORS = (
 #     (converter/math/fp8_scales.py): FP8_KV_A_ROWS, rows [latent; rope pairs] multiplied by
 #     2^e; FP8_KV_B_COLUMNS, latent columns divided by it; FP8_QUERY_ROWS, each head's rope
 #     rows of the query divided by the rope pair's 2^e. None: not touched.
+#   source: the layer-relative source tensor an untrained one is a copy of (heal shares it
+#     with the teacher, see CheckpointLayout.kept_from_source).
 FP8_KV_A_ROWS = "kv_a rows"
 FP8_KV_B_COLUMNS = "kv_b columns"
 FP8_QUERY_ROWS = "query rows"
+# the source's query and key projections, which a q/k-normed layer keeps under other names (the
+# query's has the name of the converted projection that replaces it in a plain layer)
+SOURCE_Q_PROJ = Q_PROJ
+SOURCE_K_PROJ = "self_attn.k_proj.weight"
 
 
 @dataclass(frozen=True)
 class AttentionRole:
     trained: bool
     fp8: str | None = None
+    source: str | None = None
 
 
 ATTENTION_ROLES: dict[str, AttentionRole] = {
@@ -127,16 +134,17 @@ ATTENTION_ROLES: dict[str, AttentionRole] = {
     KV_A_BIAS: AttentionRole(trained=True, fp8=FP8_KV_A_ROWS),
     KV_B_PROJ: AttentionRole(trained=True, fp8=FP8_KV_B_COLUMNS),
     O_PROJ: AttentionRole(trained=True),
-    Q_HEAD_PROJ: AttentionRole(trained=False),
-    Q_NORM: AttentionRole(trained=False),
+    Q_HEAD_PROJ: AttentionRole(trained=False, source=SOURCE_Q_PROJ),
+    Q_NORM: AttentionRole(trained=False, source=Q_NORM),
     Q_HEAD_MAP: AttentionRole(trained=True, fp8=FP8_QUERY_ROWS),
-    K_HEAD_PROJ: AttentionRole(trained=False),
-    K_NORM: AttentionRole(trained=False),
+    K_HEAD_PROJ: AttentionRole(trained=False, source=SOURCE_K_PROJ),
+    K_NORM: AttentionRole(trained=False, source=K_NORM),
     KV_A_KEY_MAP: AttentionRole(trained=True, fp8=FP8_KV_A_ROWS),
 }
 # derived from the table, for readers that need one list
 CONVERTED_ATTENTION = tuple(name for name, role in ATTENTION_ROLES.items() if role.trained)
 FP8_FOLDS = {name: role.fp8 for name, role in ATTENTION_ROLES.items() if role.fp8 is not None}
+KEPT_ATTENTION = {name: role.source for name, role in ATTENTION_ROLES.items() if role.source}
 DENSE_TENSORS = (INPUT_NORM, POST_ATTN_NORM, GATE_PROJ, UP_PROJ, DOWN_PROJ)
 # Mixture-of-experts MLP (Qwen3-MoE), copied from the source under its own names: the router,
 # then each expert's gate / up / down projections.
@@ -314,6 +322,22 @@ class CheckpointLayout:
         out[FINAL_NORM] = (d,)
         if not self.tie_word_embeddings:
             out[LM_HEAD] = (self.vocab_size, d)
+        return out
+
+    def kept_from_source(self) -> dict[str, str]:
+        """The tensors a conversion copies from the source unchanged, full converted name ->
+        full source name: embeddings, final norm and head, each layer's norms and MLP (dense or
+        experts, named alike in both), and a q/k-normed layer's projections and norms
+        (KEPT_ATTENTION). Heal's student holds them bit for bit as the teacher does."""
+        out = {EMBED: EMBED}
+        kept = {n: KEPT_ATTENTION[n] for n in self.attention_shapes() if n in KEPT_ATTENTION}
+        for i in range(self.num_layers):
+            p = layer_prefix(i)
+            out.update({p + n: p + n for n in self.dense_shapes(i)})
+            out.update({p + n: p + source for n, source in kept.items()})
+        out[FINAL_NORM] = FINAL_NORM
+        if not self.tie_word_embeddings:
+            out[LM_HEAD] = LM_HEAD
         return out
 
     @classmethod

@@ -31,8 +31,9 @@ from converter.heal.models import load_models
 from converter.heal.objective import choose_precision
 from converter.heal.options import EVALUATIONS, HealOptions, heal_after_convert
 from converter.heal.output import write_healed
+from converter.heal.shared import share_frozen
 from converter.heal.state import HealStore, describe_progress, fingerprint
-from converter.heal.summary import log_result, summary
+from converter.heal.summary import log_result, memory_summary, summary
 from converter.heal.trainer import Trainer
 from transmla_vllm.checkpoint_format import REPORT_FILE, CheckpointLayout
 
@@ -96,11 +97,16 @@ def heal(opts: HealOptions) -> Path:
     keep_freed_memory()
     precision = choose_precision(opts.precision, device)
     layout = CheckpointLayout.from_config(pair.student_config)
-    memory = plan_memory(pair.spec, layout, opts.train, opts.batch_size, opts.seqlen, device)
+    memory = plan_memory(
+        pair.spec, layout, opts.train, opts.batch_size, opts.seqlen, device, opts.share
+    )
     log.info("%s", memory.describe())
     memory.check()
     passes = _log_passes(opts, data)
     teacher, student = load_models(pair, opts.train, device, precision, memory.checkpointing)
+    sharing = share_frozen(teacher, student, layout.kept_from_source()) if opts.share else None
+    if sharing is not None:
+        memory.warn_if_shared_less(sharing.shared_bytes)
     report_path = pair.student / REPORT_FILE
     student_report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     scales = recorded_scales(student_report)
@@ -137,6 +143,7 @@ def heal(opts: HealOptions) -> Path:
             scales is not None, opts.keep_worse,
         )  # fmt: skip
         heal_summary = summary(opts, data, cfg, state, passes, written, out_dtype, started)
+        heal_summary["memory"] = memory_summary(memory, sharing, device)
         log_result(heal_summary)
         shard_bytes = parse_size(opts.max_shard_size)
         write_healed(

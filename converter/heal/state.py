@@ -33,7 +33,7 @@ STATE_PREFIX = "heal-state-"
 
 
 # options that change how a run is done but not what it computes: a --resume may change them
-NOT_FINGERPRINTED = ("resume", "overwrite", "dst")
+NOT_FINGERPRINTED = ("resume", "overwrite", "dst", "share")
 
 
 def fingerprint(opts: HealOptions, pair: HealPair, data: HealData, device: str) -> dict:

@@ -14,8 +14,10 @@ from converter.conversion.device import peak_rss_bytes
 from converter.heal.data import HealData
 from converter.heal.finish import Written
 from converter.heal.loop import LoopState, TrainSettings
+from converter.heal.memory import MemoryEstimate, measured_peak
 from converter.heal.objective import eval_precision
 from converter.heal.options import HealOptions
+from converter.heal.shared import SharingReport
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,19 @@ def summary(
         "peak_rss_bytes": peak_rss_bytes(),
         "kept": written.kept,
         "test": test_summary(state, written, cfg.device, out_dtype),
+    }
+
+
+def memory_summary(estimate: MemoryEstimate, sharing: SharingReport | None, device: str) -> dict:
+    """The estimate heal printed and refused by, the peak this run measured beside it, and
+    what the student shared with the teacher (None: --no-share)."""
+    peak, how = measured_peak(device)
+    log.info("memory: peak %.2f GB (%s), estimate %.2f GB", peak / 1e9, how, estimate.total / 1e9)
+    return {
+        "estimate_bytes": estimate.as_report(),
+        "peak_bytes": peak,
+        "peak_measured_as": how,
+        "sharing": sharing.as_report() if sharing is not None else None,
     }
 
 
