@@ -40,13 +40,8 @@ class Trainer:
         state: LoopState,
         callbacks: Sequence = (),
     ) -> None:
-        self.student, self.teacher, self.data, self.cfg, self.state = (
-            student,
-            teacher,
-            data,
-            cfg,
-            state,
-        )
+        self.student, self.teacher = student, teacher
+        self.data, self.cfg, self.state = data, cfg, state
         self.callbacks = list(callbacks)
         self.params = trained(student)
         self.optimizer = optimizer(self.params)

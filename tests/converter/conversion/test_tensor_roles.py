@@ -29,6 +29,7 @@ from transmla_vllm.checkpoint_format import (
     FP8_KV_A_ROWS,
     FP8_KV_B_COLUMNS,
     FP8_QUERY_ROWS,
+    KEPT_ATTENTION,
     NORMED_ATTN_TENSORS,
     SINGLE_FILE,
     CheckpointLayout,
@@ -90,6 +91,7 @@ def test_every_attention_tensor_has_one_role():
     }
     assert CONVERTED_ATTENTION == tuple(n for n, r in ATTENTION_ROLES.items() if r.trained)
     assert FP8_FOLDS == {n: r.fp8 for n, r in ATTENTION_ROLES.items() if r.fp8}
+    assert set(KEPT_ATTENTION) == {n for n, r in ATTENTION_ROLES.items() if not r.trained}
 
 
 def test_reconstruction_and_heal_train_the_tensors_the_table_names(layer):
@@ -111,6 +113,10 @@ def test_untrained_tensors_are_the_sources_own(layer):
     own += [getattr(attn, n).weight for n in ("q_norm", "k_norm") if hasattr(attn, n)]
     kept = {n for n, t in layer.tensors.items() if any(torch.equal(t, s) for s in own)}
     assert {n for n in layer.tensors if not ATTENTION_ROLES[n].trained} == kept
+    # each is the source tensor the table names (heal shares it with the teacher by that name)
+    source = dict(layer.source.named_parameters())
+    for name in kept:
+        assert layer.tensors[name].equal(source[KEPT_ATTENTION[name]]), name
 
 
 @torch.no_grad()
