@@ -5,7 +5,9 @@ report count it."""
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -66,7 +68,9 @@ def test_equal_frozen_tensors_are_held_once_and_a_different_one_is_not(pair):
     candidates = layout.kept_from_source()
     teacher, model = load_models(heal_pair, "attention", "cpu", "fp32", checkpointing=False)
     values = {n: t.clone() for n, t in model.state_dict().items()}
+    own_copies = {n: weakref.ref(p) for n, p in model.named_parameters()}
     report = share_frozen(teacher, model, candidates)
+    gc.collect()
     # independent of the code: which kept tensors the files hold equal, and which student
     # parameters now use a teacher parameter's storage
     on_disk, source = read_tensors(student), read_tensors(src)
@@ -78,6 +82,8 @@ def test_equal_frozen_tensors_are_held_once_and_a_different_one_is_not(pair):
     held_once = {n for n, p in params.items() if p.data_ptr() in teacher_storage}
     assert set(report.shared) == held_once == equal
     assert report.kept == {EDITED: DIFFERS}
+    # the student's own copies of those are gone (nothing else holds them), the rest stay
+    assert {n for n, ref in own_copies.items() if ref() is None} == held_once
     assert all(params[n].requires_grad for n in set(params) - held_once - {EDITED})
     # the student computes with the same values as before
     after = model.state_dict()
