@@ -2,13 +2,17 @@
 
 Builds a Llama-3.1-8B-shaped teacher and its MLA student (rope 64 + latent 512, the default
 conversion) in GPU memory with random weights -- heal's memory and speed do not depend on the
-values, and nothing has to be downloaded -- then runs the real loop (converter.heal.loop.train:
+values, and nothing has to be downloaded -- then runs the real loop (converter.heal.trainer:
 bf16 autocast, trained attention weights in fp32 with AdamW, gradient checkpointing, chunked
 KL) for a few steps, and prints the peak GPU memory (torch.cuda.max_memory_allocated) next to
-converter.heal.memory's estimate, and tokens per second.
+converter.heal.memory's estimate, and tokens per second. The student's kept tensors (MLP,
+norms, embeddings, head) are copied from the teacher, as a conversion keeps them, and heal
+holds them once (converter/heal/shared.py) unless --no-share.
 
     python benchmarks/heal_gpu.py                          # GPU: 8B, 2 x 2048 tokens per step
-    python benchmarks/heal_gpu.py --estimate-only          # the computed estimate, no GPU needed
+    python benchmarks/heal_gpu.py --estimate-only          # the estimates, with and without
+                                                           # sharing; no GPU needed
+    python benchmarks/heal_gpu.py --no-share               # the student keeps its own copies
     python benchmarks/heal_gpu.py --tiny --device cpu      # dry run of the whole script on CPU
 """
 
@@ -99,36 +103,60 @@ def main() -> int:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--train", default="attention", choices=["attention", "all"])
-    p.add_argument("--estimate-only", action="store_true", help="print the estimate and stop")
+    p.add_argument(
+        "--estimate-only",
+        action="store_true",
+        help="print the estimates with and without sharing and stop",
+    )
+    p.add_argument(
+        "--no-share",
+        dest="share",
+        action="store_false",
+        help="the student keeps its own copy of the tensors equal to the teacher's",
+    )
     p.add_argument("--json", default=None, help="also write the result to this file")
     args = p.parse_args()
 
+    from converter.heal.callbacks import standard
     from converter.heal.data import HealData
-    from converter.heal.loop import LoopState, TrainSettings, train
+    from converter.heal.loop import LoopState, TrainSettings
     from converter.heal.memory import estimate, trainable_names
     from converter.heal.objective import held_out
+    from converter.heal.shared import share_frozen
+    from converter.heal.trainer import Trainer
 
     shape = TINY if args.tiny else LLAMA_31_8B
     teacher_cfg, spec, student_cfg, layout = configs(shape)
     device = args.device
     # the recipe checkpoints (the 8B activations do not fit twice over otherwise)
-    est = estimate(spec, layout, args.train, args.batch_size, args.seqlen, device)
-    print(est.describe(), flush=True)
+    sizes = (spec, layout, args.train, args.batch_size, args.seqlen, device)
+    estimates = {share: estimate(*sizes, share=share) for share in (True, False)}
+    est = estimates[args.share]
     result = {
         "model": "tiny" if args.tiny else "Llama-3.1-8B shape",
         "device": device,
         "batch_size": args.batch_size,
         "seqlen": args.seqlen,
         "train": args.train,
+        "share": args.share,
         "estimate_gb": {k: round(v / 1e9, 2) for k, v in est.parts.items()},
         "estimate_total_gb": round(est.total / 1e9, 2),
     }
     if args.estimate_only:
+        for share, e in estimates.items():
+            label = "with sharing" if share else "without sharing (--no-share)"
+            print(f"{label}: {e.describe()}")
+        result["estimate_total_gb_by_share"] = {
+            "shared": round(estimates[True].total / 1e9, 2),
+            "not shared": round(estimates[False].total / 1e9, 2),
+            "held once": round(estimates[True].shared / 1e9, 2),
+        }
         print(json.dumps(result, indent=1))
         return 0
+    print(est.describe(), flush=True)
     from transformers import LlamaForCausalLM
 
-    from converter.heal.run import make_trainable
+    from converter.heal.models import make_trainable
     from converter.remote_code.modeling_transmla import TransMLAForCausalLM
 
     if device == "cuda":
@@ -141,6 +169,12 @@ def main() -> int:
         student = TransMLAForCausalLM(student_cfg)
     torch.set_default_dtype(torch.float32)
     make_trainable(student, trainable_names(layout, args.train))
+    kept = layout.kept_from_source()
+    with torch.no_grad():  # as a conversion leaves them: the source's own values
+        for name, source in kept.items():
+            student.get_parameter(name).copy_(teacher.get_parameter(source))
+    if args.share:
+        result["sharing"] = share_frozen(teacher, student, kept).as_report()
     built = time.time() - started
     g = torch.Generator().manual_seed(0)
     rows = torch.randint(spec.vocab_size, (args.steps * args.batch_size, args.seqlen), generator=g)
@@ -159,7 +193,8 @@ def main() -> int:
     held_out(student, data.validation, device, args.batch_size, precision, teacher)
     eval_s = time.time() - t0
     t0 = time.time()
-    train(student, teacher, data, cfg, LoopState())  # evaluates before and after: 2 x eval_s
+    trainer = Trainer(student, teacher, data, cfg, LoopState(), standard())
+    trainer.fit()  # evaluates before and after: 2 x eval_s
     train_s = max(time.time() - t0 - 2 * eval_s, 1e-9)
     result.update(
         build_s=round(built, 1),

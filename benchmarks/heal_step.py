@@ -73,13 +73,13 @@ def main() -> int:
     from converter.conversion.device import keep_freed_memory
     from converter.heal.inputs import check_pair
     from converter.heal.loop import trained
-    from converter.heal.run import _load
+    from converter.heal.models import load_models
 
     keep_freed_memory()  # as heal does
     src, student_dir = student_folder(Path(args.workdir), args.calib_samples)
     pair = check_pair(str(src), str(student_dir), None)
     precisions = ["fp32", "bf16"]
-    teacher, student = _load(pair, "attention", "cpu", "fp32", checkpointing=False)
+    teacher, student = load_models(pair, "attention", "cpu", "fp32", checkpointing=False)
     opt = torch.optim.AdamW(trained(student).values(), lr=1e-12)  # timing only: weights stay
     g = torch.Generator().manual_seed(0)
     rows = []

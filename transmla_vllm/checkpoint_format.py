@@ -112,17 +112,24 @@ NORMED_ATTN_TENSORS = (
 #     [nope; v] rows over latent columns (columns divided by 2^e); QUERY_ROWS, per head
 #     [nope; rope] rows (rope rows divided by the pair's 2^e); O_COLUMNS, per head v input
 #     columns (no scale). None: the source's own layout, neither padded nor scaled.
+#   source: the layer-relative source tensor an untrained one is a copy of (heal shares it
+#     with the teacher, see CheckpointLayout.kept_from_source).
 KV_A_ROWS = "kv_a rows"
 KV_B_COLUMNS = "kv_b columns"
 QUERY_ROWS = "query rows"
 O_COLUMNS = "o columns"
 FP8_FOLDED_LAYOUTS = (KV_A_ROWS, KV_B_COLUMNS, QUERY_ROWS)
+# the source's query and key projections, which a q/k-normed layer keeps under other names (the
+# query's has the name of the converted projection that replaces it in a plain layer)
+SOURCE_Q_PROJ = Q_PROJ
+SOURCE_K_PROJ = "self_attn.k_proj.weight"
 
 
 @dataclass(frozen=True)
 class AttentionRole:
     trained: bool
     layout: str | None = None
+    source: str | None = None
 
 
 ATTENTION_ROLES: dict[str, AttentionRole] = {
@@ -132,13 +139,13 @@ ATTENTION_ROLES: dict[str, AttentionRole] = {
     KV_A_BIAS: AttentionRole(trained=True, layout=KV_A_ROWS),
     KV_B_PROJ: AttentionRole(trained=True, layout=KV_B_COLUMNS),
     O_PROJ: AttentionRole(trained=True, layout=O_COLUMNS),
-    Q_HEAD_PROJ: AttentionRole(trained=False),
-    Q_NORM: AttentionRole(trained=False),
+    Q_HEAD_PROJ: AttentionRole(trained=False, source=SOURCE_Q_PROJ),
+    Q_NORM: AttentionRole(trained=False, source=Q_NORM),
     # the normed attention's maps have the output rows of q_proj / kv_a_proj_with_mqa over
     # other input widths
     Q_HEAD_MAP: AttentionRole(trained=True, layout=QUERY_ROWS),
-    K_HEAD_PROJ: AttentionRole(trained=False),
-    K_NORM: AttentionRole(trained=False),
+    K_HEAD_PROJ: AttentionRole(trained=False, source=SOURCE_K_PROJ),
+    K_NORM: AttentionRole(trained=False, source=K_NORM),
     KV_A_KEY_MAP: AttentionRole(trained=True, layout=KV_A_ROWS),
 }
 # derived from the table, for readers that need one list
@@ -146,6 +153,7 @@ CONVERTED_ATTENTION = tuple(name for name, role in ATTENTION_ROLES.items() if ro
 FP8_FOLDS = {
     name: role.layout for name, role in ATTENTION_ROLES.items() if role.layout in FP8_FOLDED_LAYOUTS
 }
+KEPT_ATTENTION = {name: role.source for name, role in ATTENTION_ROLES.items() if role.source}
 DENSE_TENSORS = (INPUT_NORM, POST_ATTN_NORM, GATE_PROJ, UP_PROJ, DOWN_PROJ)
 # Mixture-of-experts MLP (Qwen3-MoE), copied from the source under its own names: the router,
 # then each expert's gate / up / down projections.
@@ -323,6 +331,22 @@ class CheckpointLayout:
         out[FINAL_NORM] = (d,)
         if not self.tie_word_embeddings:
             out[LM_HEAD] = (self.vocab_size, d)
+        return out
+
+    def kept_from_source(self) -> dict[str, str]:
+        """The tensors a conversion copies from the source unchanged, full converted name ->
+        full source name: embeddings, final norm and head, each layer's norms and MLP (dense or
+        experts, named alike in both), and a q/k-normed layer's projections and norms
+        (KEPT_ATTENTION). Heal's student holds them bit for bit as the teacher does."""
+        out = {EMBED: EMBED}
+        kept = {n: KEPT_ATTENTION[n] for n in self.attention_shapes() if n in KEPT_ATTENTION}
+        for i in range(self.num_layers):
+            p = layer_prefix(i)
+            out.update({p + n: p + n for n in self.dense_shapes(i)})
+            out.update({p + n: p + source for n, source in kept.items()})
+        out[FINAL_NORM] = FINAL_NORM
+        if not self.tie_word_embeddings:
+            out[LM_HEAD] = LM_HEAD
         return out
 
     @classmethod

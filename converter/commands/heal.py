@@ -183,6 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
         "where both models' bf16 and fp32 forwards agree (else fp32, with a warning)",
     )
     run.add_argument(
+        "--no-share",
+        dest="share",
+        action="store_false",
+        default=option("share"),
+        help="keep the student's own copy of every tensor. By default a frozen student tensor "
+        "equal to the teacher's (checked one by one: MLP, norms, embeddings, head) is held once, "
+        "by the teacher, which saves most of a model's weights with --train attention; the "
+        "weights written are the same either way (for measuring what sharing saves)",
+    )
+    run.add_argument(
         "--threads",
         type=int,
         default=None,

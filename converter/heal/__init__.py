@@ -5,14 +5,23 @@ two next-token laws on real text) recovers most of what it loses. Same checkpoin
 out, so the plugin serves a healed folder unchanged.
 
     options.py    HealOptions (the one home of the defaults), choices (no torch: --help stays fast)
+    checks.py     the flags, refused in one sentence before any file is read
     data.py       text -> training sequences and a held-out slice kept out of every pass
     inputs.py     the teacher / student pair, checked before anything heavy
     memory.py     what a run needs, estimated up front and refused when it cannot fit
+    models.py     the two models loaded: teacher frozen, student's trained weights in fp32
     objective.py  the distillation loss and the held-out perplexity
-    loop.py       the training loop: evaluation, best state, progress bar
+    precision.py  whether bf16 trains against the teacher the run measures
+    fp8.py        the fp8 cache scales taken out before training and chosen again after
+    baseline.py   what the run starts from, measured once
+    loop.py       the loop's settings, state, schedule and optimizer
+    trainer.py    the Trainer: a step, an evaluation, the loop that calls the callbacks
+    callbacks.py  around the loop: best weights, divergence guard, --resume saves, progress
     state.py      --resume: the loop's state in the resume folder
+    finish.py     what is written: the kept weights as written, or the input's
+    summary.py    the report's heal entry
     output.py     the healed folder: shards, config, report, card
-    run.py        heal() and convert-then-heal, start to end
+    run.py        heal() and convert-then-heal: the above, in order
 """
 
 __all__ = ["HealOptions", "convert_and_heal", "heal"]

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from converter.calibration.chunks import body_length, held_out_count, row_start, text_rows
+from converter.calibration.text import load_documents, read_calibration_text
 from converter.errors import ConversionError
-from converter.heal.options import HELD_OUT_SLICE_SHARE
+from converter.heal.options import HELD_OUT_SLICE_SHARE, HealOptions
 
 log = logging.getLogger(__name__)
 
@@ -137,3 +139,11 @@ def split_text(
         test.shape[0],
     )
     return HealData(train, validation, test, seed, source, row_start(tokenizer).as_report())
+
+
+def read_heal_text(opts: HealOptions, tokenizer) -> HealData:
+    """The rows of the text ``opts`` names (--calib-*, --eval-text), cut as split_text says."""
+    documents, _files = load_documents(opts.text_input, tokenizer)
+    held = [read_calibration_text(opts.eval_text)[0]] if opts.eval_text else None
+    name = Path(opts.eval_text).name if opts.eval_text else None
+    return split_text(tokenizer, documents, opts.seqlen, opts.eval_tokens, held, opts.seed, name)

@@ -3,28 +3,34 @@ refused in one sentence instead of dying in the middle.
 
 Both models are resident (the teacher runs alongside the student: for the sizes this tool
 targets the teacher's weights cost less than caching its logits would, see docs). Counted: the
-teacher's weights; the student's (frozen ones in the run dtype, trained ones in fp32 with their
-gradient and two AdamW moments); activations, with gradient checkpointing (every layer's input,
-one layer's recomputation and its gradients) or without (every layer's activations: faster by
-one forward pass, used when that fits in half of what is free); the loss, computed over chunks
-of positions so
-only loss_chunk() rows of logits exist at a time; a fixed runtime overhead. The copy of the best
+teacher's weights; the student's (frozen ones in the run dtype, except those it shares with the
+teacher, heal/shared.py; trained ones in fp32 with their gradient and two AdamW moments);
+activations, with gradient checkpointing (every layer's input, one layer's recomputation and
+its gradients) or without (every layer's activations: faster by one forward pass, used when
+that fits in half of what is free); the loss, computed over chunks of positions so only
+loss_chunk() rows of logits exist at a time; a fixed runtime overhead. The copy of the best
 trained weights is kept in host RAM.
+
+``ranks``: a run sharded over that many processes holds 1/ranks of the teacher and of the
+trained state (weights, gradients, moments, best copy) on each; a single-device run has 1.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
 
+from converter.conversion.device import peak_rss_bytes
 from converter.errors import ConversionError
 from converter.heal.objective import loss_chunk
 from converter.sources.spec import SourceSpec
 from converter.sources.tensors import source_tensors
 from transmla_vllm.checkpoint_format import CONVERTED_ATTENTION, CheckpointLayout, layer_prefix
 
+log = logging.getLogger(__name__)
 OVERHEAD = {"cpu": 0.6e9, "cuda": 1.5e9}  # interpreter + torch; CUDA context and allocator slack
 FIT = 0.9  # refuse above this share of what is available
 NO_CHECKPOINTING_SHARE = 0.5  # skip gradient checkpointing when the run fits in this share
@@ -44,6 +50,13 @@ def trainable_names(layout: CheckpointLayout, train: str) -> list[str]:
     return [layer_prefix(i) + n for i in range(layout.num_layers) for n in attn]
 
 
+def shared_names(layout: CheckpointLayout, train: str) -> list[str]:
+    """Student tensors a run expects to hold as the teacher's (heal/shared.py checks each):
+    those kept from the source that it does not train."""
+    trained = set(trainable_names(layout, train))
+    return [n for n in layout.kept_from_source() if n not in trained]
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     device: str
@@ -52,6 +65,8 @@ class MemoryEstimate:
     available: float | None  # bytes free on the device (None: unknown)
     host_available: float | None
     checkpointing: bool = True
+    shared: float = 0.0  # student bytes held once, by the teacher (not in ``parts``)
+    ranks: int = 1
 
     @property
     def total(self) -> float:
@@ -68,9 +83,39 @@ class MemoryEstimate:
         total = f"{self.total / 1e9:.2f} GB{free}"
         text = f"memory estimate on {self.device} (computed, GB): {parts} = {total}"
         text += f"; gradient checkpointing {'on' if self.checkpointing else 'off'}"
+        text += (
+            f"; {self.shared / 1e9:.2f} GB of the student shared with the teacher"
+            if self.shared
+            else "; nothing shared between teacher and student"
+        )
+        if self.ranks > 1:
+            text += f"; per rank of {self.ranks}"
         if self.device != "cpu":
             text += f"; host RAM {self.host / 1e9:.2f} GB for the best-state copy"
         return text
+
+    def warn_if_shared_less(self, shared_bytes: float) -> None:
+        """Say so when loading shared less than the estimate counted (a student tensor that
+        differs from the teacher's): the run needs that much more than it printed."""
+        if shared_bytes < self.shared:
+            log.warning(
+                "the memory estimate counted %.2f GB of the student as the teacher's, but only "
+                "%.2f GB is equal to it: this run needs %.2f GB more than estimated",
+                self.shared / 1e9,
+                shared_bytes / 1e9,
+                (self.shared - shared_bytes) / 1e9,
+            )
+
+    def as_report(self) -> dict:
+        """The estimate for the report, in bytes."""
+        return {
+            "parts": self.parts,
+            "host": self.host,
+            "total": self.total,
+            "shared": self.shared,
+            "checkpointing": self.checkpointing,
+            "ranks": self.ranks,
+        }
 
     def check(self) -> None:
         if not self.fits():
@@ -97,14 +142,19 @@ def estimate(
     device: str,
     checkpointing: bool = True,
     free: float | None = None,
+    share: bool = True,
+    ranks: int = 1,
 ) -> MemoryEstimate:
-    """Bytes a run of these sizes needs (fp32 on cpu; bf16 weights and activations on cuda)."""
+    """Bytes a run of these sizes needs on each of ``ranks`` devices (fp32 on cpu; bf16
+    weights and activations on cuda), with the student's kept tensors held by the teacher when
+    ``share``."""
     wide = 4
     act = 4 if device == "cpu" else 2
     n_teacher = _count(source_tensors(spec))
     shapes = layout.tensors()
     n_student = _count(shapes)
     n_train = sum(math.prod(shapes[n]) for n in trainable_names(layout, train))
+    n_shared = sum(math.prod(shapes[n]) for n in shared_names(layout, train)) if share else 0
     s, tokens = layout.shape, batch_size * seqlen
     heads, hidden, inter = s.num_heads, s.hidden_size, layout.intermediate_size
     # one layer's activations (attention scores and probabilities in fp32)
@@ -115,9 +165,9 @@ def estimate(
     else:
         activations = (layout.num_layers + 1) * layer
     parts = {
-        "teacher": float(act * n_teacher),
-        "student": float(act * (n_student - n_train) + wide * n_train),
-        "gradients+AdamW": float(3 * wide * n_train),
+        "teacher": float(act * n_teacher / ranks),
+        "student": float(act * (n_student - n_train - n_shared) + wide * n_train / ranks),
+        "gradients+AdamW": float(3 * wide * n_train / ranks),
         "activations": float(activations),
         # a chunk's fp32 logits and their temporaries; on a GPU (bf16 weights) also the fp32
         # copies of both heads the logits are made with (objective.ChunkedKL)
@@ -128,8 +178,17 @@ def estimate(
         "overhead": OVERHEAD["cpu" if device == "cpu" else "cuda"],
     }
     available = free if free is not None else _available(device)
-    host = float(wide * n_train)
-    return MemoryEstimate(device, parts, host, available, _available("cpu"), checkpointing)
+    host = float(wide * n_train / ranks)
+    return MemoryEstimate(
+        device,
+        parts,
+        host,
+        available,
+        _available("cpu"),
+        checkpointing,
+        float(act * n_shared),
+        ranks,
+    )
 
 
 def plan_memory(
@@ -139,12 +198,22 @@ def plan_memory(
     batch_size: int,
     seqlen: int,
     device: str,
+    share: bool = True,
 ) -> MemoryEstimate:
     """Without gradient checkpointing when that fits comfortably, else with it."""
-    fast = estimate(spec, layout, train, batch_size, seqlen, device, checkpointing=False)
+    sizes = (spec, layout, train, batch_size, seqlen, device)
+    fast = estimate(*sizes, checkpointing=False, share=share)
     if fast.fits(NO_CHECKPOINTING_SHARE):
         return fast
-    return estimate(spec, layout, train, batch_size, seqlen, device, checkpointing=True)
+    return estimate(*sizes, checkpointing=True, share=share)
+
+
+def measured_peak(device: str) -> tuple[int, str]:
+    """(bytes, how measured) of this process's peak on ``device``, to set beside the estimate:
+    the peak resident memory on a CPU, the peak allocated by torch on a GPU."""
+    if device == "cpu":
+        return peak_rss_bytes(), "VmHWM of /proc/self/status (the whole process)"
+    return int(torch.cuda.max_memory_allocated()), "torch.cuda.max_memory_allocated"
 
 
 def _available(device: str) -> float | None:

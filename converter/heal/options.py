@@ -51,6 +51,7 @@ class HealOptions(TextOptions):
     resume: bool = False
     revision: str | None = None
     keep_worse: bool = False
+    share: bool = True  # hold the student's tensors equal to the teacher's once (heal/shared.py)
 
 
 # ``convert --heal-tokens``: the convert options the heal after it takes over, same name and

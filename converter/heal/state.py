@@ -9,20 +9,49 @@ conversion's (converter/checkpoint/resume.py, whose folder, lock and publishing 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from converter import __version__
 from converter.checkpoint.resume import (
     _write_atomic,
     check_fingerprint,
+    digest,
     empty_folder,
     read_progress,
 )
+from converter.heal.data import HealData
+from converter.heal.inputs import HealPair
 from converter.heal.loop import LoopState
+from converter.heal.objective import choose_precision
+from converter.heal.options import HealOptions
 
 PROGRESS = "heal-progress.json"
 STATE_PREFIX = "heal-state-"
+
+
+# options that change how a run is done but not what it computes: a --resume may change them
+NOT_FINGERPRINTED = ("resume", "overwrite", "dst", "share")
+
+
+def fingerprint(opts: HealOptions, pair: HealPair, data: HealData, device: str) -> dict:
+    """What must not change between an interrupted --resume run and the one continuing it."""
+    weights = sorted(p.name for p in pair.student.glob("*.safetensors"))
+    sizes = {f: (pair.student / f).stat().st_size for f in weights}
+    settings = {k: v for k, v in asdict(opts).items() if k not in NOT_FINGERPRINTED}
+    held = data.validation.numpy().tobytes() + data.test.numpy().tobytes()
+    return {
+        "converter version": __version__,
+        "teacher": str(pair.teacher.resolve()),
+        "student": str(pair.student.resolve()) + "/" + digest(json.dumps(sizes)),
+        "student config": digest(json.dumps(pair.student_config, sort_keys=True)),
+        "text tokens": digest(data.train.numpy().tobytes() + held),
+        "settings": digest(json.dumps(settings, sort_keys=True)),
+        "device": device,
+        "precision": choose_precision(opts.precision, device),
+    }
 
 
 class HealStore:

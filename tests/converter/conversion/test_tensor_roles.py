@@ -27,6 +27,7 @@ from transmla_vllm.checkpoint_format import (
     CONFIG_FILE,
     CONVERTED_ATTENTION,
     FP8_FOLDS,
+    KEPT_ATTENTION,
     KV_A_ROWS,
     KV_B_COLUMNS,
     NORMED_ATTN_TENSORS,
@@ -98,6 +99,7 @@ def test_every_attention_tensor_has_one_role():
     assert set(FP8_FOLDS) == set(PADDING) - {O_PROJ}
     assert set(PADDING) == {n for n, r in ATTENTION_ROLES.items() if r.layout}
     assert not {n for n, r in ATTENTION_ROLES.items() if not r.trained} & set(PADDING)
+    assert set(KEPT_ATTENTION) == {n for n, r in ATTENTION_ROLES.items() if not r.trained}
 
 
 def test_reconstruction_and_heal_train_the_tensors_the_table_names(layer):
@@ -119,6 +121,10 @@ def test_untrained_tensors_are_the_sources_own(layer):
     own += [getattr(attn, n).weight for n in ("q_norm", "k_norm") if hasattr(attn, n)]
     kept = {n for n, t in layer.tensors.items() if any(torch.equal(t, s) for s in own)}
     assert {n for n in layer.tensors if not ATTENTION_ROLES[n].trained} == kept
+    # each is the source tensor the table names (heal shares it with the teacher by that name)
+    source = dict(layer.source.named_parameters())
+    for name in kept:
+        assert layer.tensors[name].equal(source[KEPT_ATTENTION[name]]), name
 
 
 @torch.no_grad()
