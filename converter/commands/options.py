@@ -100,11 +100,9 @@ def add_scoring_options(p: argparse.ArgumentParser, text_help: str) -> None:
 def add_lm_eval_options(p: argparse.ArgumentParser) -> None:
     """--lm-eval-tasks, --lm-eval-backend, --lm-eval-args and --lm-eval-limit: lm-eval tasks run
     on source and converted (needs the lmeval extra)."""
-    from converter.measure.lm_eval import BACKENDS, SHIPPED_TASKS
+    from converter.measure.lm_eval import BACKENDS, INSTALL_HINT, SHIPPED_TASKS
 
-    g = p.add_argument_group(
-        "lm-evaluation-harness (optional: pip install 'transmla-vllm[lmeval]')"
-    )
+    g = p.add_argument_group(f"lm-evaluation-harness (optional: {INSTALL_HINT})")
     g.add_argument(
         "--lm-eval-tasks",
         metavar="T1,T2",
