@@ -12,6 +12,8 @@ holds them once (converter/heal/shared.py) unless --no-share.
     python benchmarks/heal_gpu.py                          # GPU: 8B, 2 x 2048 tokens per step
     python benchmarks/heal_gpu.py --estimate-only          # the estimates, with and without
                                                            # sharing; no GPU needed
+    python benchmarks/heal_gpu.py --ranks-table            # 8B and 70B per GPU at 1/2/4/8 ranks
+                                                           # (writes docs/heal.md "heal_ranks")
     python benchmarks/heal_gpu.py --no-share               # the student keeps its own copies
     python benchmarks/heal_gpu.py --tiny --device cpu      # dry run of the whole script on CPU
 """
@@ -22,8 +24,11 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+DOCS_HEAL = Path(__file__).resolve().parent.parent / "docs" / "heal.md"
 
 LLAMA_31_8B = dict(
     hidden_size=4096,
@@ -45,6 +50,15 @@ LLAMA_31_8B = dict(
         "original_max_position_embeddings": 8192,
     },
 )
+LLAMA_31_70B = {
+    **LLAMA_31_8B,
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+}
+RANKS = (1, 2, 4, 8)
 TINY = {
     **LLAMA_31_8B,
     "hidden_size": 256,
@@ -93,6 +107,44 @@ def configs(shape: dict, rope: int = 64, rank: int = 512):
     )
 
 
+def ranks_table(batch_size: int, seqlen: int) -> list[str]:
+    """docs/heal.md "heal_ranks": what heal's estimate (converter/heal/memory.py) gives per GPU
+    for the 8B and 70B recipes at 1 to 8 ranks, as heal runs them: sharing in one process, each
+    model sharded on its own under torchrun; the 1-rank --no-share figure beside it."""
+    lines = [
+        f"Command: `python benchmarks/heal_gpu.py --ranks-table --batch-size {batch_size} "
+        f"--seqlen {seqlen}` (computed by converter/heal/memory.py, not measured). Per GPU, "
+        f"GB: Llama-3.1 shapes converted with rope 64 + latent 512, bf16, `--train attention`, "
+        f"{batch_size} sequences of {seqlen} tokens per rank (a global --batch-size of "
+        f"{batch_size} x ranks), gradient "
+        "checkpointing on. One rank holds the student's kept tensors once (shared with the "
+        "teacher); under torchrun each model's decoder layers are sharded on their own (no "
+        "sharing) and the embeddings, final norm and head stay whole on every rank.",
+        "",
+        "| model | 1 process, shared | 1 process, `--no-share` | "
+        + " | ".join(f"{r} ranks" for r in RANKS[1:])
+        + " |",
+        "|---|" + "---:|" * (len(RANKS) + 1),
+    ]
+    for name, shape in (("Llama-3.1-8B", LLAMA_31_8B), ("Llama-3.1-70B", LLAMA_31_70B)):
+        _, spec, _, layout = configs(shape)
+        settings = [(1, True), (1, False), *((r, False) for r in RANKS[1:])]
+        cells = [
+            f"{_per_gpu_gb(spec, layout, batch_size, seqlen, ranks, share):.2f}"
+            for ranks, share in settings
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _per_gpu_gb(spec, layout, batch_size: int, seqlen: int, ranks: int, share: bool) -> float:
+    """Estimated GB on each GPU of an 80 GB card for ``--train attention``."""
+    from converter.heal.memory import estimate
+
+    e = estimate(spec, layout, "attention", batch_size, seqlen, "cuda", True, 80e9, share, ranks)
+    return e.total / 1e9
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -107,6 +159,11 @@ def main() -> int:
         "--estimate-only",
         action="store_true",
         help="print the estimates with and without sharing and stop",
+    )
+    p.add_argument(
+        "--ranks-table",
+        action="store_true",
+        help='write the per-GPU estimates at 1/2/4/8 ranks into docs/heal.md ("heal_ranks")',
     )
     p.add_argument(
         "--no-share",
@@ -125,6 +182,11 @@ def main() -> int:
     from converter.heal.shared import share_frozen
     from converter.heal.trainer import Trainer
 
+    if args.ranks_table:
+        from transmla_testing.report import publish_in
+
+        publish_in(DOCS_HEAL, "heal_ranks", ranks_table(args.batch_size, args.seqlen))
+        return 0
     shape = TINY if args.tiny else LLAMA_31_8B
     teacher_cfg, spec, student_cfg, layout = configs(shape)
     device = args.device

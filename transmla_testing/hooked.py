@@ -3,6 +3,7 @@ signal sent to itself, or a full disk. Shared by the interruption and --resume t
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,61 @@ def run_hooked(
     )
 
 
+# Runs heal and sends SIGKILL / SIGINT / ... to itself just after its N-th --resume save, on one
+# rank (RANK, "0" outside torchrun) once the progress file names that save: the moment a kill
+# leaves the most to resume from, on a rank that did not write the progress file itself.
+HEAL_HOOK = r"""
+import json, os, signal, sys, time
+from converter import cli
+from converter.heal import state
+
+after, action, rank, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+save, seen = state.HealStore.save, [0]
+
+
+def named(store, step):
+    try:
+        return json.loads((store.folder / state.PROGRESS).read_text())["step"] == step
+    except FileNotFoundError:
+        return False
+
+
+def hooked(self, trainer):
+    save(self, trainer)
+    seen[0] += 1
+    if seen[0] == after and os.environ.get("RANK", "0") == rank:
+        while not named(self, trainer.state.step):
+            time.sleep(0.05)
+        os.kill(os.getpid(), getattr(signal, action))
+
+
+state.HealStore.save = hooked
+sys.exit(cli.main(argv))
+"""
+
+
+def run_heal_killed(
+    tmp_path: Path, after: int, action: str, args: list[str], ranks: int = 1, rank: int = 0
+) -> subprocess.CompletedProcess:
+    """heal (under torchrun with ``ranks`` > 1), rank ``rank`` sending itself ``action`` just
+    after its ``after``-th progress save."""
+    script = tmp_path / "hooked_heal.py"
+    script.write_text(HEAL_HOOK)
+    launcher = (
+        ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+        if ranks > 1
+        else []
+    )
+    return subprocess.run(
+        [sys.executable, *launcher, str(script), str(after), action, str(rank), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"} if ranks > 1 else None,
+    )
+
+
 def run_cli(args: list[str]) -> subprocess.CompletedProcess:
     """The converter CLI, plain."""
     return subprocess.run(
@@ -71,4 +127,20 @@ def run_cli(args: list[str]) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=300,
+    )
+
+
+def run_torchrun(
+    args: list[str], ranks: int = 2, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """The converter CLI under torchrun on this machine (gloo ranks on the CPU, one thread
+    each: two ranks on two cores)."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        + [f"--nproc-per-node={ranks}", "-m", "converter", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )

@@ -34,3 +34,14 @@ def publish(name: str, lines: list[str], write: bool = True) -> None:
     print(markdown)
     if write:
         write_section(name, markdown)
+
+
+def publish_in(doc: Path, name: str, lines: list[str]) -> None:
+    """Print a section and store it in ``doc`` (a docs page other than benchmarks.md, whose
+    table a script computes); ``doc`` must already hold its markers."""
+    text = doc.read_text()
+    if f"<!-- BEGIN {name} -->" not in text:
+        raise SystemExit(f"{doc} has no <!-- BEGIN {name} --> marker to write between")
+    markdown = "\n".join(lines)
+    print(markdown)
+    write_section(name, markdown, doc)

@@ -51,7 +51,9 @@ def run_command(
 
 
 def fail(message: str, status: int) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    # one write, so the lines of several torchrun ranks cannot interleave
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
     return status
 
 

@@ -35,6 +35,10 @@ examples:
   python -m converter heal --teacher ./SmolLM2-135M-Instruct --student ./smollm2-mla \\
       --dst ./smollm2-mla-healed --tokens 200000 --calib-text ./book.txt
   python -m converter --src ./SmolLM2-135M-Instruct --dst ./smollm2-mla --heal-tokens 200000
+
+several GPUs (or CPU processes), sharded by torch FSDP2; --batch-size is then the global batch:
+  torchrun --nproc-per-node 8 -m converter heal --teacher ./Llama-3.1-8B-Instruct \
+      --student ./llama-mla --dst ./llama-mla-healed --tokens 2000000 --batch-size 8
 """
 
 
@@ -193,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
         "weights written are the same either way (for measuring what sharing saves)",
     )
     run.add_argument(
+        "--dist-timeout",
+        type=float,
+        metavar="SECONDS",
+        default=option("dist_timeout"),
+        help="under torchrun: how long a rank waits for the others, to join and at each "
+        "collective, before it gives up in one line (default %(default)g)",
+    )
+    run.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -221,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=option("resume"),
         help="keep progress in .DST.resume at every evaluation; the same command with "
         "--resume continues an interrupted run from there, to the weights an uninterrupted "
-        "run gives",
+        "run gives (under torchrun each rank saves its shards; another rank count continues "
+        "too)",
     )
     add_debug_option(p)
     return p

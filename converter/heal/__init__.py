@@ -10,6 +10,8 @@ out, so the plugin serves a healed folder unchanged.
     inputs.py     the teacher / student pair, checked before anything heavy
     memory.py     what a run needs, estimated up front and refused when it cannot fit
     models.py     the two models loaded: teacher frozen, student's trained weights in fp32
+    shared.py     one copy of the tensors teacher and student share
+    distributed.py  under torchrun: the process group, FSDP2 shards, the reductions
     objective.py  the distillation loss and the held-out perplexity
     precision.py  whether bf16 trains against the teacher the run measures
     fp8.py        the fp8 cache scales taken out before training and chosen again after
@@ -17,7 +19,7 @@ out, so the plugin serves a healed folder unchanged.
     loop.py       the loop's settings, state, schedule and optimizer
     trainer.py    the Trainer: a step, an evaluation, the loop that calls the callbacks
     callbacks.py  around the loop: best weights, divergence guard, --resume saves, progress
-    state.py      --resume: the loop's state in the resume folder
+    state.py      --resume: the loop's state in the resume folder (torch.distributed.checkpoint)
     finish.py     what is written: the kept weights as written, or the input's
     summary.py    the report's heal entry
     output.py     the healed folder: shards, config, report, card

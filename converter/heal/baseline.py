@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 from converter.heal.data import HealData
+from converter.heal.distributed import SINGLE, Launch
 from converter.heal.objective import Figures, held_out
 from converter.heal.precision import check_precision
 
@@ -18,7 +19,15 @@ def figures(fig: Figures) -> dict:
     return {"nll": fig.nll, "ppl": fig.ppl, "kl": fig.kl}
 
 
-def measure_before(teacher, student, data: HealData, device: str, precision: str, batch: int):
+def measure_before(
+    teacher,
+    student,
+    data: HealData,
+    device: str,
+    precision: str,
+    batch: int,
+    launch: Launch = SINGLE,
+):
     """The ``before`` entry of LoopState (see the module docstring); its ``precision`` is what
     the run trains in."""
     before: dict = {"precision": precision}
@@ -32,8 +41,10 @@ def measure_before(teacher, student, data: HealData, device: str, precision: str
         }
     numerics = before["precision"]
     for name, rows in (("validation", data.validation), ("test", data.test)):
-        before[f"teacher_{name}"] = figures(held_out(teacher, rows, device, batch, numerics))
-    before["input_test"] = figures(held_out(student, data.test, device, batch, numerics, teacher))
+        fig = held_out(teacher, rows, device, batch, numerics, None, launch)
+        before[f"teacher_{name}"] = figures(fig)
+    fig = held_out(student, data.test, device, batch, numerics, teacher, launch)
+    before["input_test"] = figures(fig)
     log.info(
         "before healing: teacher test PPL %.3f, input test PPL %.3f (KL %.4f)",
         before["teacher_test"]["ppl"],

@@ -54,6 +54,7 @@ class ProgressBar(Callback):
             unit="tok",
             unit_scale=True,
             desc="healing",
+            disable=not trainer.launch.main,  # under torchrun rank 0 alone shows it
         )
 
     def on_step(self, trainer, step: int, kl: float) -> None:
@@ -158,7 +159,7 @@ class SaveProgress(Callback):
 
     def on_evaluation(self, trainer, step: int, fig: Figures) -> None:
         if step > 0:
-            self.store.save(trainer.state, trainer.weights(), trainer.optimizer.state_dict())
+            self.store.save(trainer)
 
 
 def standard(store: HealStore | None = None) -> list[Callback]:

@@ -6,11 +6,13 @@ from pathlib import Path
 
 from converter.checkpoint.writer import check_destination, parse_size
 from converter.errors import ConversionError
+from converter.heal.distributed import SINGLE, Launch
 from converter.heal.options import PRECISIONS, TRAIN_CHOICES, HealOptions
 
 
-def check_options(opts: HealOptions) -> None:
-    """Refuse flags that cannot work, before any file is read."""
+def check_options(opts: HealOptions, launch: Launch = SINGLE) -> None:
+    """Refuse flags that cannot work, before any file is read (under torchrun: on every rank,
+    so all refuse together)."""
     checks = (
         (opts.tokens >= 1, f"--tokens {opts.tokens} must be at least 1"),
         (opts.seqlen >= 2, f"--seqlen {opts.seqlen} must be at least 2"),
@@ -20,7 +22,21 @@ def check_options(opts: HealOptions) -> None:
         (opts.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}"),
         (opts.hidden_weight >= 0, f"--hidden-weight {opts.hidden_weight} must be >= 0"),
         (opts.eval_tokens >= 1, f"--eval-tokens {opts.eval_tokens} must be at least 1"),
+        (opts.dist_timeout > 0, f"--dist-timeout {opts.dist_timeout} must be positive"),
     )
+    if launch.sharded:
+        checks += (
+            (
+                opts.batch_size % launch.ranks == 0,
+                f"--batch-size {opts.batch_size} is the global batch and must be a multiple of "
+                f"the {launch.ranks} ranks (each rank takes an equal share of every step)",
+            ),
+            (
+                opts.train == "attention",
+                "--train all is not supported under torchrun yet (the embeddings and head stay "
+                "whole on every rank): use --train attention, or heal in one process",
+            ),
+        )
     for ok, sentence in checks:
         if not ok:
             raise ConversionError(sentence)

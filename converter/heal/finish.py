@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from converter.heal.data import HealData
+from converter.heal.distributed import SINGLE, Launch, local
 from converter.heal.fp8 import refold
-from converter.heal.loop import LoopState, restore, trained
+from converter.heal.loop import LoopState, restore, restore_full, trained
 from converter.heal.objective import Figures, held_out
 from converter.heal.output import input_weights
 
@@ -32,7 +33,8 @@ def as_written(student, dtype: torch.dtype) -> None:
     what the written files hold."""
     with torch.no_grad():
         for p in trained(student).values():
-            p.copy_(p.to(dtype).to(p.dtype))
+            mine = local(p)
+            mine.copy_(mine.to(dtype).to(mine.dtype))
 
 
 def choose_written(
@@ -46,6 +48,7 @@ def choose_written(
     out_dtype: torch.dtype,
     rescale: bool,
     keep_worse: bool,
+    launch: Launch = SINGLE,
 ) -> Written:
     """Leave in ``student`` what is written (see the module docstring): the best weights,
     rescaled for the fp8 cache when ``rescale``, or the trained tensors of ``source`` (the
@@ -55,11 +58,11 @@ def choose_written(
     before = Figures(state.before["input_test"]["nll"], state.before["input_test"]["kl"])
     if state.best_step == 0:
         log.warning("no training step improved the validation figure: the input is written")
-        restore(student, input_weights(source, list(trained(student))))
+        restore_full(student, input_weights(source, list(trained(student))))
         return Written("input", None, before)
     fp8_entries = refold(student, data.train, device, out_dtype) if rescale else None
     as_written(student, out_dtype)
-    after = held_out(student, data.test, device, batch_size, numerics, teacher)
+    after = held_out(student, data.test, device, batch_size, numerics, teacher, launch)
     if after.nll > before.nll:
         verdict = (
             "--keep-worse: the healed weights are written anyway"
@@ -76,6 +79,6 @@ def choose_written(
             verdict,
         )
         if not keep_worse:
-            restore(student, input_weights(source, list(trained(student))))
+            restore_full(student, input_weights(source, list(trained(student))))
             return Written("input", None, before)
     return Written("healed", fp8_entries, after)

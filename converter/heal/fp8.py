@@ -18,6 +18,7 @@ from dataclasses import fields
 import torch
 
 from converter.conversion.fp8_scaling import cache_maxima, scales_report
+from converter.heal.distributed import full, like, local
 from converter.math.fp8_scales import (
     CacheMaxima,
     Fp8Scales,
@@ -59,10 +60,10 @@ def _attention(model, i: int) -> dict[str, torch.nn.Parameter]:
 def _fold(model, i: int, scales: Fp8Scales, inverse: bool) -> None:
     attn = model.model.layers[i].self_attn
     params = _attention(model, i)
-    tensors = {n: p.detach() for n, p in params.items()}
+    tensors = {n: full(p.detach()) for n, p in params.items()}  # whole, under torchrun too
     folded = apply_fp8_scales(tensors, scales, attn.num_heads, attn.nope_dim, inverse=inverse)
     for name, p in params.items():
-        p.copy_(folded[name])
+        local(p).copy_(like(folded[name], p))
 
 
 def unfold(model, scales: list[Fp8Scales]) -> None:
@@ -106,7 +107,7 @@ def refold(model, rows: torch.Tensor, device: str, dtype: torch.dtype) -> list[d
     entries = []
     for i, maxima in enumerate(found):
         attn = layers[i].self_attn
-        tensors = {n: p.detach().float().cpu() for n, p in _attention(model, i).items()}
+        tensors = {n: full(p.detach()).float().cpu() for n, p in _attention(model, i).items()}
         wanted = choose_fp8_scales(maxima)
         scales = fit_to_dtype(wanted, tensors, attn.num_heads, attn.nope_dim, dtype)
         if not scales.identity:

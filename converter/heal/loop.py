@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from converter.heal.distributed import full, like, local
 from converter.math.schedule import warmup_cosine
 
 WARMUP = 0.05  # share of the steps spent warming the learning rate up
@@ -80,7 +81,7 @@ def size_of(name: str, params: dict[str, torch.Tensor]) -> float:
         weight = params.get(name[: -len("bias")] + "weight")
         if weight is not None:
             name = name[: -len("bias")] + "weight"
-    t = params[name].detach()
+    t = full(params[name].detach())  # the whole tensor's RMS on every rank
     rms = float(t.double().pow(2).mean().sqrt())
     return rms if rms > 0 else 1e-3
 
@@ -94,12 +95,22 @@ def optimizer(params: dict[str, torch.nn.Parameter]) -> torch.optim.AdamW:
 
 
 def snapshot(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A copy of ``params`` in fp32 on the CPU (the best weights, a --resume save)."""
-    return {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in params.items()}
+    """A copy of ``params`` in fp32 on the CPU (the best weights, a --resume save); under
+    torchrun this rank's shards, which only ``restore`` puts back."""
+    return {n: local(p.detach()).to("cpu", torch.float32, copy=True) for n, p in params.items()}
 
 
 def restore(model, weights: dict[str, torch.Tensor]) -> None:
+    """Put back what ``snapshot`` took (this rank's shards under torchrun)."""
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, w in weights.items():
-            params[n].copy_(w)
+            local(params[n]).copy_(w)
+
+
+def restore_full(model, weights: dict[str, torch.Tensor]) -> None:
+    """Put back whole tensors (the input's, read from its files): each rank keeps its part."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, w in weights.items():
+            local(params[n]).copy_(like(w, params[n]))

@@ -11,8 +11,9 @@ that fits in half of what is free); the loss, computed over chunks of positions 
 loss_chunk() rows of logits exist at a time; a fixed runtime overhead. The copy of the best
 trained weights is kept in host RAM.
 
-``ranks``: a run sharded over that many processes holds 1/ranks of the teacher and of the
-trained state (weights, gradients, moments, best copy) on each; a single-device run has 1.
+``ranks``: a run sharded over that many processes (torchrun, heal/distributed.py) holds on each
+1/ranks of every decoder layer of both models and of the trained state (weights, gradients,
+moments, best copy), and the embeddings, final norm and head whole; a single process has 1.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from converter.conversion.device import peak_rss_bytes
 from converter.errors import ConversionError
+from converter.heal.distributed import UNSHARDED
 from converter.heal.objective import loss_chunk
 from converter.sources.spec import SourceSpec
 from converter.sources.tensors import source_tensors
@@ -38,6 +40,12 @@ NO_CHECKPOINTING_SHARE = 0.5  # skip gradient checkpointing when the run fits in
 
 def _count(shapes: dict[str, tuple[int, ...]]) -> int:
     return sum(math.prod(s) for s in shapes.values())
+
+
+def _per_rank(shapes: dict[str, tuple[int, ...]], names, ranks: int) -> float:
+    """Elements of tensors ``names`` one of ``ranks`` ranks holds: 1/ranks of each decoder
+    layer's, all of the embeddings, final norm and head (heal/distributed.py UNSHARDED)."""
+    return sum(math.prod(shapes[n]) / (1 if n.startswith(UNSHARDED) else ranks) for n in names)
 
 
 def trainable_names(layout: CheckpointLayout, train: str) -> list[str]:
@@ -150,11 +158,12 @@ def estimate(
     ``share``."""
     wide = 4
     act = 4 if device == "cpu" else 2
-    n_teacher = _count(source_tensors(spec))
+    teacher = source_tensors(spec)
+    n_teacher = _per_rank(teacher, teacher, ranks)
     shapes = layout.tensors()
-    n_student = _count(shapes)
-    n_train = sum(math.prod(shapes[n]) for n in trainable_names(layout, train))
-    n_shared = sum(math.prod(shapes[n]) for n in shared_names(layout, train)) if share else 0
+    n_student = _per_rank(shapes, shapes, ranks)
+    n_train = _per_rank(shapes, trainable_names(layout, train), ranks)
+    n_shared = _per_rank(shapes, shared_names(layout, train), ranks) if share else 0
     s, tokens = layout.shape, batch_size * seqlen
     heads, hidden, inter = s.num_heads, s.hidden_size, layout.intermediate_size
     # one layer's activations (attention scores and probabilities in fp32)
@@ -165,9 +174,9 @@ def estimate(
     else:
         activations = (layout.num_layers + 1) * layer
     parts = {
-        "teacher": float(act * n_teacher / ranks),
-        "student": float(act * (n_student - n_train - n_shared) + wide * n_train / ranks),
-        "gradients+AdamW": float(3 * wide * n_train / ranks),
+        "teacher": float(act * n_teacher),
+        "student": float(act * (n_student - n_train - n_shared) + wide * n_train),
+        "gradients+AdamW": float(3 * wide * n_train),
         "activations": float(activations),
         # a chunk's fp32 logits and their temporaries; on a GPU (bf16 weights) also the fp32
         # copies of both heads the logits are made with (objective.ChunkedKL)
@@ -178,7 +187,7 @@ def estimate(
         "overhead": OVERHEAD["cpu" if device == "cpu" else "cuda"],
     }
     available = free if free is not None else _available(device)
-    host = float(wide * n_train / ranks)
+    host = float(wide * n_train)
     return MemoryEstimate(
         device,
         parts,
@@ -199,13 +208,15 @@ def plan_memory(
     seqlen: int,
     device: str,
     share: bool = True,
+    ranks: int = 1,
 ) -> MemoryEstimate:
-    """Without gradient checkpointing when that fits comfortably, else with it."""
-    sizes = (spec, layout, train, batch_size, seqlen, device)
-    fast = estimate(*sizes, checkpointing=False, share=share)
+    """Without gradient checkpointing when that fits comfortably, else with it. ``batch_size``
+    is the global batch: each of ``ranks`` runs its share."""
+    sizes = (spec, layout, train, max(1, batch_size // ranks), seqlen, device)
+    fast = estimate(*sizes, checkpointing=False, share=share, ranks=ranks)
     if fast.fits(NO_CHECKPOINTING_SHARE):
         return fast
-    return estimate(*sizes, checkpointing=True, share=share)
+    return estimate(*sizes, checkpointing=True, share=share, ranks=ranks)
 
 
 def measured_peak(device: str) -> tuple[int, str]:

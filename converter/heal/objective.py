@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from converter.heal.distributed import SINGLE, Launch, forwards_per_rank, rank_rows, sums
+
 # fp32 logits that exist at once: a CPU works fastest on chunks that stay near its caches
 # (SmolLM2, 2048 positions: 6.5 s per step at 2048 positions a chunk, about 2 s at 128);
 # a GPU wants large ones
@@ -158,24 +160,36 @@ def held_out(
     batch_size: int,
     precision: str = "fp32",
     teacher=None,
+    launch: Launch = SINGLE,
 ) -> Figures:
     """``model``'s figures on held-out ``rows``, its forward (and the teacher's) in the
-    evaluation precision (eval_precision); logits, NLL and KL in fp32."""
+    evaluation precision (eval_precision); logits, NLL and KL in fp32. Under torchrun each rank
+    measures its share of the rows (``batch_size`` is the global batch) and the sums are
+    reduced, so every rank returns the figures of all rows."""
     was_training = model.training
     model.eval()
     numerics = eval_precision(device, precision)
+    mine = rank_rows(rows, launch)
+    per = max(1, batch_size // launch.ranks)
     nll = kl = 0.0
     count = 0
-    for i in range(0, rows.shape[0], batch_size):
-        ids = rows[i : i + batch_size].to(device)
+    for f in range(forwards_per_rank(rows.shape[0], per, launch)):
+        ids = mine[f * per : (f + 1) * per]
+        dummy = ids.shape[0] == 0
+        ids = (rows[:1] if dummy else ids).to(device)
         s_logp = logits(model, ids, device, numerics)[:, :-1].log_softmax(-1)
-        target = ids[:, 1:]
-        nll -= float(s_logp.gather(-1, target[..., None]).sum())
+        t_logp = None
         if teacher is not None:
             t_logp = logits(teacher, ids, device, numerics)[:, :-1].log_softmax(-1)
+        if dummy:
+            continue
+        target = ids[:, 1:]
+        nll -= float(s_logp.gather(-1, target[..., None]).sum())
+        if t_logp is not None:
             kl += float((t_logp.exp() * (t_logp - s_logp)).sum())
         count += target.numel()
     model.train(was_training)
+    nll, kl, count = sums([nll, kl, float(count)], launch)
     return Figures(nll / count, kl / count if teacher is not None else None)
 
 

@@ -52,6 +52,7 @@ class HealOptions(TextOptions):
     revision: str | None = None
     keep_worse: bool = False
     share: bool = True  # hold the student's tensors equal to the teacher's once (heal/shared.py)
+    dist_timeout: float = 600.0  # seconds; under torchrun (heal/distributed.py)
 
 
 # ``convert --heal-tokens``: the convert options the heal after it takes over, same name and

@@ -15,6 +15,7 @@ from converter.checkpoint.stream_writer import StreamingShardWriter, TensorSlot
 from converter.checkpoint.writer import copy_remote_code, copy_verbatim
 from converter.conversion.settings import DTYPES
 from converter.errors import ConversionError
+from converter.heal.distributed import SINGLE, Launch, full
 from converter.hub.card import refresh_model_card
 from transmla_vllm.checkpoint_format import CARD_FILE, CONFIG_FILE, REPORT_FILE, CheckpointLayout
 
@@ -23,25 +24,32 @@ STALE_REPORT_KEYS = ("verification",)
 
 
 def write_healed(
-    folder: Path,
+    folder: Path | None,
     student: Path,
     config: dict[str, Any],
     model,
     heal: dict[str, Any],
     max_shard_bytes: int,
     fp8_scales: list[dict] | None = None,
+    launch: Launch = SINGLE,
 ) -> list[str]:
     """Write the healed model into ``folder``; returns the shard names. ``fp8_scales``: each
-    layer's new fp8 scale entry (heal/fp8.py), replacing the conversion's in the report."""
+    layer's new fp8 scale entry (heal/fp8.py), replacing the conversion's in the report. Under
+    torchrun every rank calls it (each tensor is gathered whole, one at a time, a collective)
+    and rank 0 alone writes; the others pass ``folder`` None and get no names."""
     dtype = DTYPES.get(str(config.get("dtype")), None)
     state = model.state_dict()
     layout = CheckpointLayout.from_config(config)
     if dtype is None:  # an older config without dtype: keep what the student stored
         dtype = state[next(iter(layout.tensors()))].dtype
     slots = [TensorSlot(n, s, dtype) for n, s in layout.tensors().items()]
-    writer = StreamingShardWriter(folder, slots, max_shard_bytes)
+    writer = StreamingShardWriter(folder, slots, max_shard_bytes) if launch.main else None
     for slot in slots:
-        writer.write(slot.name, state[slot.name].detach().to("cpu", dtype))
+        whole = full(state[slot.name].detach())
+        if writer is not None:
+            writer.write(slot.name, whole.to("cpu", dtype))
+    if writer is None or folder is None:
+        return []
     shards = writer.close()
     healed = json.loads(json.dumps(config))
     healed["transmla"]["heal"] = heal["settings"]

@@ -1,10 +1,12 @@
 """heal(), start to end: check the inputs, cut the text into training / validation / test rows,
 estimate memory, load both models, measure what the run starts from, train in a staging (or
 --resume) folder, finish the kept weights as they will be written, write them there and publish
-it. Each of those is its own module; this one only puts them in order."""
+it. Each of those is its own module; this one only puts them in order. Under torchrun every rank
+runs the same order (heal/distributed.py) and rank 0 alone writes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -22,10 +24,20 @@ from converter.heal.baseline import measure_before
 from converter.heal.callbacks import standard
 from converter.heal.checks import check_options
 from converter.heal.data import HealData, read_heal_text
+from converter.heal.distributed import (
+    SINGLE,
+    Launch,
+    barrier,
+    end,
+    quiet_rank,
+    shard,
+    start,
+    under_torchrun,
+)
 from converter.heal.finish import choose_written
 from converter.heal.fp8 import recorded_scales, unfold
 from converter.heal.inputs import check_pair
-from converter.heal.loop import LoopState, TrainSettings
+from converter.heal.loop import LoopState, TrainSettings, trained
 from converter.heal.memory import plan_memory
 from converter.heal.models import load_models
 from converter.heal.objective import choose_precision
@@ -80,9 +92,31 @@ def _log_precision(opts: HealOptions, device: str, precision: str) -> None:
 
 
 def heal(opts: HealOptions) -> Path:
-    """Distil ``opts.teacher`` into the converted ``opts.student``; write ``opts.dst``."""
+    """Distil ``opts.teacher`` into the converted ``opts.student``; write ``opts.dst``. Started
+    by torchrun, each rank joins the process group first and trains its shard."""
+    if not under_torchrun():
+        return _heal(opts, SINGLE, pick_device(opts.device))
+    launch, device = start(pick_device(opts.device), opts.dist_timeout)
+    quiet_rank(launch)
+    try:
+        return _heal(opts, launch, device)
+    finally:
+        end(launch)
+
+
+def _output_folder(opts: HealOptions, dst: Path, launch: Launch):
+    """Where rank 0 writes: a staging (or --resume) folder published on success; on the other
+    ranks, nothing (None)."""
+    if not launch.main:
+        return contextlib.nullcontext(None)
+    if opts.resume:
+        return resumable_folder(dst, opts.overwrite, describe_progress)
+    return staging_folder(dst, opts.overwrite)
+
+
+def _heal(opts: HealOptions, launch: Launch, device: str) -> Path:
     started = time.time()
-    check_options(opts)
+    check_options(opts, launch)
     dst = Path(opts.dst)
     if not opts.resume and resume_folder(dst).is_dir():
         log.warning(
@@ -90,68 +124,80 @@ def heal(opts: HealOptions) -> Path:
             "(add --resume to continue it, or delete it)",
             resume_folder(dst),
         )
+    if launch.sharded:
+        log.info(
+            "launch: %s; --batch-size %d is the global batch", launch.describe(), opts.batch_size
+        )
     pair = check_pair(opts.teacher, opts.student, opts.revision)
     check_calibration_context(opts.seqlen, pair.spec, "--seqlen")
     data = read_heal_text(opts, pair.tokenizer)
-    device = pick_device(opts.device)
     keep_freed_memory()
     precision = choose_precision(opts.precision, device)
     layout = CheckpointLayout.from_config(pair.student_config)
+    # FSDP shards each model's layers on its own: a tensor both would hold is not held once
+    share = opts.share and not launch.sharded
+    if opts.share and launch.sharded:
+        log.info("under torchrun teacher and student keep their own copies (each is sharded)")
     memory = plan_memory(
-        pair.spec, layout, opts.train, opts.batch_size, opts.seqlen, device, opts.share
+        pair.spec, layout, opts.train, opts.batch_size, opts.seqlen, device, share, launch.ranks
     )
     log.info("%s", memory.describe())
     memory.check()
     passes = _log_passes(opts, data)
     teacher, student = load_models(pair, opts.train, device, precision, memory.checkpointing)
-    sharing = share_frozen(teacher, student, layout.kept_from_source()) if opts.share else None
+    sharing = share_frozen(teacher, student, layout.kept_from_source()) if share else None
     if sharing is not None:
         memory.warn_if_shared_less(sharing.shared_bytes)
     report_path = pair.student / REPORT_FILE
     student_report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     scales = recorded_scales(student_report)
     if scales is not None:
-        unfold(student, scales)
+        unfold(student, scales)  # on the whole tensors, before they are sharded
+    shard(teacher, launch)
+    shard(student, launch)
     out_dtype = DTYPES.get(str(pair.student_config.get("dtype")), torch.float32)
-    folder = (
-        (lambda d, o: resumable_folder(d, o, describe_progress)) if opts.resume else staging_folder
-    )
-    with folder(dst, opts.overwrite) as tmp:
-        store = HealStore(tmp, fingerprint(opts, pair, data, device)) if opts.resume else None
-        loaded = store.load() if store is not None else None
-        if loaded is not None:
-            state, resumed = loaded
+    with _output_folder(opts, dst, launch) as tmp:
+        barrier(launch)  # rank 0 has made (and locked) the folder --resume saves into
+        store = (
+            HealStore(resume_folder(dst), fingerprint(opts, pair, data, device), launch)
+            if opts.resume
+            else None
+        )
+        state = store.load() if store is not None else None
+        resumed = state is not None
+        if resumed:
             log.info(
                 "resuming from %s: %d of %d steps were done",
-                tmp,
+                store.folder,
                 state.step,
                 data.steps(opts.tokens, opts.batch_size),
             )
         else:
-            state, resumed = LoopState(), None
+            state = LoopState()
             state.before = measure_before(
-                teacher, student, data, device, precision, opts.batch_size
+                teacher, student, data, device, precision, opts.batch_size, launch
             )
         _log_precision(opts, device, state.before["precision"])
         cfg = train_settings(opts, device, state.before["precision"])
-        trainer = Trainer(student, teacher, data, cfg, state, standard(store))
-        if resumed is not None:
-            trainer.resume(*resumed)
+        trainer = Trainer(student, teacher, data, cfg, state, standard(store), launch)
+        if resumed:
+            store.restore(trainer)
         trainer.fit()
         written = choose_written(
             student, teacher, pair.student, data, state, device, opts.batch_size, out_dtype,
-            scales is not None, opts.keep_worse,
+            scales is not None, opts.keep_worse, launch,
         )  # fmt: skip
-        heal_summary = summary(opts, data, cfg, state, passes, written, out_dtype, started)
-        heal_summary["memory"] = memory_summary(memory, sharing, device)
+        heal_summary = summary(opts, data, cfg, state, passes, written, out_dtype, started, launch)
+        heal_summary["memory"] = memory_summary(memory, sharing, device, trained(student), launch)
         log_result(heal_summary)
         shard_bytes = parse_size(opts.max_shard_size)
         write_healed(
             tmp, pair.student, pair.student_config, student, heal_summary, shard_bytes,
-            written.fp8_scales,
+            written.fp8_scales, launch,
         )  # fmt: skip
-        if store is not None:
+        if store is not None and launch.main:
             store.clear()
+    barrier(launch)  # every rank ends once rank 0 has published
     log.info("healed model written to %s", dst)
     return dst
 

@@ -12,6 +12,7 @@ import torch
 from converter import __version__
 from converter.conversion.device import peak_rss_bytes
 from converter.heal.data import HealData
+from converter.heal.distributed import SINGLE, Launch, gather, held_bytes
 from converter.heal.finish import Written
 from converter.heal.loop import LoopState, TrainSettings
 from converter.heal.memory import MemoryEstimate, measured_peak
@@ -46,6 +47,7 @@ def summary(
     written: Written,
     out_dtype: torch.dtype,
     started: float,
+    launch: Launch = SINGLE,
 ) -> dict:
     """The report's ``heal`` entry."""
     steps = data.steps(cfg.tokens, cfg.batch_size)
@@ -72,6 +74,7 @@ def summary(
             "device": cfg.device,
             "precision": cfg.precision,
             "seed": opts.seed,
+            "launch": launch.as_report(),
             "converter_version": __version__,
         },
         "rows": data.describe(),
@@ -96,14 +99,31 @@ def summary(
     }
 
 
-def memory_summary(estimate: MemoryEstimate, sharing: SharingReport | None, device: str) -> dict:
-    """The estimate heal printed and refused by, the peak this run measured beside it, and
+def memory_summary(
+    estimate: MemoryEstimate,
+    sharing: SharingReport | None,
+    device: str,
+    trained: dict[str, torch.Tensor],
+    launch: Launch = SINGLE,
+) -> dict:
+    """The estimate heal printed and refused by, the peak this run measured beside it (each
+    rank's, under torchrun: a collective), the bytes of trained weights each rank holds, and
     what the student shared with the teacher (None: --no-share)."""
     peak, how = measured_peak(device)
-    log.info("memory: peak %.2f GB (%s), estimate %.2f GB", peak / 1e9, how, estimate.total / 1e9)
+    peaks = [int(p) for p in gather(float(peak), launch)]
+    held = [int(b) for b in gather(float(held_bytes(trained)), launch)]
+    log.info(
+        "memory: peak %s GB (%s), estimate %.2f GB%s",
+        " / ".join(f"{p / 1e9:.2f}" for p in peaks),
+        how,
+        estimate.total / 1e9,
+        " per rank" if launch.sharded else "",
+    )
     return {
         "estimate_bytes": estimate.as_report(),
-        "peak_bytes": peak,
+        "peak_bytes": max(peaks),
+        "peak_bytes_by_rank": peaks,
+        "trained_bytes_by_rank": held,
         "peak_measured_as": how,
         "sharing": sharing.as_report() if sharing is not None else None,
     }

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from converter.heal.data import HealData
+from converter.heal.distributed import SINGLE, Launch, rank_rows, sums
 from converter.heal.loop import (
     CLIP,
     LoopState,
@@ -39,8 +40,10 @@ class Trainer:
         cfg: TrainSettings,
         state: LoopState,
         callbacks: Sequence = (),
+        launch: Launch = SINGLE,
     ) -> None:
         self.student, self.teacher = student, teacher
+        self.launch = launch
         self.data, self.cfg, self.state = data, cfg, state
         self.callbacks = list(callbacks)
         self.params = trained(student)
@@ -48,11 +51,6 @@ class Trainer:
         self.steps = data.steps(cfg.tokens, cfg.batch_size)
         self.per_step = cfg.batch_size * data.seqlen  # tokens
         self._started = time.time()
-
-    def resume(self, weights: dict[str, torch.Tensor], optimizer_state: dict) -> None:
-        """Continue from a --resume save: its trained weights and AdamW's state."""
-        restore(self.student, weights)
-        self.optimizer.load_state_dict(optimizer_state)
 
     def reset_optimizer(self) -> None:
         """A fresh AdamW (moments forgotten, sizes measured on the current weights)."""
@@ -71,7 +69,9 @@ class Trainer:
 
     def step(self, step: int) -> float:
         """Optimizer step ``step`` (0-based): its rows, its rate, one AdamW update (skipped when
-        the loss is not finite). Returns the step's mean training KL."""
+        the loss is not finite). Returns the step's mean training KL. Under torchrun each rank
+        takes its share of the global batch; the KL is averaged over ranks before it decides
+        anything, so all ranks skip or step together."""
         cfg, n_rows = self.cfg, self.data.train.shape[0]
         epoch = step * cfg.batch_size // n_rows
         if step * cfg.batch_size % n_rows < cfg.batch_size and epoch > 0:
@@ -79,13 +79,14 @@ class Trainer:
         rate = learning_rate(step, self.steps, cfg.lr) * self.state.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = rate * group["size"]
-        ids = self.data.batch(step, cfg.batch_size).to(cfg.device)
+        ids = rank_rows(self.data.batch(step, cfg.batch_size), self.launch).to(cfg.device)
         with autocast(cfg.device, cfg.precision):
             with torch.no_grad():
                 t_hidden = hidden_states(self.teacher, ids)
             s_hidden = hidden_states(self.student, ids)
         heads = (self.student.lm_head.weight, self.teacher.lm_head.weight)
         loss, kl = distill_loss(s_hidden, t_hidden, *heads, cfg.hidden_weight)
+        kl = sums([kl], self.launch)[0] / self.launch.ranks
         if math.isfinite(kl):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params.values(), CLIP)
@@ -99,7 +100,7 @@ class Trainer:
         cfg = self.cfg
         fig = held_out(
             self.student, self.data.validation, cfg.device, cfg.batch_size, cfg.precision,
-            self.teacher,
+            self.teacher, self.launch,
         )  # fmt: skip
         self.state.history.append(
             {

@@ -148,6 +148,16 @@ def lm_eval_table(comparison: dict[str, Any] | None) -> str:
     )
 
 
+def launch_text(launch: dict[str, Any] | None) -> str:
+    """How a heal was launched (its report's settings.launch, heal/distributed.py)."""
+    if not launch or launch.get("ranks", 1) == 1:
+        return "one process"
+    return (
+        f"torchrun, {launch['ranks']} ranks on {launch.get('nodes', 1)} node(s), "
+        f"{launch.get('backend')}, FSDP2 (batch is the global batch)"
+    )
+
+
 def heal_section(heal: dict[str, Any] | None) -> str:
     """What ``python -m converter heal`` did: settings, and the test perplexity (rows that chose
     nothing, measured on the weights as written) of the source, the input and the output."""
@@ -164,6 +174,7 @@ def heal_section(heal: dict[str, Any] | None) -> str:
             f"sequences of {st.get('seqlen', '?')})",
         ),
         ("learning rate, batch", f"{st.get('lr', '?')}, {st.get('batch_size', '?')} sequences"),
+        ("launch", launch_text(st.get("launch"))),
         (
             "held-out text",
             f"{st.get('held_out', '-')} ({st.get('validation_tokens', 0):,} validation tokens "

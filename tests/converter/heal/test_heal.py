@@ -7,70 +7,26 @@ from __future__ import annotations
 import json
 import math
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from converter.checkpoint.resume import resume_folder
-from converter.conversion.pipeline import ConvertOptions, convert
 from converter.errors import ConversionError
 from converter.heal import HealOptions, heal
 from converter.heal.data import split_text
 from converter.measure.perplexity import load_model
 from transmla_testing import conversions
-from transmla_testing.hooked import REPO, run_cli
-from transmla_testing.models import make_model, read_tensors, teach
+from transmla_testing.heal_rows import SEQLEN, eval_text_rows, nll
+from transmla_testing.hooked import run_cli, run_heal_killed
+from transmla_testing.models import make_model, read_tensors
 from transmla_testing.text import play_text
 
-SEQLEN = 64
 HEAL = ["--seqlen", str(SEQLEN), "--batch-size", "8", "--lr", "1e-2", "--eval-tokens", "2048"]
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory, calib_file) -> tuple[Path, Path]:
-    """A tiny LLaMA that learned the comedies, and its lossy conversion (rope 8 + latent 16 of
-    the 64 KV elements)."""
-    root = tmp_path_factory.mktemp("heal")
-    src = make_model(root / "src", "llama", hidden=64, heads=4, kv_heads=2, head_dim=16, seed=5)
-    teach(src, calib_file.read_text())
-    student = convert(
-        ConvertOptions(
-            src=str(src),
-            dst=str(root / "mla"),
-            rope_dim=8,
-            kv_lora_rank=16,
-            calib_text=str(calib_file),
-            calib_samples=8,
-            calib_seqlen=SEQLEN,
-        )
-    )
-    return src, student
 
 
 def heal_args(pair, dst: Path, calib_file: Path, tokens: int = 16384) -> list[str]:
     return conversions.heal_args(*pair, dst, tokens, calib_file, *HEAL)
-
-
-def eval_text_rows(folder: Path, text: str, seqlen: int, tokens: int) -> torch.Tensor:
-    """The test rows of a heal with ``--eval-text`` = ``text``, rebuilt independently: the
-    tokenizer's own output for the text, cut into rows of ``seqlen`` (no special token leads
-    them: these tokenizers add none)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    assert tok("x")["input_ids"] == tok("x", add_special_tokens=False)["input_ids"]
-    ids = tok(text + "\n\n", add_special_tokens=False)["input_ids"]
-    n = tokens // seqlen
-    return torch.tensor(ids[: n * seqlen]).view(n, seqlen)
-
-
-def nll(model, rows: torch.Tensor) -> float:
-    with torch.no_grad():
-        logits = model(rows).logits[:, :-1].float()
-    return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten()))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -123,40 +79,6 @@ def test_heal_lowers_test_loss_and_keeps_the_format(pair, tmp_path, calib_file, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["healed", "much-ado.txt"]  # no staging
 
 
-HOOK = r"""
-import os, signal, sys
-from converter import cli
-from converter.heal import state
-
-after, action = int(sys.argv[1]), sys.argv[2]
-save, seen = state.HealStore.save, [0]
-
-
-def hooked(self, *args):
-    save(self, *args)
-    seen[0] += 1
-    if seen[0] == after:
-        os.kill(os.getpid(), getattr(signal, action))
-
-
-state.HealStore.save = hooked
-sys.exit(cli.main(sys.argv[3:]))
-"""
-
-
-def run_killed(tmp_path: Path, after: int, action: str, args: list[str]):
-    """The CLI, sending itself ``action`` just after its ``after``-th progress save."""
-    script = tmp_path / "hooked_heal.py"
-    script.write_text(HOOK)
-    return subprocess.run(
-        [sys.executable, str(script), str(after), action, *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_resume_after_kill_gives_the_uninterrupted_result(pair, tmp_path, calib_file):
     tokens = ["--tokens", "8192", "--eval-every", "1024"]  # 16 steps, 8 evaluations
     straight = tmp_path / "straight"
@@ -164,10 +86,10 @@ def test_resume_after_kill_gives_the_uninterrupted_result(pair, tmp_path, calib_
     assert proc.returncode == 0, proc.stderr[-3000:]
     dst = tmp_path / "resumed"
     args = [*heal_args(pair, dst, calib_file), *tokens, "--resume"]
-    proc = run_killed(tmp_path, 2, "SIGINT", args)  # Ctrl-C after 4 of 16 steps
+    proc = run_heal_killed(tmp_path, 2, "SIGINT", args)  # Ctrl-C after 4 of 16 steps
     assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-3000:]
     assert "rerun the same command" in proc.stderr and not dst.exists()
-    proc = run_killed(tmp_path, 3, "SIGKILL", args)  # kill -9 after 10 steps
+    proc = run_heal_killed(tmp_path, 3, "SIGKILL", args)  # kill -9 after 10 steps
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert "4 of 16 steps were done" in proc.stderr and not dst.exists()
     proc = run_cli(args)
