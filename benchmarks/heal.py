@@ -33,7 +33,7 @@ from converter.heal.options import EVALUATIONS, HealOptions
 from transmla_testing.conversions import comedies_convert_cmd, heal_args
 from transmla_testing.report import publish
 from transmla_testing.text import plays
-from transmla_testing.tragedies import add_common_args, tragedies
+from transmla_testing.tragedies import add_common_args, converter_eval_ppl, tragedies
 from transmla_vllm.checkpoint_format import REPORT_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,24 +104,6 @@ def same_heal(healed: Path, args: argparse.Namespace) -> bool:
     # reports from before the validation / test split and relative steps are not comparable
     current = "test" in heal and "lr_rule" in st
     return current and (st["tokens"], st["batch_size"], st["lr"], st["seqlen"]) == wanted
-
-
-def eval_ppl(healed: Path, args: argparse.Namespace) -> float:
-    """``python -m converter eval`` on the written folder over the test rows' tokens."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "converter",
-            "eval",
-            *("--model", str(healed), "--text", str(plays("tragedies"))),
-            *("--ctx", str(args.ctx), "--max-tokens", str(args.eval_tokens), "--json"),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return float(json.loads(out.stdout)["ppl"])
 
 
 def plot(rows: list[dict], source_ppl: float, method: str, path: Path) -> None:
@@ -220,7 +202,7 @@ def main() -> int:
             "heal": report["heal"],
             "compare": compare(setup, budget, args),
         }
-        row["eval_ppl"] = eval_ppl(healed, args)
+        row["eval_ppl"] = converter_eval_ppl(healed, args)
         figures = report["heal"]["test"]["ppl"]
         print(
             f"budget {budget}: PPL {figures['before']:.3f} -> {figures['after']:.3f} "

@@ -64,16 +64,14 @@ def run_hooked(
     )
 
 
-# Runs heal and sends SIGKILL / SIGINT / ... to itself just after its N-th --resume save, on one
-# rank (RANK, "0" outside torchrun) once the progress file names that save: the moment a kill
-# leaves the most to resume from, on a rank that did not write the progress file itself.
+# Runs heal and sends SIGKILL / SIGINT / ... to itself just after its N-th save of a point:
+# "state" a --resume save, on one rank (RANK, "0" outside torchrun) once the progress file names
+# that save (the moment a kill leaves the most to resume from, on a rank that did not write the
+# progress file itself); "teacher-text" a finished job of the teacher text, kept for --resume.
 HEAL_HOOK = r"""
 import json, os, signal, sys, time
 from converter import cli
-from converter.heal import state
-
-after, action, rank, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
-save, seen = state.HealStore.save, [0]
+from converter.heal import state, teacher_text
 
 
 def named(store, step):
@@ -83,25 +81,55 @@ def named(store, step):
         return False
 
 
-def hooked(self, trainer):
-    save(self, trainer)
-    seen[0] += 1
-    if seen[0] == after and os.environ.get("RANK", "0") == rank:
-        while not named(self, trainer.state.step):
-            time.sleep(0.05)
+def main():
+    after, (action, rank, point), argv = int(sys.argv[1]), sys.argv[2:5], sys.argv[5:]
+    seen = [0]
+
+    def act():
         os.kill(os.getpid(), getattr(signal, action))
 
+    if point == "state":
+        save = state.HealStore.save
 
-state.HealStore.save = hooked
-sys.exit(cli.main(argv))
+        def hooked(self, trainer):
+            save(self, trainer)
+            seen[0] += 1
+            if seen[0] == after and os.environ.get("RANK", "0") == rank:
+                while not named(self, trainer.state.step):
+                    time.sleep(0.05)
+                act()
+
+        state.HealStore.save = hooked
+    elif point == "teacher-text":
+        save_partial = teacher_text.save_partial
+
+        def hooked(*args):
+            path = save_partial(*args)
+            seen[0] += 1
+            if seen[0] == after:
+                act()
+            return path
+
+        teacher_text.save_partial = hooked
+    return cli.main(argv)
+
+
+if __name__ == "__main__":  # not in the teacher-text engine's spawned child, which imports this
+    sys.exit(main())
 """
 
 
 def run_heal_killed(
-    tmp_path: Path, after: int, action: str, args: list[str], ranks: int = 1, rank: int = 0
+    tmp_path: Path,
+    after: int,
+    action: str,
+    args: list[str],
+    ranks: int = 1,
+    rank: int = 0,
+    point: str = "state",
 ) -> subprocess.CompletedProcess:
     """heal (under torchrun with ``ranks`` > 1), rank ``rank`` sending itself ``action`` just
-    after its ``after``-th progress save."""
+    after its ``after``-th save of ``point`` (HEAL_HOOK)."""
     script = tmp_path / "hooked_heal.py"
     script.write_text(HEAL_HOOK)
     launcher = (
@@ -110,7 +138,7 @@ def run_heal_killed(
         else []
     )
     return subprocess.run(
-        [sys.executable, *launcher, str(script), str(after), action, str(rank), *args],
+        [sys.executable, *launcher, str(script), str(after), action, str(rank), point, *args],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from converter.vllm_setup import cli_flags, cpu_engine_kwargs
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -42,15 +44,7 @@ def openai_server(
             "--port",
             str(port),
             "--trust-remote-code",
-            "--dtype",
-            "float32",
-            "--enforce-eager",
-            "--compilation-config",
-            '{"custom_ops": ["none"]}',
-            "--kv-cache-memory-bytes",
-            str(256 * 2**20),
-            "--max-model-len",
-            str(max_model_len),
+            *cli_flags(cpu_engine_kwargs(max_model_len)),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

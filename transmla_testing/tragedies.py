@@ -54,3 +54,22 @@ def tragedies(args: argparse.Namespace) -> Tragedies:
     setup = Tragedies(work, src, batch, perplexity(load_model(src), batch))
     print(f"source PPL {setup.source_ppl:.3f} over {setup.tokens} tokens", flush=True)
     return setup
+
+
+def converter_eval_ppl(folder: Path, args: argparse.Namespace) -> float:
+    """``python -m converter eval`` on a written folder over the first ``--eval-tokens`` of the
+    tragedies in ``--ctx`` windows: the independent figure a heal's reported PPL is checked
+    against."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "converter", "eval", "--model", str(folder)]
+        + ["--text", str(plays("tragedies")), "--ctx", str(args.ctx)]
+        + ["--max-tokens", str(args.eval_tokens), "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return float(json.loads(out.stdout)["ppl"])

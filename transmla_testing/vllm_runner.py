@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from converter.vllm_setup import cpu_engine_kwargs
+
 
 def main() -> None:
     p = argparse.ArgumentParser()
@@ -25,11 +27,7 @@ def main() -> None:
 
     llm = LLM(
         model=args.model,
-        dtype="float32",
-        enforce_eager=True,
-        compilation_config={"custom_ops": ["none"]},
-        kv_cache_memory_bytes=256 * 2**20,
-        max_model_len=512,
+        **cpu_engine_kwargs(),
         tensor_parallel_size=args.tp,
         seed=0,
         trust_remote_code=True,

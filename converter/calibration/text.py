@@ -47,6 +47,11 @@ class CalibrationInput:
     dataset: str | None = None  # NAME[:split]
     chat: bool = False
 
+    @property
+    def named(self) -> bool:
+        """Whether the user named a text (False: the bundled set, the default)."""
+        return any(x is not None for x in (self.text, self.jsonl, self.dataset))
+
     def describe(self) -> str:
         if self.text:
             return f"text {self.text}"

@@ -37,7 +37,7 @@ examples:
   python -m converter --src ./SmolLM2-135M-Instruct --dst ./smollm2-mla --heal-tokens 200000
 
 several GPUs (or CPU processes), sharded by torch FSDP2; --batch-size is then the global batch:
-  torchrun --nproc-per-node 8 -m converter heal --teacher ./Llama-3.1-8B-Instruct \
+  torchrun --nproc-per-node 8 -m converter heal --teacher ./Llama-3.1-8B-Instruct \\
       --student ./llama-mla --dst ./llama-mla-healed --tokens 2000000 --batch-size 8
 """
 
@@ -130,6 +130,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_text_options(
         p, "text to train on (default: the small set bundled with the package)", "train on"
+    )
+    gen = p.add_argument_group(
+        "text the teacher writes (needs vLLM: the [vllm] extra on GPUs, [cpu] on CPUs)"
+    )
+    gen.add_argument(
+        "--teacher-text",
+        type=int,
+        metavar="N",
+        default=option("teacher_text"),
+        help="before training, sample N tokens of text from the teacher with vLLM (batched, "
+        "seeded by --seed) and train on it: alone when no --calib-* text is given (the bundled "
+        "set then only gives the held-out rows), else mixed with that text. Held-out rows are "
+        "always real text. Cached in the staging / --resume folder, so --resume never "
+        "generates again",
+    )
+    gen.add_argument(
+        "--teacher-prompts",
+        metavar="FILE",
+        default=option("teacher_prompts"),
+        help="UTF-8 file, one prompt per line: user turns for a model with a chat template, "
+        "openings of text otherwise (default: varied generic requests for chat models; text "
+        "started as the tokenizer starts it otherwise)",
+    )
+    gen.add_argument(
+        "--teacher-temperature",
+        type=float,
+        metavar="T",
+        default=option("teacher_temperature"),
+        help="sampling temperature (default %(default)s: the teacher's own distribution, the "
+        "one the student learns)",
+    )
+    gen.add_argument(
+        "--teacher-top-p",
+        type=float,
+        metavar="P",
+        default=option("teacher_top_p"),
+        help="nucleus sampling share (default %(default)s)",
+    )
+    gen.add_argument(
+        "--keep-teacher-text",
+        action="store_true",
+        default=option("keep_teacher_text"),
+        help="also write the generated text into --dst (teacher-text.json)",
     )
     ev = p.add_argument_group(
         "held-out rows (none is ever trained on)",

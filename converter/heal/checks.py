@@ -32,14 +32,34 @@ def check_options(opts: HealOptions, launch: Launch = SINGLE) -> None:
                 f"the {launch.ranks} ranks (each rank takes an equal share of every step)",
             ),
             (
+                opts.teacher_text is None,
+                "--teacher-text is not supported under torchrun yet: heal in one process, or "
+                "train on a corpus (--calib-*)",
+            ),
+            (
                 opts.train == "attention",
                 "--train all is not supported under torchrun yet (the embeddings and head stay "
                 "whole on every rank): use --train attention, or heal in one process",
             ),
         )
+    if opts.teacher_text is None:
+        checks += tuple(
+            (not given, f"{flag} needs --teacher-text N (the tokens of text the teacher writes)")
+            for flag, given in (
+                ("--teacher-prompts", opts.teacher_prompts),
+                ("--keep-teacher-text", opts.keep_teacher_text),
+            )
+        )
     for ok, sentence in checks:
         if not ok:
             raise ConversionError(sentence)
+    if opts.teacher_text is not None:
+        from converter.heal.teacher_text import check_teacher_text_options
+
+        prompts = Path(opts.teacher_prompts) if opts.teacher_prompts else None
+        check_teacher_text_options(
+            opts.teacher_text, prompts, opts.teacher_temperature, opts.teacher_top_p
+        )
     parse_size(opts.max_shard_size)
     dst = Path(opts.dst)
     for flag, other in (("--student", opts.student), ("--teacher", opts.teacher)):

@@ -38,6 +38,7 @@ class HealData:
     seed: int = 0
     held_out_source: str = "the end of the training text"
     start: dict | None = None  # how every row starts (calibration/chunks.py RowStart)
+    teacher_rows: int = 0  # training rows of text the teacher wrote (--teacher-text)
 
     @property
     def seqlen(self) -> int:
@@ -74,6 +75,7 @@ class HealData:
             "seqlen": self.seqlen,
             "held_out_from": self.held_out_source,
             "start": self.start,
+            "train_rows_of_teacher_text": self.teacher_rows,
         }
 
 
@@ -97,8 +99,12 @@ def split_text(
     eval_documents: list[str] | None = None,
     seed: int = 0,
     eval_name: str | None = None,
+    generated: list[str] | None = None,
+    train_on_real: bool = True,
 ) -> HealData:
-    """Training, validation and test rows of ``seqlen`` tokens (see the module docstring)."""
+    """Training, validation and test rows of ``seqlen`` tokens (see the module docstring).
+    ``generated`` (text the teacher wrote) adds training rows, never held-out ones; without
+    ``train_on_real`` only they are trained on and ``documents`` give the held-out rows."""
     body = body_length(tokenizer, seqlen)
     ids = _ids(tokenizer, documents)
     rows = _rows(tokenizer, ids, seqlen)
@@ -120,6 +126,20 @@ def split_text(
         cut = rows.shape[0] - 2 * n
         train, validation, test = rows[: max(cut, 0)], rows[cut : cut + n], rows[cut + n :]
         source = "the end of the training text"
+    teacher_rows = 0
+    if generated is not None:
+        extra = _rows(tokenizer, _ids(tokenizer, generated), seqlen)
+        teacher_rows = int(extra.shape[0])
+        train = torch.cat([train, extra]) if train_on_real else extra
+        if not train_on_real:
+            source = source.replace("the training text", "the bundled calibration text")
+        log.info(
+            "training rows: %d of text the teacher wrote%s",
+            teacher_rows,
+            f" mixed with {train.shape[0] - teacher_rows} of the given text"
+            if train_on_real
+            else " (no heal text was given: the held-out rows are the bundled calibration text's)",
+        )
     if train.shape[0] < 1:
         need = body * (1 if eval_documents is not None else 3)
         raise ConversionError(
@@ -138,12 +158,18 @@ def split_text(
         validation.shape[0],
         test.shape[0],
     )
-    return HealData(train, validation, test, seed, source, row_start(tokenizer).as_report())
+    start = row_start(tokenizer).as_report()
+    return HealData(train, validation, test, seed, source, start, teacher_rows)
 
 
-def read_heal_text(opts: HealOptions, tokenizer) -> HealData:
-    """The rows of the text ``opts`` names (--calib-*, --eval-text), cut as split_text says."""
+def read_heal_text(opts: HealOptions, tokenizer, generated: list[str] | None = None) -> HealData:
+    """The rows of the text ``opts`` names (--calib-*, --eval-text), cut as split_text says,
+    with the teacher's ``generated`` text added to the training rows; when no text was named
+    (the bundled calibration text is the default), that text only gives the held-out rows."""
     documents, _files = load_documents(opts.text_input, tokenizer)
     held = [read_calibration_text(opts.eval_text)[0]] if opts.eval_text else None
     name = Path(opts.eval_text).name if opts.eval_text else None
-    return split_text(tokenizer, documents, opts.seqlen, opts.eval_tokens, held, opts.seed, name)
+    return split_text(
+        tokenizer, documents, opts.seqlen, opts.eval_tokens, held, opts.seed, name, generated,
+        train_on_real=generated is None or opts.text_input.named,
+    )  # fmt: skip

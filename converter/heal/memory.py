@@ -241,3 +241,22 @@ def _available(device: str) -> float | None:
         return None
     free, _total = torch.cuda.mem_get_info()
     return float(free)
+
+
+def check_generation_memory(needed: float, device: str) -> None:
+    """Refuse, before it starts, a vLLM engine for the teacher text that would not fit in
+    FIT of what ``device`` has free (heal/teacher_text.py generation_memory); it is gone before
+    the models heal trains are loaded, so the two never need memory at once."""
+    free = _available(device)
+    log.info(
+        "teacher text: vLLM engine needs about %.2f GB on %s%s",
+        needed / 1e9,
+        device,
+        f" of {free / 1e9:.1f} GB available" if free else "",
+    )
+    if free is not None and needed > FIT * free:
+        raise ConversionError(
+            f"writing the teacher text needs about {needed / 1e9:.1f} GB on {device} (the "
+            f"teacher in vLLM and its KV cache) but only {free / 1e9:.1f} GB is free; lower "
+            "--seqlen or free memory"
+        )

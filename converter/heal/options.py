@@ -20,6 +20,11 @@ EVALUATIONS = 8  # validation evaluations during a run, when --eval-every is not
 # two slices of a text it trains on, each capped by --eval-tokens, so its share decides only on
 # short texts, where every row kept for training counts.
 HELD_OUT_SLICE_SHARE = Fraction(1, 20)
+# Sampling the teacher text: temperature 1 is the teacher's own next-token law, the one the KL
+# matches; top-p 0.95 cuts the far tail, where one unlikely token can derail a long document
+# into text the teacher would never write.
+TEACHER_TEMPERATURE = 1.0
+TEACHER_TOP_P = 0.95
 
 
 @dataclass
@@ -53,6 +58,12 @@ class HealOptions(TextOptions):
     keep_worse: bool = False
     share: bool = True  # hold the student's tensors equal to the teacher's once (heal/shared.py)
     dist_timeout: float = 600.0  # seconds; under torchrun (heal/distributed.py)
+    # --teacher-text N: train on N tokens the teacher samples with vLLM (heal/teacher_text.py)
+    teacher_text: int | None = None
+    teacher_prompts: str | None = None  # a file, one user turn / opening per line
+    teacher_temperature: float = TEACHER_TEMPERATURE
+    teacher_top_p: float = TEACHER_TOP_P
+    keep_teacher_text: bool = False  # write the generated text into --dst
 
 
 # ``convert --heal-tokens``: the convert options the heal after it takes over, same name and

@@ -38,7 +38,7 @@ from converter.heal.finish import choose_written
 from converter.heal.fp8 import recorded_scales, unfold
 from converter.heal.inputs import check_pair
 from converter.heal.loop import LoopState, TrainSettings, trained
-from converter.heal.memory import plan_memory
+from converter.heal.memory import check_generation_memory, plan_memory
 from converter.heal.models import load_models
 from converter.heal.objective import choose_precision
 from converter.heal.options import EVALUATIONS, HealOptions, heal_after_convert
@@ -46,6 +46,7 @@ from converter.heal.output import write_healed
 from converter.heal.shared import share_frozen
 from converter.heal.state import HealStore, describe_progress, fingerprint
 from converter.heal.summary import log_result, memory_summary, summary
+from converter.heal.teacher_text import TEACHER_TEXT_FILE
 from converter.heal.trainer import Trainer
 from transmla_vllm.checkpoint_format import REPORT_FILE, CheckpointLayout
 
@@ -104,6 +105,36 @@ def heal(opts: HealOptions) -> Path:
         end(launch)
 
 
+def _teacher_text(opts: HealOptions, pair, device: str, cache: Path | None):
+    """--teacher-text: the teacher's documents, written by vLLM (freed again before the models
+    heal trains are loaded) or read from a --resume folder's cache; None when not asked for."""
+    if opts.teacher_text is None:
+        return None
+    from converter.heal.teacher_text import generate_teacher_text, generation_memory, read_prompts
+
+    if cache is None or not (cache / TEACHER_TEXT_FILE).is_file():
+        check_generation_memory(generation_memory(pair.spec, opts.seqlen, device=device), device)
+    prompts = read_prompts(Path(opts.teacher_prompts)) if opts.teacher_prompts else None
+    return generate_teacher_text(
+        pair.teacher, opts.teacher_text, seed=opts.seed, temperature=opts.teacher_temperature,
+        top_p=opts.teacher_top_p, prompts=prompts, max_model_len=opts.seqlen, cache=cache,
+        device=device,
+    )  # fmt: skip
+
+
+def _place_teacher_text(generated, folder: Path, keep: bool) -> None:
+    """The generated text goes into the published folder only with --keep-teacher-text."""
+    if generated is None:
+        return
+    from converter.heal.teacher_text import save_cached
+
+    path = folder / TEACHER_TEXT_FILE
+    if keep and not path.is_file():
+        save_cached(folder, generated)
+    elif not keep:
+        path.unlink(missing_ok=True)
+
+
 def _output_folder(opts: HealOptions, dst: Path, launch: Launch):
     """Where rank 0 writes: a staging (or --resume) folder published on success; on the other
     ranks, nothing (None)."""
@@ -130,39 +161,45 @@ def _heal(opts: HealOptions, launch: Launch, device: str) -> Path:
         )
     pair = check_pair(opts.teacher, opts.student, opts.revision)
     check_calibration_context(opts.seqlen, pair.spec, "--seqlen")
-    data = read_heal_text(opts, pair.tokenizer)
-    keep_freed_memory()
-    precision = choose_precision(opts.precision, device)
-    layout = CheckpointLayout.from_config(pair.student_config)
-    # FSDP shards each model's layers on its own: a tensor both would hold is not held once
-    share = opts.share and not launch.sharded
-    if opts.share and launch.sharded:
-        log.info("under torchrun teacher and student keep their own copies (each is sharded)")
-    memory = plan_memory(
-        pair.spec, layout, opts.train, opts.batch_size, opts.seqlen, device, share, launch.ranks
-    )
-    log.info("%s", memory.describe())
-    memory.check()
-    passes = _log_passes(opts, data)
-    teacher, student = load_models(pair, opts.train, device, precision, memory.checkpointing)
-    sharing = share_frozen(teacher, student, layout.kept_from_source()) if share else None
-    if sharing is not None:
-        memory.warn_if_shared_less(sharing.shared_bytes)
-    report_path = pair.student / REPORT_FILE
-    student_report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    scales = recorded_scales(student_report)
-    if scales is not None:
-        unfold(student, scales)  # on the whole tensors, before they are sharded
-    shard(teacher, launch)
-    shard(student, launch)
-    out_dtype = DTYPES.get(str(pair.student_config.get("dtype")), torch.float32)
     with _output_folder(opts, dst, launch) as tmp:
         barrier(launch)  # rank 0 has made (and locked) the folder --resume saves into
+        generated = _teacher_text(opts, pair, device, resume_folder(dst) if opts.resume else None)
+        documents = generated.documents if generated is not None else None
+        data = read_heal_text(opts, pair.tokenizer, documents)
+        keep_freed_memory()
+        precision = choose_precision(opts.precision, device)
+        layout = CheckpointLayout.from_config(pair.student_config)
+        # FSDP shards each model's layers on its own: a tensor both would hold is not held once
+        share = opts.share and not launch.sharded
+        if opts.share and launch.sharded:
+            log.info("under torchrun teacher and student keep their own copies (each is sharded)")
+        memory = plan_memory(
+            pair.spec, layout, opts.train, opts.batch_size, opts.seqlen, device, share,
+            launch.ranks,
+        )  # fmt: skip
+        log.info("%s", memory.describe())
+        memory.check()
+        passes = _log_passes(opts, data)
+        teacher, student = load_models(pair, opts.train, device, precision, memory.checkpointing)
+        sharing = share_frozen(teacher, student, layout.kept_from_source()) if share else None
+        if sharing is not None:
+            memory.warn_if_shared_less(sharing.shared_bytes)
+        report_path = pair.student / REPORT_FILE
+        student_report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+        scales = recorded_scales(student_report)
+        if scales is not None:
+            unfold(student, scales)  # on the whole tensors, before they are sharded
+        shard(teacher, launch)
+        shard(student, launch)
+        out_dtype = DTYPES.get(str(pair.student_config.get("dtype")), torch.float32)
         store = (
-            HealStore(resume_folder(dst), fingerprint(opts, pair, data, device), launch)
+            HealStore(
+                resume_folder(dst), fingerprint(opts, pair, data, device), launch,
+                keep=(TEACHER_TEXT_FILE,),
+            )
             if opts.resume
             else None
-        )
+        )  # fmt: skip
         state = store.load() if store is not None else None
         resumed = state is not None
         if resumed:
@@ -188,6 +225,8 @@ def _heal(opts: HealOptions, launch: Launch, device: str) -> Path:
             scales is not None, opts.keep_worse, launch,
         )  # fmt: skip
         heal_summary = summary(opts, data, cfg, state, passes, written, out_dtype, started, launch)
+        if generated is not None:
+            heal_summary["teacher_text"] = generated.as_report()
         heal_summary["memory"] = memory_summary(memory, sharing, device, trained(student), launch)
         log_result(heal_summary)
         shard_bytes = parse_size(opts.max_shard_size)
@@ -197,6 +236,8 @@ def _heal(opts: HealOptions, launch: Launch, device: str) -> Path:
         )  # fmt: skip
         if store is not None and launch.main:
             store.clear()
+        if launch.main:
+            _place_teacher_text(generated, tmp, opts.keep_teacher_text)
     barrier(launch)  # every rank ends once rank 0 has published
     log.info("healed model written to %s", dst)
     return dst

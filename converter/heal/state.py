@@ -46,7 +46,7 @@ DCP_METADATA = ".metadata"  # the file DCP writes last, once every rank's shards
 
 
 # options that change how a run is done but not what it computes: a --resume may change them
-NOT_FINGERPRINTED = ("resume", "overwrite", "dst", "share", "dist_timeout")
+NOT_FINGERPRINTED = ("resume", "overwrite", "dst", "share", "dist_timeout", "keep_teacher_text")
 
 
 def fingerprint(opts: HealOptions, pair: HealPair, data: HealData, device: str) -> dict:
@@ -71,8 +71,11 @@ class HealStore:
     """The resume folder's progress; every rank holds one, rank 0 alone writes the progress
     file and removes what it replaces."""
 
-    def __init__(self, folder: Path, fingerprint: dict, launch: Launch = SINGLE) -> None:
+    def __init__(
+        self, folder: Path, fingerprint: dict, launch: Launch = SINGLE, keep: tuple[str, ...] = ()
+    ) -> None:
         self.folder, self.fingerprint, self.launch = folder, fingerprint, launch
+        self.keep = set(keep)  # files of the folder that are not the loop's (teacher text)
         self._saved: dict | None = None
 
     def load(self) -> LoopState | None:
@@ -82,7 +85,7 @@ class HealStore:
         main = self.launch.main
         if not (self.folder / PROGRESS).is_file():
             if main:
-                empty_folder(self.folder)
+                empty_folder(self.folder, keep=self.keep)
             barrier(self.launch)
             return None
         try:
@@ -98,7 +101,7 @@ class HealStore:
         where = f"the heal progress in {self.folder} (step {saved['step']})"
         check_fingerprint(saved["fingerprint"], self.fingerprint, where)
         if main:
-            empty_folder(self.folder, keep={PROGRESS, saved["state"]})
+            empty_folder(self.folder, keep={PROGRESS, saved["state"], *self.keep})
         barrier(self.launch)
         self._saved = saved
         return LoopState(**{k: saved[k] for k in _CARRIED}, best={})
@@ -213,8 +216,11 @@ def _empty_like(param: torch.Tensor) -> torch.Tensor:
 
 def describe_progress(folder: Path) -> str:
     """What an interrupted run leaves, for the resume folder's warning."""
+    from converter.heal.teacher_text import TEACHER_TEXT_FILE
+
+    text = "; the teacher text is kept" if (folder / TEACHER_TEXT_FILE).is_file() else ""
     try:
         step = json.loads((folder / PROGRESS).read_text())["step"]
     except (OSError, ValueError, KeyError):
-        return "no evaluation point reached yet"
-    return f"{step} training steps done"
+        return "no evaluation point reached yet" + text
+    return f"{step} training steps done" + text

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from converter.errors import ConversionError
+from converter.vllm_setup import VLLM_INSTALL_HINT, vllm_installed
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "lm_eval_tasks"
 SHIPPED_TASKS = tuple(sorted(p.stem for p in TASKS_DIR.glob("*.yaml")))  # task = file name
@@ -47,10 +48,8 @@ def require_lm_eval(backend: str) -> None:
         raise ConversionError(
             f"--lm-eval-tasks needs lm-eval, which is not installed: {INSTALL_HINT}"
         )
-    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ConversionError(
-            "--lm-eval-backend vllm needs vLLM: pip install 'transmla-vllm[vllm]'"
-        )
+    if backend == "vllm" and not vllm_installed():
+        raise ConversionError(f"--lm-eval-backend vllm needs vLLM: {VLLM_INSTALL_HINT}")
 
 
 def lm_eval_command(
