@@ -24,6 +24,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 REPORT_FILE = "transmla_report.json"
 CARD_FILE = "README.md"
+HEAL_PLOT_FILE = "heal.png"  # held-out PPL and KL against heal tokens (converter/heal/plot.py)
 REMOTE_CODE_FILE = "modeling_transmla.py"
 AUTO_MAP = {"AutoModelForCausalLM": "modeling_transmla.TransMLAForCausalLM"}
 # rope types whose frequency law is a function of (theta, dim) only, so an r-dim rope keeps the

@@ -16,6 +16,7 @@ from converter.checkpoint.writer import copy_remote_code, copy_verbatim
 from converter.conversion.settings import DTYPES
 from converter.errors import ConversionError
 from converter.heal.distributed import SINGLE, Launch, full
+from converter.heal.plot import write_plot
 from converter.hub.card import refresh_model_card
 from transmla_vllm.checkpoint_format import CARD_FILE, CONFIG_FILE, REPORT_FILE, CheckpointLayout
 
@@ -61,6 +62,7 @@ def write_healed(
     for key in STALE_REPORT_KEYS:
         report.pop(key, None)
     report["shards"] = shards
+    heal["plot"] = write_plot(folder, heal)
     report["heal"] = heal
     if fp8_scales is not None:
         for layer, entry in zip(report.get("layers") or [], fp8_scales, strict=True):

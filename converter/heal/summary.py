@@ -66,7 +66,7 @@ def summary(
             "train": opts.train,
             "hidden_weight": cfg.hidden_weight,
             "loss": "KL(teacher || student)" + (" + hidden-state MSE" if cfg.hidden_weight else ""),
-            "text": Path(opts.calib_text).name if opts.calib_text else opts.text_input.describe(),
+            "text": training_text(opts, data),
             "chat": opts.calib_chat,
             "held_out": data.held_out_source,
             "validation_tokens": int(data.validation.numel()),
@@ -97,6 +97,17 @@ def summary(
         "kept": written.kept,
         "test": test_summary(state, written, cfg.device, out_dtype),
     }
+
+
+def training_text(opts: HealOptions, data: HealData) -> str:
+    """What the run trained on, in words: the given text, the teacher's, or the mix."""
+    given = Path(opts.calib_text).name if opts.calib_text else opts.text_input.describe()
+    if opts.teacher_text is None:
+        return given
+    rows = int(data.train.shape[0])
+    if data.teacher_rows == rows:
+        return f"text the teacher wrote ({rows} rows)"
+    return f"{given} and text the teacher wrote ({data.teacher_rows} of {rows} rows)"
 
 
 def memory_summary(

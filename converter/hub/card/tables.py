@@ -173,6 +173,7 @@ def heal_section(heal: dict[str, Any] | None) -> str:
             f"{st.get('tokens', 0):,} ({st.get('passes', 1)} pass(es), "
             f"sequences of {st.get('seqlen', '?')})",
         ),
+        ("training text", st.get("text", "-")),
         ("learning rate, batch", f"{st.get('lr', '?')}, {st.get('batch_size', '?')} sequences"),
         ("launch", launch_text(st.get("launch"))),
         (
@@ -188,9 +189,11 @@ def heal_section(heal: dict[str, Any] | None) -> str:
     if heal.get("kept") == "input":
         rows.append(("written weights", "the input's (heal did not improve them)"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    plot = heal.get("plot")
+    picture = f"\n![held-out perplexity and KL against heal tokens]({plot})\n" if plot else ""
     return (
         "## Heal\n\nAfter conversion the attention was trained by distillation from the source "
         "(`python -m converter heal`); the step with the best validation perplexity was kept, "
         "and the test perplexity below was measured on the weights as written.\n\n"
-        f"| setting | value |\n|---|---|\n{table}\n"
+        f"| setting | value |\n|---|---|\n{table}\n{picture}"
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,12 +16,14 @@ from converter.checkpoint.resume import resume_folder
 from converter.errors import ConversionError
 from converter.heal import HealOptions, heal
 from converter.heal.data import split_text
+from converter.heal.plot import write_plot
 from converter.measure.perplexity import load_model
 from transmla_testing import conversions
 from transmla_testing.heal_rows import SEQLEN, eval_text_rows, nll
 from transmla_testing.hooked import run_cli, run_heal_killed
 from transmla_testing.models import make_model, read_tensors
 from transmla_testing.text import play_text
+from transmla_vllm.checkpoint_format import HEAL_PLOT_FILE
 
 HEAL = ["--seqlen", str(SEQLEN), "--batch-size", "8", "--lr", "1e-2", "--eval-tokens", "2048"]
 
@@ -75,8 +78,16 @@ def test_heal_lowers_test_loss_and_keeps_the_format(pair, tmp_path, calib_file, 
     assert config["transmla"]["heal"]["tokens"] == report["settings"]["tokens"]
     card = (dst / "README.md").read_text()
     assert "## Heal" in card and f"{test['after']:.3f}" in card
+    # the picture: drawn from the report, shown in the card; without matplotlib, none
+    assert report["plot"] == HEAL_PLOT_FILE and f"]({HEAL_PLOT_FILE})" in card
+    assert (dst / HEAL_PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "base_model_relation: finetune" in card or "base_model" not in card
     assert sorted(p.name for p in tmp_path.iterdir()) == ["healed", "much-ado.txt"]  # no staging
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "matplotlib", None)  # how Python marks a missing package
+        bare = tmp_path / "bare"
+        bare.mkdir()
+        assert write_plot(bare, report) is None and not any(bare.iterdir())
 
 
 def test_resume_after_kill_gives_the_uninterrupted_result(pair, tmp_path, calib_file):
