@@ -174,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=default(HealOptions, "train"),
         help="weights the heal trains (default %(default)s; heal's --train)",
     )
+    heal.add_argument(
+        "--teacher-text",
+        type=int,
+        metavar="N",
+        default=default(HealOptions, "teacher_text"),
+        help="with --heal-tokens: the teacher writes N tokens with vLLM first and the heal trains "
+        "on them (alone when no --calib-* text is given; heal's --teacher-text)",
+    )
     add_debug_option(p)
     p.add_argument("--version", action="version", version=f"transmla-vllm {__version__}")
     return p
@@ -207,7 +215,9 @@ def _convert(args: argparse.Namespace) -> None:
     if args.heal_tokens is not None:
         from converter.heal import convert_and_heal
 
-        dst = convert_and_heal(opts, tokens=args.heal_tokens, train=args.heal_train)
+        dst = convert_and_heal(
+            opts, tokens=args.heal_tokens, train=args.heal_train, teacher_text=args.teacher_text
+        )
     else:
         from converter.conversion.pipeline import convert
 
@@ -248,6 +258,13 @@ def _preflight(args: argparse.Namespace) -> None:
     parse_size(args.max_shard_size)
     if args.heal_tokens is not None and args.heal_tokens < 1:
         raise ConversionError(f"--heal-tokens {args.heal_tokens} must be at least 1")
+    if args.teacher_text is not None:
+        if args.heal_tokens is None:
+            raise ConversionError("--teacher-text needs --heal-tokens M (the heal it feeds)")
+        from converter.heal.options import TEACHER_TEMPERATURE, TEACHER_TOP_P
+        from converter.heal.teacher_text import check_teacher_text_options
+
+        check_teacher_text_options(args.teacher_text, None, TEACHER_TEMPERATURE, TEACHER_TOP_P)
     if args.base_model is not None:
         from converter.hub.ids import check_base_model
 

@@ -129,3 +129,19 @@ def test_bad_teacher_text_settings_are_refused_in_one_line(vllm_pair, tmp_path, 
     assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
     assert not dst.exists() and not resume_folder(dst).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.txt"]
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        (("--teacher-text", "3000"), "--teacher-text needs --heal-tokens M"),
+        (("--heal-tokens", "2048", "--teacher-text", "0"), "must be a positive number"),
+    ],
+)
+def test_convert_refuses_bad_teacher_text_before_converting(vllm_pair, tmp_path, extra, says):
+    dst = tmp_path / "out"
+    proc = run_cli(["--src", str(vllm_pair[0]), "--dst", str(dst), *extra])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], lines
+    assert not any(tmp_path.iterdir())
