@@ -24,12 +24,17 @@ import time
 from pathlib import Path
 
 from converter.conversion.methods import DEFAULT_METHOD
-from transmla_testing.conversions import comedies_convert_cmd, heal_args
+from transmla_testing.conversions import heal_args
 from transmla_testing.models import read_tensors
 from transmla_testing.parity import prompts_for, run_vllm, transformers_greedy
 from transmla_testing.report import publish
 from transmla_testing.text import plays
-from transmla_testing.tragedies import add_common_args, converter_eval_ppl, tragedies
+from transmla_testing.tragedies import (
+    add_common_args,
+    converter_eval_ppl,
+    default_conversion,
+    tragedies,
+)
 from transmla_vllm.checkpoint_format import REPORT_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,14 +85,7 @@ def main() -> int:
     budget = int(args.budgets.split(",")[0])
 
     setup = tragedies(args)
-    converted = setup.work / f"smollm2-{DEFAULT_METHOD}-{budget}"
-    if not (args.reuse and (converted / REPORT_FILE).is_file()):
-        timed(
-            comedies_convert_cmd(
-                setup.src, converted, args.calib_samples, "--kv-elements", str(budget)
-            ),
-            threads=2,
-        )
+    converted = default_conversion(setup, budget, args)
     runs = {}
     for name, ranks in (("one", 1), ("two", RANKS)):  # ranks x threads = the 2 cores
         dst = setup.work / f"smollm2-{budget}-healed-{name}"

@@ -23,11 +23,15 @@ import time
 from pathlib import Path
 
 from converter.conversion.methods import DEFAULT_METHOD
-from transmla_testing.conversions import comedies_convert_cmd
 from transmla_testing.parity import prompts_for, run_vllm, transformers_greedy
 from transmla_testing.report import publish
 from transmla_testing.text import plays
-from transmla_testing.tragedies import add_common_args, converter_eval_ppl, tragedies
+from transmla_testing.tragedies import (
+    add_common_args,
+    converter_eval_ppl,
+    default_conversion,
+    tragedies,
+)
 from transmla_vllm.checkpoint_format import REPORT_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,13 +60,7 @@ def main() -> int:
     budget = int(args.budgets.split(",")[0])
 
     setup = tragedies(args)
-    converted = setup.work / f"smollm2-{DEFAULT_METHOD}-{budget}"
-    if not (args.reuse and (converted / REPORT_FILE).is_file()):
-        run(
-            comedies_convert_cmd(
-                setup.src, converted, args.calib_samples, "--kv-elements", str(budget)
-            )
-        )
+    converted = default_conversion(setup, budget, args)
     convert_s = json.loads((converted / REPORT_FILE).read_text())["seconds"]
     healed = setup.work / f"smollm2-{budget}-teacher-text"
     heal_s = run(

@@ -38,6 +38,31 @@ def comedies_convert_cmd(src: Path, dst: Path, samples: int, *flags: str) -> lis
     ]
 
 
+def taught_conversion(
+    root: Path, text_file: Path, seqlen: int, rope_dim: int, kv_lora_rank: int, **model
+) -> tuple[Path, Path]:
+    """(source, conversion): a tiny LLaMA (``make_model`` settings ``model``) that learned the
+    text of ``text_file``, and its lossy conversion (``rope_dim`` + ``kv_lora_rank`` elements)
+    calibrated on it: the pair the heal tests distil."""
+    from converter.conversion.pipeline import ConvertOptions, convert
+    from transmla_testing.models import make_model, teach
+
+    src = make_model(root / "src", "llama", **model)
+    teach(src, text_file.read_text())
+    student = convert(
+        ConvertOptions(
+            src=str(src),
+            dst=str(root / "mla"),
+            rope_dim=rope_dim,
+            kv_lora_rank=kv_lora_rank,
+            calib_text=str(text_file),
+            calib_samples=8,
+            calib_seqlen=seqlen,
+        )
+    )
+    return src, student
+
+
 def heal_args(
     teacher: Path, student: Path, dst: Path, tokens: int, text: Path, *flags: str
 ) -> list[str]:

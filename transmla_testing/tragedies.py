@@ -73,3 +73,22 @@ def converter_eval_ppl(folder: Path, args: argparse.Namespace) -> float:
         text=True,
     )
     return float(json.loads(out.stdout)["ppl"])
+
+
+def default_conversion(setup: Tragedies, budget: int, args: argparse.Namespace) -> Path:
+    """SmolLM2 converted with the default method at ``budget`` KV elements on the comedies: the
+    folder benchmarks/heal.py makes (kept with ``args.reuse`` when it is there)."""
+    import subprocess
+
+    from converter.conversion.methods import DEFAULT_METHOD
+    from transmla_testing.conversions import comedies_convert_cmd
+    from transmla_vllm.checkpoint_format import REPORT_FILE
+
+    converted = setup.work / f"smollm2-{DEFAULT_METHOD}-{budget}"
+    if not (args.reuse and (converted / REPORT_FILE).is_file()):
+        cmd = comedies_convert_cmd(
+            setup.src, converted, args.calib_samples, "--kv-elements", str(budget)
+        )
+        print("$", " ".join(str(c) for c in cmd[1:]), flush=True)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return converted

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from converter.checkpoint.resume import resume_folder
-from converter.conversion.pipeline import ConvertOptions, convert
 from converter.heal.teacher_text import TEACHER_TEXT_FILE
+from transmla_testing.conversions import taught_conversion
 from transmla_testing.hooked import REPO, run_cli, run_heal_killed
-from transmla_testing.models import make_model, read_tensors, teach
+from transmla_testing.models import read_tensors
 
 SEQLEN = 64
 TEACHER_TOKENS = 2500
@@ -30,20 +30,8 @@ def vllm_pair(tmp_path_factory, calib_file) -> tuple[Path, Path]:
     """A tiny chat LLaMA vLLM's CPU attention takes (head_dim 64) that learned the comedies,
     and its lossy conversion."""
     root = tmp_path_factory.mktemp("teacher-text")
-    src = make_model(root / "src", "llama", hidden=128, heads=2, kv_heads=1, head_dim=64, seed=3)
-    teach(src, calib_file.read_text())
-    student = convert(
-        ConvertOptions(
-            src=str(src),
-            dst=str(root / "mla"),
-            rope_dim=16,
-            kv_lora_rank=16,
-            calib_text=str(calib_file),
-            calib_samples=8,
-            calib_seqlen=SEQLEN,
-        )
-    )
-    return src, student
+    geometry = dict(hidden=128, heads=2, kv_heads=1, head_dim=64, seed=3)
+    return taught_conversion(root, calib_file, SEQLEN, 16, 16, **geometry)
 
 
 def heal_args(pair, dst: Path, *extra: str) -> list[str]:
