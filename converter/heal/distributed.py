@@ -57,6 +57,11 @@ class Launch:
     def sharded(self) -> bool:
         return self.backend is not None
 
+    @property
+    def per_node(self) -> int:
+        """Ranks on each machine: they share its RAM."""
+        return max(1, self.ranks // self.nodes)
+
     def as_report(self) -> dict:
         return {"ranks": self.ranks, "nodes": self.nodes, "backend": self.backend or "none"}
 

@@ -123,6 +123,7 @@ class MemoryEstimate:
             "shared": self.shared,
             "checkpointing": self.checkpointing,
             "ranks": self.ranks,
+            "available": self.available,  # to each rank: its share of the RAM on a CPU
         }
 
     def check(self) -> None:
@@ -152,10 +153,12 @@ def estimate(
     free: float | None = None,
     share: bool = True,
     ranks: int = 1,
+    per_node: int = 1,
 ) -> MemoryEstimate:
     """Bytes a run of these sizes needs on each of ``ranks`` devices (fp32 on cpu; bf16
     weights and activations on cuda), with the student's kept tensors held by the teacher when
-    ``share``."""
+    ``share``. ``per_node`` ranks share this machine's RAM: each may count on its share of it
+    (a GPU is each rank's own)."""
     wide = 4
     act = 4 if device == "cpu" else 2
     teacher = source_tensors(spec)
@@ -186,14 +189,16 @@ def estimate(
         ),
         "overhead": OVERHEAD["cpu" if device == "cpu" else "cuda"],
     }
-    available = free if free is not None else _available(device)
+    ram = _available("cpu")
+    ram = ram / per_node if ram is not None else None
+    available = free if free is not None else (ram if device == "cpu" else _available(device))
     host = float(wide * n_train)
     return MemoryEstimate(
         device,
         parts,
         host,
         available,
-        _available("cpu"),
+        ram,
         checkpointing,
         float(act * n_shared),
         ranks,
@@ -209,14 +214,17 @@ def plan_memory(
     device: str,
     share: bool = True,
     ranks: int = 1,
+    per_node: int = 1,
 ) -> MemoryEstimate:
     """Without gradient checkpointing when that fits comfortably, else with it. ``batch_size``
-    is the global batch: each of ``ranks`` runs its share."""
+    is the global batch: each of ``ranks`` runs its share; ``per_node`` of them share this
+    machine's RAM."""
     sizes = (spec, layout, train, max(1, batch_size // ranks), seqlen, device)
-    fast = estimate(*sizes, checkpointing=False, share=share, ranks=ranks)
+    kw = dict(share=share, ranks=ranks, per_node=per_node)
+    fast = estimate(*sizes, checkpointing=False, **kw)
     if fast.fits(NO_CHECKPOINTING_SHARE):
         return fast
-    return estimate(*sizes, checkpointing=True, share=share, ranks=ranks)
+    return estimate(*sizes, checkpointing=True, **kw)
 
 
 def measured_peak(device: str) -> tuple[int, str]:

@@ -175,7 +175,7 @@ def _heal(opts: HealOptions, launch: Launch, device: str) -> Path:
             log.info("under torchrun teacher and student keep their own copies (each is sharded)")
         memory = plan_memory(
             pair.spec, layout, opts.train, opts.batch_size, opts.seqlen, device, share,
-            launch.ranks,
+            launch.ranks, launch.per_node,
         )  # fmt: skip
         log.info("%s", memory.describe())
         memory.check()
