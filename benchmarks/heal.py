@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from converter.commands.options import default
 from converter.conversion.methods import DEFAULT_METHOD
 from converter.heal.options import EVALUATIONS, HealOptions
 from transmla_testing.conversions import comedies_convert_cmd, heal_args
+from transmla_testing.launch import run_quietly
 from transmla_testing.report import publish
 from transmla_testing.text import plays
 from transmla_testing.tragedies import add_common_args, converter_eval_ppl, tragedies
@@ -44,12 +44,6 @@ TIME_TARGET_S = 45 * 60  # conversion + heal on 2 cores
 # 3 passes over the comedies: the most that fits TIME_TARGET_S with the conversion on 2 cores
 # (42.5 and 43.8 min at 128 and 192 on 2026-12-03, docs/heal.md)
 DEFAULT_TOKENS = 720896
-
-
-def run(cmd: list[str]) -> None:
-    """Run a converter command (each records its own time in its report)."""
-    print("$", " ".join(str(c) for c in cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def convert_cmd(src: Path, dst: Path, budget: int, samples: int, method: str) -> list[str]:
@@ -67,7 +61,7 @@ def compare(setup, budget: int, args: argparse.Namespace) -> dict[str, dict]:
             continue
         dst = setup.work / f"smollm2-{method}-{budget}"
         if not (args.reuse and (dst / REPORT_FILE).is_file()):
-            run(convert_cmd(setup.src, dst, budget, args.calib_samples, method))
+            run_quietly(convert_cmd(setup.src, dst, budget, args.calib_samples, method))
         seconds = json.loads((dst / REPORT_FILE).read_text())["seconds"]
         out[method] = {"ppl": perplexity(load_model(dst), setup.batch), "convert_s": seconds}
         print(f"budget {budget} {method}: PPL {out[method]['ppl']:.3f}", flush=True)
@@ -186,11 +180,11 @@ def main() -> int:
         converted = work / f"smollm2-{args.method}-{budget}"  # the same folder as --compare's
         healed = work / f"smollm2-{args.method}-{budget}-healed"
         if not (args.reuse and (converted / REPORT_FILE).is_file()):
-            run(convert_cmd(src, converted, budget, args.calib_samples, args.method))
+            run_quietly(convert_cmd(src, converted, budget, args.calib_samples, args.method))
         conversion = json.loads((converted / REPORT_FILE).read_text())
         convert_s = conversion["seconds"]
         if not (args.reuse and same_heal(healed, args)):
-            run(heal_cmd(src, converted, healed, args))
+            run_quietly(heal_cmd(src, converted, healed, args))
         report = json.loads((healed / REPORT_FILE).read_text())
         # the heal's own wall time (loading and evaluations included); older reports: the loop's
         heal_s = report["heal"].get("wall_seconds", report["heal"]["seconds"])

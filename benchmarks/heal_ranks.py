@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from converter.conversion.methods import DEFAULT_METHOD
 from transmla_testing.conversions import heal_args
+from transmla_testing.launch import converter_cmd, run_quietly
 from transmla_testing.models import read_tensors
 from transmla_testing.parity import prompts_for, run_vllm, transformers_greedy
 from transmla_testing.report import publish
@@ -45,7 +43,6 @@ def heal_cmd(
     src: Path, student: Path, dst: Path, ranks: int, args: argparse.Namespace
 ) -> list[str]:
     """The heal, launched as one process or under torchrun with ``ranks``."""
-    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
     flags = heal_args(
         src,
         student,
@@ -56,15 +53,7 @@ def heal_cmd(
         *("--precision", "fp32", "--keep-worse", "--overwrite"),
         *("--eval-text", str(plays("tragedies")), "--eval-tokens", str(args.eval_tokens)),
     )
-    return [sys.executable, *(torchrun if ranks > 1 else []), "-m", "converter", *flags]
-
-
-def timed(cmd: list[str], threads: int) -> float:
-    print("$", " ".join(str(c) for c in cmd[1:]), flush=True)
-    started = time.time()
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    return time.time() - started
+    return converter_cmd(flags, ranks)
 
 
 def weight_gap(one: Path, two: Path) -> float:
@@ -89,7 +78,7 @@ def main() -> int:
     runs = {}
     for name, ranks in (("one", 1), ("two", RANKS)):  # ranks x threads = the 2 cores
         dst = setup.work / f"smollm2-{budget}-healed-{name}"
-        seconds = timed(heal_cmd(setup.src, converted, dst, ranks, args), 2 // ranks)
+        seconds = run_quietly(heal_cmd(setup.src, converted, dst, ranks, args), 2 // ranks)
         heal = json.loads((dst / REPORT_FILE).read_text())["heal"]
         runs[name] = {"dst": dst, "seconds": seconds, "heal": heal}
         print(f"{name}: test PPL {heal['test']['ppl']}, {seconds:.0f} s", flush=True)

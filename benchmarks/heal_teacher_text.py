@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from converter.conversion.methods import DEFAULT_METHOD
+from transmla_testing.launch import run_quietly
 from transmla_testing.parity import prompts_for, run_vllm, transformers_greedy
 from transmla_testing.report import publish
 from transmla_testing.text import plays
@@ -36,16 +36,6 @@ from transmla_vllm.checkpoint_format import REPORT_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 TIME_TARGET_S = 45 * 60  # issue 24: conversion + writing + heal on 2 cores
-
-
-def run(cmd: list[str]) -> float:
-    """Run a converter command quietly; its wall time."""
-    import subprocess
-
-    print("$", " ".join(str(c) for c in cmd[1:]), flush=True)
-    started = time.time()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.time() - started
 
 
 def main() -> int:
@@ -63,7 +53,7 @@ def main() -> int:
     converted = default_conversion(setup, budget, args)
     convert_s = json.loads((converted / REPORT_FILE).read_text())["seconds"]
     healed = setup.work / f"smollm2-{budget}-teacher-text"
-    heal_s = run(
+    heal_s = run_quietly(
         [sys.executable, "-m", "converter", "heal", "--teacher", str(setup.src)]
         + ["--student", str(converted), "--dst", str(healed), "--overwrite"]
         + ["--tokens", str(args.tokens), "--teacher-text", str(args.teacher_text)]

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from transmla_testing.launch import converter_cmd, torchrun_args
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Runs the CLI and acts at one point of the conversion: SIGKILL / SIGINT / SIGTERM sent by the
@@ -132,13 +134,9 @@ def run_heal_killed(
     after its ``after``-th save of ``point`` (HEAL_HOOK)."""
     script = tmp_path / "hooked_heal.py"
     script.write_text(HEAL_HOOK)
-    launcher = (
-        ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-        if ranks > 1
-        else []
-    )
     return subprocess.run(
-        [sys.executable, *launcher, str(script), str(after), action, str(rank), point, *args],
+        [sys.executable, *torchrun_args(ranks), str(script)]
+        + [str(after), action, str(rank), point, *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -164,8 +162,7 @@ def run_torchrun(
     """The converter CLI under torchrun on this machine (gloo ranks on the CPU, one thread
     each: two ranks on two cores)."""
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        + [f"--nproc-per-node={ranks}", "-m", "converter", *args],
+        converter_cmd(args, ranks),
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -78,10 +78,9 @@ def converter_eval_ppl(folder: Path, args: argparse.Namespace) -> float:
 def default_conversion(setup: Tragedies, budget: int, args: argparse.Namespace) -> Path:
     """SmolLM2 converted with the default method at ``budget`` KV elements on the comedies: the
     folder benchmarks/heal.py makes (kept with ``args.reuse`` when it is there)."""
-    import subprocess
-
     from converter.conversion.methods import DEFAULT_METHOD
     from transmla_testing.conversions import comedies_convert_cmd
+    from transmla_testing.launch import run_quietly
     from transmla_vllm.checkpoint_format import REPORT_FILE
 
     converted = setup.work / f"smollm2-{DEFAULT_METHOD}-{budget}"
@@ -89,6 +88,5 @@ def default_conversion(setup: Tragedies, budget: int, args: argparse.Namespace) 
         cmd = comedies_convert_cmd(
             setup.src, converted, args.calib_samples, "--kv-elements", str(budget)
         )
-        print("$", " ".join(str(c) for c in cmd[1:]), flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run_quietly(cmd)
     return converted
