@@ -36,11 +36,6 @@ def check_options(opts: HealOptions, launch: Launch = SINGLE) -> None:
                 "--teacher-text is not supported under torchrun yet: heal in one process, or "
                 "train on a corpus (--calib-*)",
             ),
-            (
-                opts.train == "attention",
-                "--train all is not supported under torchrun yet (the embeddings and head stay "
-                "whole on every rank): use --train attention, or heal in one process",
-            ),
         )
     if opts.teacher_text is None:
         checks += tuple(

@@ -5,7 +5,9 @@ CPUs) and FSDP2 (``fully_shard``) shards every decoder layer of the teacher and 
 over all ranks, so each holds 1/N of both models' layers, of the trained weights, their
 gradients and AdamW's moments. The embeddings, final norm and head stay whole on every rank
 (UNSHARDED): the loss multiplies the head outside any layer's forward, where FSDP would not
-gather it, and with ``--train attention`` they are frozen. Data parallel: each rank takes its
+gather it. With ``--train attention`` they are frozen; with ``--train all`` their gradients are
+averaged over ranks before each step (clip_and_average_grads) and every rank makes the same
+AdamW update to its whole copy. Data parallel: each rank takes its
 share of every global batch (``--batch-size`` counts all ranks) and of the held-out rows; FSDP
 averages the gradients, so N ranks train what one process trains, up to reduction order.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -255,6 +258,30 @@ def forwards_per_rank(n_rows: int, per_forward: int, launch: Launch) -> int:
     with fewer rows runs the last ones on a dummy row whose figures it drops."""
     most = -(-n_rows // launch.ranks)
     return -(-most // per_forward)
+
+
+def clip_and_average_grads(params: list[torch.Tensor], max_norm: float, launch: Launch) -> None:
+    """What one process's ``clip_grad_norm_`` does to the global batch's gradients, on every
+    rank. FSDP has averaged the sharded ones (decoder layers); the ones every rank holds whole
+    (UNSHARDED, trained with ``--train all``) hold this rank's share only, so they are averaged
+    here; the norm then counts each sharded entry once and each whole one once."""
+    if not launch.sharded:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    whole = [g for g in grads if not is_sharded(g)]
+    for g in whole:
+        dist.all_reduce(g, op=dist.ReduceOp.SUM)  # gloo has no AVG
+        g.div_(launch.ranks)
+    shards = sum(float(local(g).double().pow(2).sum()) for g in grads if is_sharded(g))
+    whole_sq = sum(float(g.double().pow(2).sum()) for g in whole)
+    total = math.sqrt(sums([shards], launch)[0] + whole_sq)
+    coef = max_norm / (total + 1e-6)  # clip_grad_norm_'s formula
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
 
 
 def held_bytes(params: dict[str, torch.Tensor]) -> int:

@@ -15,7 +15,13 @@ from collections.abc import Sequence
 import torch
 
 from converter.heal.data import HealData
-from converter.heal.distributed import SINGLE, Launch, rank_rows, sums
+from converter.heal.distributed import (
+    SINGLE,
+    Launch,
+    clip_and_average_grads,
+    rank_rows,
+    sums,
+)
 from converter.heal.loop import (
     CLIP,
     LoopState,
@@ -89,7 +95,7 @@ class Trainer:
         kl = sums([kl], self.launch)[0] / self.launch.ranks
         if math.isfinite(kl):
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.params.values(), CLIP)
+            clip_and_average_grads(list(self.params.values()), CLIP, self.launch)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return kl

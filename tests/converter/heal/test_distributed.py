@@ -144,17 +144,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize(
-    "extra, says",
-    [
-        (("--batch-size", "3"), "--batch-size 3 is the global batch and must be a multiple"),
-        (("--train", "all"), "--train all is not supported under torchrun yet"),
-    ],
-)
-def test_bad_launches_are_refused_in_one_line(pair, calib_file, tmp_path, extra, says):
+def test_two_ranks_train_all_weights_as_one_process_does(pair, calib_file, tmp_path):
+    """--train all: the embeddings, final norm and tied head stay whole on every rank and are
+    trained too; their gradients are averaged over ranks before the clip and the step, so both
+    ranks keep one model, the one a single process trains (same tolerance as above)."""
+    runs = {}
+    for name, run in (("one", run_cli), ("two", run_torchrun)):
+        dst = tmp_path / name
+        proc = run(args(pair, dst, calib_file, "--train", "all"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = dst
+    want, got = read_tensors(runs["one"]), read_tensors(runs["two"])
+    frozen = read_tensors(pair[1])
+    assert list(want) == list(got)
+    assert not want["model.embed_tokens.weight"].equal(frozen["model.embed_tokens.weight"])
+    for name, w in want.items():
+        assert float((w - got[name]).abs().max()) <= 1e-4 * float(w.abs().max()), name
+    one, two = (json.loads((runs[k] / "transmla_report.json").read_text())["heal"] for k in runs)
+    assert two["test"]["ppl"]["after"] == pytest.approx(one["test"]["ppl"]["after"], rel=1e-4)
+    assert two["settings"]["train"] == "all"
+
+
+def test_a_global_batch_the_ranks_do_not_divide_is_refused_in_one_line(pair, calib_file, tmp_path):
     dst = tmp_path / "out"
-    proc = run_torchrun(args(pair, dst, calib_file, *extra))
+    proc = run_torchrun(args(pair, dst, calib_file, "--batch-size", "3"))
     assert proc.returncode != 0
+    says = "--batch-size 3 is the global batch and must be a multiple"
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 2 and all(says in line for line in errors), proc.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
