@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from converter.conversion.methods import DEFAULT_METHOD
-from transmla_testing.launch import run_quietly
+from transmla_testing.launch import converter_cmd, run_quietly
 from transmla_testing.parity import prompts_for, run_vllm, transformers_greedy
 from transmla_testing.report import publish
 from transmla_testing.text import plays
@@ -54,11 +54,13 @@ def main() -> int:
     convert_s = json.loads((converted / REPORT_FILE).read_text())["seconds"]
     healed = setup.work / f"smollm2-{budget}-teacher-text"
     heal_s = run_quietly(
-        [sys.executable, "-m", "converter", "heal", "--teacher", str(setup.src)]
-        + ["--student", str(converted), "--dst", str(healed), "--overwrite"]
-        + ["--tokens", str(args.tokens), "--teacher-text", str(args.teacher_text)]
-        + ["--seqlen", str(args.ctx), "--eval-text", str(plays("tragedies"))]
-        + ["--eval-tokens", str(args.eval_tokens)]
+        converter_cmd(
+            ["heal", "--teacher", str(setup.src)]
+            + ["--student", str(converted), "--dst", str(healed), "--overwrite"]
+            + ["--tokens", str(args.tokens), "--teacher-text", str(args.teacher_text)]
+            + ["--seqlen", str(args.ctx), "--eval-text", str(plays("tragedies"))]
+            + ["--eval-tokens", str(args.eval_tokens)]
+        )
     )
     heal = json.loads((healed / REPORT_FILE).read_text())["heal"]
     independent = converter_eval_ppl(healed, args)

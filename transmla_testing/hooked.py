@@ -148,7 +148,7 @@ def run_heal_killed(
 def run_cli(args: list[str]) -> subprocess.CompletedProcess:
     """The converter CLI, plain."""
     return subprocess.run(
-        [sys.executable, "-m", "converter", *args],
+        converter_cmd(args),
         cwd=REPO,
         capture_output=True,
         text=True,

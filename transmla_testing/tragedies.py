@@ -62,10 +62,11 @@ def converter_eval_ppl(folder: Path, args: argparse.Namespace) -> float:
     against."""
     import json
     import subprocess
-    import sys
+
+    from transmla_testing.launch import converter_cmd
 
     out = subprocess.run(
-        [sys.executable, "-m", "converter", "eval", "--model", str(folder)]
+        converter_cmd(["eval", "--model", str(folder)])
         + ["--text", str(plays("tragedies")), "--ctx", str(args.ctx)]
         + ["--max-tokens", str(args.eval_tokens), "--json"],
         check=True,

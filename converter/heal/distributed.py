@@ -275,9 +275,13 @@ def clip_and_average_grads(params: list[torch.Tensor], max_norm: float, launch: 
     for g in whole:
         dist.all_reduce(g, op=dist.ReduceOp.SUM)  # gloo has no AVG
         g.div_(launch.ranks)
-    shards = sum(float(local(g).double().pow(2).sum()) for g in grads if is_sharded(g))
-    whole_sq = sum(float(g.double().pow(2).sum()) for g in whole)
-    total = math.sqrt(sums([shards], launch)[0] + whole_sq)
+
+    def squares(gs: list[torch.Tensor]) -> float:  # one transfer per call, not one per tensor
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in gs]
+        return float(torch.stack(norms).square().sum()) if norms else 0.0
+
+    shards = squares([local(g) for g in grads if is_sharded(g)])
+    total = math.sqrt(sums([shards], launch)[0] + squares(whole))
     coef = max_norm / (total + 1e-6)  # clip_grad_norm_'s formula
     if coef < 1.0:
         for g in grads:

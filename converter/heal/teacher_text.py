@@ -60,7 +60,7 @@ FLAGS = {
 # vLLM raises temperatures below this to it, and samples below 1e-5 greedily (one text per prompt)
 MIN_TEMPERATURE = 0.01
 # Full-length requests the KV cache the engine is given holds at once, and requests per job.
-SEQUENCES = {"cpu": 128, "cuda": 128}
+SEQUENCES = 128
 JOB_PER_SEQUENCE = 8
 JOB_MARGIN = 1.2  # a job asks for this much more text than is missing, so one job usually ends it
 ENGINE_OVERHEAD = {"cpu": 1.0e9, "cuda": 2.0e9}  # runtime, activations, sampler (seen ~1 GB on cpu)
@@ -258,7 +258,7 @@ def generation_memory(
     kind = _kind(device)
     dtype = engine_dtype(teacher_config, kind)
     weights = sum(math.prod(s) for s in source_tensors(teacher_config).values())
-    cache = kv_cache_bytes(teacher_config, max_model_len, dtype, sequences or SEQUENCES[kind])
+    cache = kv_cache_bytes(teacher_config, max_model_len, dtype, sequences or SEQUENCES)
     return int(weights * DTYPE_BYTES[dtype] + cache + ENGINE_OVERHEAD[kind])
 
 
@@ -367,7 +367,7 @@ class TeacherEngine:
                 f"a teacher-text context of {max_model_len} tokens is longer than the teacher's "
                 f"{spec.max_position_embeddings} positions"
             )
-        self.sequences = sequences or SEQUENCES[_kind(self.device)]
+        self.sequences = sequences or SEQUENCES
         self.kwargs = engine_kwargs(spec, max_model_len, self.device, self.sequences)
         self.startup_seconds = 0.0
         self._proc = None
